@@ -8,7 +8,10 @@
 //!
 //! Every decoder returns a [`DecodeError`] naming the field, the reason and the status code to answer.
 
+pub mod acl;
 pub mod error;
+pub mod tnds;
+pub mod types;
 pub(crate) mod xml;
 
 pub use error::{DecodeError, ErrorKind};

@@ -288,7 +288,6 @@ impl<'a> XmlReader<'a> {
                         format!("elements nested deeper than {} levels", self.max_depth),
                     ));
                 }
-                self.stack.push(start.name);
                 Ok(Some(Token::Start(start)))
             }
             Event::End(_) => Ok(Some(Token::End)),
@@ -370,12 +369,11 @@ impl<'a> XmlReader<'a> {
                     if let Some(vocabulary) = self.skip_unknown
                         && self.is_unknown(&start, vocabulary)
                     {
+                        self.stack.push(start.name);
                         self.skip_rest()?;
                         continue;
                     }
                     let out = (start.ns, start.name);
-                    // The start was pushed on the stack when read; pop it until it is consumed.
-                    self.stack.pop();
                     self.peeked = Some(Token::Start(start));
                     return Ok(Some(out));
                 }
@@ -410,7 +408,10 @@ impl<'a> XmlReader<'a> {
     /// Opens the document's root element.
     pub fn root(&mut self) -> Result<Start<'a>> {
         match self.next_structural()? {
-            Token::Start(start) => Ok(start),
+            Token::Start(start) => {
+                self.stack.push(start.name);
+                Ok(start)
+            }
             Token::Eof => Err(self.error(ErrorKind::NotWellFormed, "empty document")),
             _ => Err(self.error(ErrorKind::NotWellFormed, "no root element")),
         }
@@ -548,7 +549,8 @@ impl<'a> XmlReader<'a> {
                         return Ok(());
                     }
                 }
-                Token::Start(_) | Token::Text(_) => {}
+                Token::Start(start) => self.stack.push(start.name),
+                Token::Text(_) => {}
                 Token::Eof => {
                     return Err(self.error(ErrorKind::NotWellFormed, "unexpected end of document"));
                 }
