@@ -9,8 +9,16 @@
 //! Every decoder returns a [`DecodeError`] naming the field, the reason and the status code to answer.
 
 pub mod acl;
+pub mod auth;
+pub mod codes;
+pub mod delegation;
+pub mod dmacc;
+pub mod document;
 pub mod error;
+pub mod package0;
+pub mod syncml;
 pub mod tnds;
+pub mod tree;
 pub mod types;
 pub(crate) mod xml;
 

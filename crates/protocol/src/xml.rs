@@ -85,7 +85,9 @@ pub(crate) struct XmlReader<'a> {
     root_closed: bool,
     /// When set, elements not in `vocabulary` (or in a foreign namespace) are skipped instead of refused:
     /// a receiver may ignore unknown elements only in a higher minor version (A.3).
-    pub skip_unknown: Option<&'static [&'static str]>,
+    /// The pair is (index of the namespace the vocabulary belongs to, its element names); elements of the
+    /// other known namespaces are never skipped.
+    pub skip_unknown: Option<(usize, &'static [&'static str])>,
 }
 
 impl std::fmt::Debug for XmlReader<'_> {
@@ -355,8 +357,12 @@ impl<'a> XmlReader<'a> {
         }
     }
 
-    fn is_unknown(&self, start: &Start<'_>, vocabulary: &[&str]) -> bool {
-        start.ns == Ns::Other || !vocabulary.contains(&start.name)
+    fn is_unknown(start: &Start<'_>, (ns, vocabulary): (usize, &[&str])) -> bool {
+        match start.ns {
+            Ns::Known(i) if i == ns => !vocabulary.contains(&start.name),
+            Ns::Known(_) => false,
+            Ns::None | Ns::Other => true,
+        }
     }
 
     /// Looks at the next child element of the current element without consuming it.
@@ -367,7 +373,7 @@ impl<'a> XmlReader<'a> {
             match tok {
                 Token::Start(start) => {
                     if let Some(vocabulary) = self.skip_unknown
-                        && self.is_unknown(&start, vocabulary)
+                        && Self::is_unknown(&start, vocabulary)
                     {
                         self.stack.push(start.name);
                         self.skip_rest()?;
@@ -586,14 +592,6 @@ impl XmlWriter {
         Self { out, depth: 0 }
     }
 
-    /// A writer without the XML declaration, for fragments.
-    pub fn fragment(depth: usize) -> Self {
-        Self {
-            out: String::with_capacity(512),
-            depth,
-        }
-    }
-
     fn indent(&mut self) {
         for _ in 0..self.depth {
             self.out.push_str("  ");
@@ -605,6 +603,12 @@ impl XmlWriter {
         self.indent();
         self.out.push('<');
         self.out.push_str(name);
+        self.push_attrs(attrs);
+        self.out.push_str(">\n");
+        self.depth += 1;
+    }
+
+    fn push_attrs(&mut self, attrs: &[(&str, &str)]) {
         for (key, value) in attrs {
             self.out.push(' ');
             self.out.push_str(key);
@@ -612,8 +616,6 @@ impl XmlWriter {
             self.out.push_str(&escape(value));
             self.out.push('"');
         }
-        self.out.push_str(">\n");
-        self.depth += 1;
     }
 
     pub fn start(&mut self, name: &str) {
@@ -638,9 +640,15 @@ impl XmlWriter {
 
     /// `<name>text</name>`
     pub fn text_element(&mut self, name: &str, text: &str) {
+        self.text_element_with(name, &[], text);
+    }
+
+    /// `<name attr="v" …>text</name>`
+    pub fn text_element_with(&mut self, name: &str, attrs: &[(&str, &str)], text: &str) {
         self.indent();
         self.out.push('<');
         self.out.push_str(name);
+        self.push_attrs(attrs);
         self.out.push('>');
         self.out.push_str(&escape(text));
         self.out.push_str("</");
@@ -652,15 +660,6 @@ impl XmlWriter {
         if let Some(text) = text {
             self.text_element(name, text);
         }
-    }
-
-    pub fn depth(&self) -> usize {
-        self.depth
-    }
-
-    /// Appends already-serialized XML (e.g. a fragment written by another writer at the right depth).
-    pub fn raw(&mut self, xml: &str) {
-        self.out.push_str(xml);
     }
 
     pub fn finish(self) -> String {
