@@ -419,9 +419,15 @@ fn parse_element<T, E: fmt::Display>(
     name: &str,
     parse: impl FnOnce(&str) -> Result<T, E>,
 ) -> Result<T> {
-    let field = r.child_path(name);
     let text = r.text_element(D, name)?;
-    parse(&text).map_err(|e| r.error_at(ErrorKind::InvalidValue, field, format!("{name} {e}")))
+    // Back at the parent: the child's path is built only when there is an error to report.
+    parse(&text).map_err(|e| {
+        r.error_at(
+            ErrorKind::InvalidValue,
+            r.child_path(name),
+            format!("{name} {e}"),
+        )
+    })
 }
 
 fn parse_opt_element<T, E: fmt::Display>(

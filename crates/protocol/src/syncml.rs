@@ -40,22 +40,8 @@ pub const VER_PROTO: &str = "DM/1.2";
 /// The deepest element nesting accepted (room for nested `Atomic`/`Sequence`).
 pub const MAX_DEPTH: usize = 32;
 
-/// The spellings of the SyncML namespace accepted (namespace URIs compare case-insensitively in SyncML),
-/// then those of the meta-information namespace.
-const NAMESPACES: &[&str] = &[
-    "SYNCML:SYNCML1.2",
-    "syncml:syncml1.2",
-    "SyncML:SyncML1.2",
-    "syncml:SYNCML1.2",
-    "SYNCML:syncml1.2",
-    "syncml:metinf",
-    "SYNCML:METINF",
-    "syncml:MetInf",
-    "SyncML:MetInf",
-    "syncml:METINF",
-];
-/// How many entries of [`NAMESPACES`] spell the SyncML namespace.
-const SYNCML_SPELLINGS: usize = 5;
+/// The namespaces a message may use, compared without case: SyncML 1.2, then meta-information.
+const NAMESPACES: &[&str] = &[NAMESPACE, METINF_NAMESPACE];
 
 /// The two encodings of a SyncML message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -104,7 +90,7 @@ pub struct SyncHdr {
     pub resp_uri: Option<String>,
     pub no_resp: bool,
     pub cred: Option<Cred>,
-    pub meta: Option<Meta>,
+    pub meta: Option<Box<Meta>>,
 }
 
 impl SyncHdr {
@@ -323,7 +309,7 @@ impl Alert {
 pub struct ItemCommand {
     pub cmd_id: String,
     pub no_resp: bool,
-    pub meta: Option<Meta>,
+    pub meta: Option<Box<Meta>>,
     pub items: Vec<Item>,
 }
 
@@ -343,7 +329,7 @@ impl ItemCommand {
 pub struct Exec {
     pub cmd_id: String,
     pub no_resp: bool,
-    pub meta: Option<Meta>,
+    pub meta: Option<Box<Meta>>,
     pub correlator: Option<String>,
     pub item: Item,
 }
@@ -353,7 +339,7 @@ pub struct Exec {
 pub struct Container {
     pub cmd_id: String,
     pub no_resp: bool,
-    pub meta: Option<Meta>,
+    pub meta: Option<Box<Meta>>,
     pub commands: Vec<Command>,
 }
 
@@ -416,7 +402,7 @@ pub struct Results {
     pub cmd_id: String,
     pub msg_ref: Option<String>,
     pub cmd_ref: String,
-    pub meta: Option<Meta>,
+    pub meta: Option<Box<Meta>>,
     pub target_refs: Vec<String>,
     pub source_refs: Vec<String>,
     pub items: Vec<Item>,
@@ -429,7 +415,7 @@ pub struct Results {
 pub struct Item {
     pub target: Option<Location>,
     pub source: Option<Location>,
-    pub meta: Option<Meta>,
+    pub meta: Option<Box<Meta>>,
     pub data: Option<String>,
     /// `MoreData`: the data is a chunk of a large object, more follows.
     pub more_data: bool,
@@ -480,7 +466,7 @@ impl Item {
     }
 
     pub fn with_meta(mut self, meta: Meta) -> Self {
-        self.meta = Some(meta);
+        self.meta = Some(Box::new(meta));
         self
     }
 }
@@ -521,7 +507,8 @@ pub fn decode(input: &[u8]) -> Result<SyncMl> {
             .at(e.valid_up_to() as u64)
     })?;
     let text = text.strip_prefix('\u{FEFF}').unwrap_or(text);
-    let mut r = XmlReader::new(text, NAMESPACES, DoctypePolicy::ExternalOnly, MAX_DEPTH);
+    let mut r = XmlReader::new(text, NAMESPACES, DoctypePolicy::ExternalOnly, MAX_DEPTH)
+        .ignore_namespace_case();
     let root = r.root()?;
     if root.name != "SyncML" {
         return Err(r.error(
@@ -564,7 +551,7 @@ type Reader<'a> = XmlReader<'a>;
 fn is_syncml_ns(ns: Ns) -> bool {
     match ns {
         Ns::None => true,
-        Ns::Known(index) => index < SYNCML_SPELLINGS,
+        Ns::Known(index) => index == 0,
         Ns::Other => false,
     }
 }
@@ -645,12 +632,12 @@ fn set_text(r: &mut Reader<'_>, slot: &mut Option<String>, name: &str) -> Result
 /// A required identifier or reference (`CmdID`, `MsgID`, `CmdRef`, …): text that is not empty.
 fn set_id(r: &mut Reader<'_>, slot: &mut Option<String>, name: &str) -> Result<()> {
     once(r, slot, name)?;
-    let path = r.child_path(name);
     let text = text_child(r)?;
+    // Back at the parent: the child's path is built only when there is an error to report.
     if text.is_empty() {
         return Err(r.error_at(
             ErrorKind::InvalidValue,
-            path,
+            r.child_path(name),
             format!("<{name}> must not be empty"),
         ));
     }
@@ -662,12 +649,11 @@ fn set_flag(r: &mut Reader<'_>, slot: &mut bool, name: &str) -> Result<()> {
     if *slot {
         return Err(repeated(r, name));
     }
-    let path = r.child_path(name);
     let text = text_child(r)?;
     if !text.is_empty() {
         return Err(r.error_at(
             ErrorKind::InvalidValue,
-            path,
+            r.child_path(name),
             format!("<{name}> must be empty"),
         ));
     }
@@ -675,7 +661,8 @@ fn set_flag(r: &mut Reader<'_>, slot: &mut bool, name: &str) -> Result<()> {
     Ok(())
 }
 
-fn parse_decimal<T: std::str::FromStr>(r: &Reader<'_>, text: &str, path: String) -> Result<T> {
+/// Parses the text of the child `name` just read (the reader is back at the parent).
+fn parse_decimal<T: std::str::FromStr>(r: &Reader<'_>, text: &str, name: &str) -> Result<T> {
     let parsed = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
         text.parse::<T>().ok()
     } else {
@@ -684,7 +671,7 @@ fn parse_decimal<T: std::str::FromStr>(r: &Reader<'_>, text: &str, path: String)
     parsed.ok_or_else(|| {
         r.error_at(
             ErrorKind::InvalidValue,
-            path,
+            r.child_path(name),
             "expected a decimal number in range",
         )
     })
@@ -692,23 +679,21 @@ fn parse_decimal<T: std::str::FromStr>(r: &Reader<'_>, text: &str, path: String)
 
 fn set_number(r: &mut Reader<'_>, slot: &mut Option<u64>, name: &str) -> Result<()> {
     once(r, slot, name)?;
-    let path = r.child_path(name);
     let text = text_child(r)?;
-    *slot = Some(parse_decimal(r, &text, path)?);
+    *slot = Some(parse_decimal(r, &text, name)?);
     Ok(())
 }
 
 /// Reads a code element (`Data` of `Status` / `Alert`).
 fn code_child(r: &mut Reader<'_>, name: &str) -> Result<u16> {
-    let path = r.child_path(name);
     let text = text_child(r)?;
-    parse_decimal(r, &text, path)
+    parse_decimal(r, &text, name)
 }
 
-fn set_meta(r: &mut Reader<'_>, slot: &mut Option<Meta>, name: &str) -> Result<()> {
+fn set_meta(r: &mut Reader<'_>, slot: &mut Option<Box<Meta>>, name: &str) -> Result<()> {
     once(r, slot, name)?;
     r.next_start()?;
-    *slot = Some(read_meta(r)?);
+    *slot = Some(Box::new(read_meta(r)?));
     Ok(())
 }
 
@@ -790,7 +775,7 @@ fn read_cred(r: &mut Reader<'_>) -> Result<Cred> {
         }
     }
     let cred = Cred {
-        meta: meta.unwrap_or_default(),
+        meta: meta.map(|m| *m).unwrap_or_default(),
         data: required(r, data, "Data")?,
     };
     r.close()?;
@@ -1069,7 +1054,7 @@ fn read_chal(r: &mut Reader<'_>) -> Result<Chal> {
         }
     }
     let chal = Chal {
-        meta: required(r, meta, "Meta")?,
+        meta: *required(r, meta, "Meta")?,
     };
     r.close()?;
     Ok(chal)
@@ -1147,7 +1132,7 @@ fn write_hdr(w: &mut XmlWriter, hdr: &SyncHdr) {
         w.text_element("Data", &cred.data);
         w.end("Cred");
     }
-    write_opt_meta(w, hdr.meta.as_ref());
+    write_opt_meta(w, hdr.meta.as_deref());
     w.end("SyncHdr");
 }
 
@@ -1209,7 +1194,7 @@ fn write_item(w: &mut XmlWriter, item: &Item) {
     if let Some(source) = &item.source {
         write_location(w, "Source", source);
     }
-    write_opt_meta(w, item.meta.as_ref());
+    write_opt_meta(w, item.meta.as_deref());
     write_data(w, item.data.as_deref());
     write_flag(w, "MoreData", item.more_data);
     w.end("Item");
@@ -1239,20 +1224,20 @@ fn write_command(w: &mut XmlWriter, command: &Command) {
         | Command::Copy(c) => {
             w.text_element("CmdID", &c.cmd_id);
             write_flag(w, "NoResp", c.no_resp);
-            write_opt_meta(w, c.meta.as_ref());
+            write_opt_meta(w, c.meta.as_deref());
             write_items(w, &c.items);
         }
         Command::Exec(c) => {
             w.text_element("CmdID", &c.cmd_id);
             write_flag(w, "NoResp", c.no_resp);
-            write_opt_meta(w, c.meta.as_ref());
+            write_opt_meta(w, c.meta.as_deref());
             w.opt_text_element("Correlator", c.correlator.as_deref());
             write_item(w, &c.item);
         }
         Command::Atomic(c) | Command::Sequence(c) => {
             w.text_element("CmdID", &c.cmd_id);
             write_flag(w, "NoResp", c.no_resp);
-            write_opt_meta(w, c.meta.as_ref());
+            write_opt_meta(w, c.meta.as_deref());
             for nested in &c.commands {
                 write_command(w, nested);
             }
@@ -1280,7 +1265,7 @@ fn write_command(w: &mut XmlWriter, command: &Command) {
             w.text_element("CmdID", &c.cmd_id);
             w.opt_text_element("MsgRef", c.msg_ref.as_deref());
             w.text_element("CmdRef", &c.cmd_ref);
-            write_opt_meta(w, c.meta.as_ref());
+            write_opt_meta(w, c.meta.as_deref());
             for target_ref in &c.target_refs {
                 w.text_element("TargetRef", target_ref);
             }
@@ -1804,7 +1789,7 @@ mod tests {
         (
             proptest::option::of(location()),
             proptest::option::of(location()),
-            proptest::option::of(meta()),
+            proptest::option::of(meta().prop_map(Box::new)),
             data(),
             any::<bool>(),
         )
@@ -1823,7 +1808,12 @@ mod tests {
     }
 
     fn item_command() -> BoxedStrategy<ItemCommand> {
-        (id(), any::<bool>(), proptest::option::of(meta()), items(1))
+        (
+            id(),
+            any::<bool>(),
+            proptest::option::of(meta().prop_map(Box::new)),
+            items(1),
+        )
             .prop_map(|(cmd_id, no_resp, meta, items)| ItemCommand {
                 cmd_id,
                 no_resp,
@@ -1852,7 +1842,7 @@ mod tests {
             (
                 id(),
                 any::<bool>(),
-                proptest::option::of(meta()),
+                proptest::option::of(meta().prop_map(Box::new)),
                 opt_text(),
                 item()
             )
@@ -1875,7 +1865,7 @@ mod tests {
                 (
                     id(),
                     any::<bool>(),
-                    proptest::option::of(meta()),
+                    proptest::option::of(meta().prop_map(Box::new)),
                     proptest::collection::vec(inner, 1..3),
                     any::<bool>(),
                 )
@@ -1926,7 +1916,7 @@ mod tests {
     fn results() -> BoxedStrategy<Command> {
         (
             (id(), proptest::option::of(id()), id()),
-            proptest::option::of(meta()),
+            proptest::option::of(meta().prop_map(Box::new)),
             proptest::collection::vec(text(), 0..2),
             proptest::collection::vec(text(), 0..2),
             items(0),
@@ -1959,7 +1949,7 @@ mod tests {
             opt_text(),
             any::<bool>(),
             proptest::option::of(cred()),
-            proptest::option::of(meta()),
+            proptest::option::of(meta().prop_map(Box::new)),
         )
             .prop_map(
                 |(

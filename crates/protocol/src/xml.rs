@@ -57,12 +57,19 @@ enum Token<'a> {
     Eof,
 }
 
-fn classify(namespaces: &[&str], resolved: &ResolveResult<'_>) -> Ns {
+fn classify(namespaces: &[&str], ignore_case: bool, resolved: &ResolveResult<'_>) -> Ns {
     match resolved {
         ResolveResult::Unbound => Ns::None,
         ResolveResult::Bound(ns) => {
             let uri = ns.into_inner();
-            match namespaces.iter().position(|known| *known == uri) {
+            let same = |known: &&str| {
+                if ignore_case {
+                    known.eq_ignore_ascii_case(uri)
+                } else {
+                    *known == uri
+                }
+            };
+            match namespaces.iter().position(same) {
                 Some(index) => Ns::Known(index),
                 None => Ns::Other,
             }
@@ -75,6 +82,8 @@ pub(crate) struct XmlReader<'a> {
     input: &'a str,
     inner: NsReader<&'a [u8]>,
     namespaces: &'static [&'static str],
+    /// XML compares namespace URIs exactly; SyncML's are compared without case (deployed clients differ).
+    ignore_namespace_case: bool,
     doctype: DoctypePolicy,
     max_depth: usize,
     /// Local names of the open elements, root first: used for depth and for error paths.
@@ -123,6 +132,7 @@ impl<'a> XmlReader<'a> {
             input,
             inner,
             namespaces,
+            ignore_namespace_case: false,
             doctype,
             max_depth,
             stack: Vec::with_capacity(16),
@@ -131,6 +141,13 @@ impl<'a> XmlReader<'a> {
             root_closed: false,
             skip_unknown: None,
         }
+    }
+
+    /// Compares namespace URIs without regard to ASCII case (SyncML's `SYNCML:SYNCML1.2` is spelled
+    /// several ways in the field).
+    pub fn ignore_namespace_case(mut self) -> Self {
+        self.ignore_namespace_case = true;
+        self
     }
 
     /// Slash-separated local names of the open elements, e.g. `DelegationMessage/MsgID`.
@@ -176,7 +193,12 @@ impl<'a> XmlReader<'a> {
         let qname = tag.local_name();
         let name = self.borrow_from_input(qname.into_inner());
         let mut attrs = Vec::new();
-        for attr in tag.attributes() {
+        // Most elements have no attributes: skip the attribute iterator for them.
+        let has_attributes = !tag.attributes_raw().trim_ascii().is_empty();
+        for attr in tag
+            .attributes()
+            .take(if has_attributes { usize::MAX } else { 0 })
+        {
             let attr = attr.map_err(|e| {
                 self.error(
                     ErrorKind::NotWellFormed,
@@ -188,7 +210,7 @@ impl<'a> XmlReader<'a> {
                 continue;
             }
             let (resolved, local) = self.inner.resolver().resolve_attribute(key);
-            let attr_ns = classify(self.namespaces, &resolved);
+            let attr_ns = classify(self.namespaces, self.ignore_namespace_case, &resolved);
             let value = attr
                 .normalized_value(quick_xml::XmlVersion::Implicit1_0)
                 .map_err(|e| {
@@ -220,7 +242,7 @@ impl<'a> XmlReader<'a> {
                     );
                 }
             };
-            let ns = classify(self.namespaces, &resolved);
+            let ns = classify(self.namespaces, self.ignore_namespace_case, &resolved);
             let piece: Cow<'a, str> = match event {
                 Event::Text(t) => t.xml10_content(),
                 Event::CData(c) => c.xml10_content(),
@@ -399,6 +421,11 @@ impl<'a> XmlReader<'a> {
 
     /// Consumes the next child start tag, whatever it is. Errors at the end of the parent.
     pub fn next_start(&mut self) -> Result<Start<'a>> {
+        // Fast path: the start was peeked already (the usual `peek`, then consume).
+        if let Some(Token::Start(start)) = self.peeked.take() {
+            self.stack.push(start.name);
+            return Ok(start);
+        }
         if self.peek()?.is_none() {
             return Err(self.error(ErrorKind::Missing, "an element was expected here"));
         }

@@ -3,67 +3,102 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use dm_protocol::delegation;
+use dm_protocol::document::{self, Document, Kind};
+use dm_protocol::{DecodeError, delegation, package0, syncml, tnds};
 
 fn dir(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
-fn files(rel: &str, ext: &str) -> Vec<PathBuf> {
+fn files(rel: &str) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = std::fs::read_dir(dir(rel))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == ext))
+        .filter(|p| p.extension().is_some_and(|e| e == "xml" || e == "bin"))
         .collect();
     out.sort();
     out
 }
 
-fn is_delegation(bytes: &[u8]) -> bool {
-    String::from_utf8_lossy(bytes).contains("DelegationMessage")
-}
-
-#[test]
-fn shipped_delegation_examples_decode_and_round_trip() {
-    let mut seen = std::collections::BTreeSet::new();
-    let mut paths = files("../../examples", "xml");
-    paths.extend(files("tests/golden/valid", "xml"));
-    for path in paths {
-        let bytes = std::fs::read(&path).unwrap();
-        if !is_delegation(&bytes) {
-            continue;
+/// Re-encodes a decoded document and checks that it decodes to the same value.
+fn assert_round_trip(path: &Path, doc: &Document) {
+    let again = match doc {
+        Document::DelegationMessage(m) => Document::DelegationMessage(
+            delegation::decode(delegation::encode(m).as_bytes()).unwrap(),
+        ),
+        Document::DelegationError(e) => Document::DelegationError(
+            delegation::decode_error(delegation::encode_error(e).as_bytes()).unwrap(),
+        ),
+        Document::Tnds(t) => Document::Tnds(tnds::decode(tnds::encode(t).as_bytes()).unwrap()),
+        Document::SyncMl(s) => {
+            Document::SyncMl(syncml::decode(syncml::encode(s).as_bytes()).unwrap())
         }
-        let message = delegation::decode(&bytes)
-            .unwrap_or_else(|e| panic!("{} should be valid: {e}", path.display()));
-        seen.insert(message.body.name());
-        let again = delegation::encode(&message);
-        assert_eq!(
-            delegation::decode(again.as_bytes()).unwrap(),
-            message,
-            "{} does not survive encode/decode",
-            path.display()
-        );
-    }
-    assert_eq!(seen.len(), 8, "an example of every message kind: {seen:?}");
-}
-
-#[test]
-fn error_answer_example_round_trips() {
-    let bytes = std::fs::read(dir("../../examples/error.xml")).unwrap();
-    let e = delegation::decode_error(&bytes).unwrap();
-    assert_eq!(e.status_code, 409);
+        // Encoding package #0 needs the server's credentials: covered by `package0_example_verifies`.
+        Document::Package0(_) => return,
+    };
     assert_eq!(
-        delegation::decode_error(delegation::encode_error(&e).as_bytes()).unwrap(),
-        e
+        &again,
+        doc,
+        "{} does not survive encode/decode",
+        path.display()
     );
 }
 
 #[test]
-fn invalid_files_are_refused_with_the_expected_error() {
-    let expected = std::fs::read_to_string(dir("tests/golden/invalid/expected.tsv")).unwrap();
-    let mut checked = 0;
+fn every_shipped_example_and_valid_variant_decodes_and_round_trips() {
+    let mut kinds = BTreeSet::new();
+    let mut messages = BTreeSet::new();
+    let mut paths = files("../../examples");
+    paths.extend(files("tests/golden/valid"));
+    for path in paths {
+        let bytes = std::fs::read(&path).unwrap();
+        let doc = document::inspect(&bytes)
+            .unwrap_or_else(|e| panic!("{} should be valid: {}", path.display(), e.error));
+        kinds.insert(format!("{:?}", doc.kind()));
+        if let Document::DelegationMessage(m) = &doc {
+            messages.insert(m.body.name());
+        }
+        assert_round_trip(&path, &doc);
+    }
+    assert_eq!(
+        messages.len(),
+        8,
+        "an example of every delegation message: {messages:?}"
+    );
+    assert_eq!(
+        kinds.len(),
+        5,
+        "an example of every document kind: {kinds:?}"
+    );
+}
+
+#[test]
+fn package0_example_verifies_with_the_server_credential_of_the_example_account() {
+    // examples/package0.bin was computed outside this code base (Python hashlib) from the SRVCRED of
+    // examples/dmacc.tnds.xml: AAuthName, AAuthSecret and the base64-decoded AAuthData.
+    let bytes = std::fs::read(dir("../../examples/package0.bin")).unwrap();
+    let nonce = b"nonce-server-00";
+    let n = package0::verify(
+        &bytes,
+        "dms1.operator.example",
+        "server-secret-of-dms1",
+        nonce,
+    )
+    .unwrap();
+    assert_eq!(n.server_id, "dms1.operator.example");
+    assert_eq!(n.session_id, 0x04d2);
+    let err = package0::verify(&bytes, "dms1.operator.example", "wrong", nonce).unwrap_err();
+    assert_eq!(err.status(), 401);
+}
+
+/// Reads `tests/golden/invalid/<kind>/expected.tsv` and checks every file it lists with `decode`.
+fn check_invalid(kind: &str, decode: impl Fn(&[u8]) -> Result<String, DecodeError>) {
+    let folder = format!("tests/golden/invalid/{kind}");
+    let expected = std::fs::read_to_string(dir(&folder).join("expected.tsv")).unwrap();
+    let mut listed = BTreeSet::new();
     let mut mismatches = Vec::new();
     for line in expected
         .lines()
@@ -71,12 +106,13 @@ fn invalid_files_are_refused_with_the_expected_error() {
     {
         let cols: Vec<&str> = line.split('\t').collect();
         let [file, status, field, reason] = cols.as_slice() else {
-            panic!("bad line in expected.tsv: {line}");
+            panic!("bad line in {folder}/expected.tsv: {line}");
         };
-        let bytes = std::fs::read(dir("tests/golden/invalid").join(file)).unwrap();
-        checked += 1;
-        match delegation::decode(&bytes) {
-            Ok(m) => mismatches.push(format!("{file} was accepted: {m:?}")),
+        let path = dir(&folder).join(file);
+        listed.insert(path.canonicalize().unwrap());
+        let bytes = std::fs::read(&path).unwrap();
+        match decode(&bytes) {
+            Ok(summary) => mismatches.push(format!("{file} was accepted: {summary}")),
             Err(e) if e.status().to_string() != *status || e.field != *field => mismatches.push(
                 format!("{file}: got field '{}' status {}: {e}", e.field, e.status()),
             ),
@@ -87,8 +123,57 @@ fn invalid_files_are_refused_with_the_expected_error() {
         }
     }
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
-    // Every invalid file is listed: a file without an expectation would test nothing.
-    assert_eq!(checked, files("tests/golden/invalid", "xml").len());
+    // Every file of the folder is listed: a file without an expectation would test nothing.
+    for path in files(&folder) {
+        assert!(
+            listed.contains(&path.canonicalize().unwrap()),
+            "{} has no line in expected.tsv",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn invalid_delegation_messages_are_refused_with_the_expected_error() {
+    check_invalid("delegation", |b| {
+        delegation::decode(b).map(|m| format!("{m:?}"))
+    });
+}
+
+#[test]
+fn invalid_tnds_documents_are_refused_with_the_expected_error() {
+    check_invalid("tnds", |b| tnds::decode(b).map(|t| format!("{t:?}")));
+}
+
+#[test]
+fn invalid_syncml_messages_are_refused_with_the_expected_error() {
+    check_invalid("syncml", |b| syncml::decode(b).map(|s| format!("{s:?}")));
+}
+
+#[test]
+fn invalid_package0_notifications_are_refused_with_the_expected_error() {
+    check_invalid("package0", |b| {
+        package0::decode(b).map(|(_, n)| format!("{n:?}"))
+    });
+}
+
+#[test]
+fn kind_detection_names_what_was_found() {
+    let notif = std::fs::read(dir("../../examples/notif.xml")).unwrap();
+    assert_eq!(document::sniff(&notif), Some(Kind::DelegationMessage));
+    let rejected = document::inspect(b"<html><body/></html>").unwrap_err();
+    assert_eq!(rejected.kind, None);
+    assert_eq!(rejected.status, 400);
+}
+
+#[test]
+fn error_answer_carries_the_status_of_the_rejection() {
+    let bytes = std::fs::read(dir("tests/golden/invalid/delegation/scope-dmacc.xml")).unwrap();
+    let err = delegation::decode(&bytes).unwrap_err();
+    let answer = delegation::DelegationError::from_decode_error(&err);
+    assert_eq!(answer.status_code, 400);
+    let xml = delegation::encode_error(&answer);
+    assert_eq!(delegation::decode_error(xml.as_bytes()).unwrap(), answer);
 }
 
 #[test]
