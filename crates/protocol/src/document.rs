@@ -172,7 +172,14 @@ fn delegation_summary(m: &Message) -> String {
             Some(code) => format!("{} {code}", r.result),
             None => r.result.to_string(),
         },
-        Body::Start(s) => format!("DM Account with {} top-level node(s)", s.dm_acc.nodes.len()),
+        Body::Start(s) => match crate::dmacc::DmAccount::from_tnds(&s.dm_acc) {
+            Ok(account) => format!(
+                "DM Account of {} at {}",
+                account.server_id,
+                account.address().unwrap_or("(no address)")
+            ),
+            Err(_) => "DM Account".to_string(),
+        },
         Body::Prepared(p) => format!(
             "{} delegation prepared, account {}, {} ACL(s) changed",
             p.del_type,
