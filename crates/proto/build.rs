@@ -1,0 +1,12 @@
+//! Compiles the .proto files of `proto/` with protox (pure Rust), so no `protoc` is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = "../../proto";
+    let files = ["dmd/saga/v1/saga.proto"];
+    for file in files {
+        println!("cargo:rerun-if-changed={root}/{file}");
+    }
+    let descriptors = protox::compile(files, [root])?;
+    prost_build::Config::new().compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,10 @@
+//! The protobuf types of the delegation system, generated at build time from `proto/` by prost and
+//! protox. One module per versioned package; types are never changed once released, only extended.
+
+/// `dmd.saga.v1`: the durable state of a delegation, the events that drive it, the commands it produces.
+pub mod saga {
+    pub mod v1 {
+        #![allow(clippy::all, clippy::pedantic, missing_debug_implementations)]
+        include!(concat!(env!("OUT_DIR"), "/dmd.saga.v1.rs"));
+    }
+}
