@@ -108,11 +108,12 @@ impl FromStr for Version {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         const FORM: &str = "must be <major>.<minor>, e.g. 1.0";
         let (major, minor) = s.split_once('.').ok_or(FORM)?;
+        // A number too large for u16 is still a number: `1.99999` is a higher minor version.
         let number = |p: &str| -> Result<u16, &'static str> {
             if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(FORM);
             }
-            p.parse().map_err(|_| FORM)
+            Ok(p.parse().unwrap_or(u16::MAX))
         };
         Ok(Self {
             major: number(major)?,
@@ -410,7 +411,8 @@ fn input_text<'a>(input: &'a [u8], limits: &Limits) -> Result<&'a str> {
         )
         .at(e.valid_up_to() as u64)
     })?;
-    Ok(text.strip_prefix('\u{feff}').unwrap_or(text))
+    // The XML reader skips one byte-order mark.
+    Ok(text)
 }
 
 /// Reads a text element and parses it, naming the element on failure.
@@ -477,6 +479,16 @@ fn utc(s: &str) -> Result<UtcTime, &'static str> {
     s.parse()
 }
 
+/// Where a refused root element was, for the error reason.
+fn namespace_of(ns: Ns) -> &'static str {
+    match ns {
+        Ns::None => "in no namespace",
+        Ns::Known(1) => "in the TNDS namespace",
+        Ns::Known(_) => "in the delegation namespace",
+        Ns::Other => "in another namespace",
+    }
+}
+
 /// Decodes a delegation message with the default limits (64 KiB, depth 32).
 pub fn decode(input: &[u8]) -> Result<Message> {
     decode_with_limits(input, &Limits::default())
@@ -490,14 +502,18 @@ pub fn decode_with_limits(input: &[u8], limits: &Limits) -> Result<Message> {
         return Err(r.error(
             ErrorKind::Unexpected,
             format!(
-                "root element must be <DelegationMessage> in namespace {NAMESPACE}, not <{}>",
-                root.name
+                "root element must be <DelegationMessage> in namespace {NAMESPACE}, not <{}> {}",
+                root.name,
+                namespace_of(root.ns)
             ),
         ));
     }
     let version = root_version(&r, &root.attrs)?;
     if version.minor > VERSION.minor {
         r.skip_unknown = Some((0, VOCABULARY));
+    } else {
+        // The 1.0 vocabulary has no attribute below the root.
+        r.refuse_plain_attributes = Some(0);
     }
     let msg_id = parse_element(&mut r, "MsgID", uuid)?;
     let session_id = parse_element(&mut r, "SessionID", uuid)?;
@@ -523,7 +539,7 @@ fn root_version(r: &XmlReader<'_>, attrs: &[crate::xml::Attr]) -> Result<Version
     let mut version = None;
     for attr in attrs {
         match (attr.ns, attr.name.as_str()) {
-            (Ns::None, "Version") => version = Some(attr.value.trim()),
+            (Ns::None, "Version") => version = Some(crate::xml::trim_xml(&attr.value)),
             (Ns::None, other) => {
                 return Err(r.error_at(
                     ErrorKind::Unexpected,
@@ -725,6 +741,13 @@ fn read_prepared(r: &mut XmlReader<'_>) -> Result<Prepared> {
     while r.open_if(D, "ACL")?.is_some() {
         let uri = parse_element(r, "URI", DmUri::from_str)?;
         let value = parse_element(r, "Value", Acl::from_str)?;
+        if uri.is_root() && value.is_empty() {
+            return Err(r.error_at(
+                ErrorKind::InvalidValue,
+                r.child_path("Value"),
+                "the root's ACL always has a value (B.3)",
+            ));
+        }
         r.close()?;
         acl_results.push(AclResult { uri, value });
     }
@@ -859,8 +882,9 @@ pub fn decode_error(input: &[u8]) -> Result<DelegationError> {
         return Err(r.error(
             ErrorKind::Unexpected,
             format!(
-                "root element must be <DelegationError> in namespace {NAMESPACE}, not <{}>",
-                root.name
+                "root element must be <DelegationError> in namespace {NAMESPACE}, not <{}> {}",
+                root.name,
+                namespace_of(root.ns)
             ),
         ));
     }

@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::acl::Acl;
 use crate::error::{DecodeError, ErrorKind};
-use crate::tnds::{MgmtTree, Node, NodeContent, NodeType, RtProperties, SECRET_NODE_NAMES};
+use crate::tnds::{MgmtTree, Node, NodeContent, NodeType, RtProperties};
 
 /// The DDF name of the account node (carried as its `Type`).
 pub const DMACC_DDF_NAME: &str = "urn:oma:mo:oma-dm-dmacc:1.0";
@@ -167,33 +167,6 @@ pub struct DmAccount {
     pub ext: Option<Node>,
 }
 
-/// A [`Node`] printed with the values of secret nodes redacted.
-struct RedactedNode<'a>(&'a Node);
-
-impl fmt::Debug for RedactedNode<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.0;
-        let mut d = f.debug_struct("Node");
-        d.field("name", &n.name);
-        if let Some(path) = &n.path {
-            d.field("path", path);
-        }
-        if let Some(props) = &n.props {
-            d.field("props", props);
-        }
-        match &n.content {
-            NodeContent::Value(_) if SECRET_NODE_NAMES.contains(&n.name.as_str()) => {
-                d.field("value", &"<redacted>")
-            }
-            NodeContent::Value(v) => d.field("value", v),
-            NodeContent::Children(c) => {
-                d.field("children", &c.iter().map(RedactedNode).collect::<Vec<_>>())
-            }
-        };
-        d.finish()
-    }
-}
-
 /// Secrets are printed as `<redacted>`, in `AppAuth` and in `Ext` alike.
 impl fmt::Debug for DmAccount {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -205,7 +178,7 @@ impl fmt::Debug for DmAccount {
             .field("app_addrs", &self.app_addrs)
             .field("aauth_pref", &self.aauth_pref)
             .field("app_auths", &self.app_auths)
-            .field("ext", &self.ext.as_ref().map(RedactedNode))
+            .field("ext", &self.ext)
             .finish()
     }
 }

@@ -506,7 +506,6 @@ pub fn decode(input: &[u8]) -> Result<SyncMl> {
         DecodeError::new(ErrorKind::NotWellFormed, "", "the document is not UTF-8")
             .at(e.valid_up_to() as u64)
     })?;
-    let text = text.strip_prefix('\u{FEFF}').unwrap_or(text);
     let mut r = XmlReader::new(text, NAMESPACES, DoctypePolicy::ExternalOnly, MAX_DEPTH)
         .ignore_namespace_case();
     let root = r.root()?;

@@ -27,7 +27,8 @@ pub struct MgmtTree {
     pub nodes: Vec<Node>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `Debug` prints the values of secret nodes (`AAuthSecret`) as `<redacted>`.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Node {
     pub name: String,
     pub path: Option<String>,
@@ -44,6 +45,27 @@ pub enum NodeContent {
 
 /// Node names whose values are secrets: never printed, logged or serialized for display.
 pub const SECRET_NODE_NAMES: [&str; 1] = ["AAuthSecret"];
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("Node");
+        d.field("name", &self.name);
+        if let Some(path) = &self.path {
+            d.field("path", path);
+        }
+        if let Some(props) = &self.props {
+            d.field("props", props);
+        }
+        match &self.content {
+            NodeContent::Value(_) if SECRET_NODE_NAMES.contains(&self.name.as_str()) => {
+                d.field("value", &"<redacted>")
+            }
+            NodeContent::Value(v) => d.field("value", v),
+            NodeContent::Children(c) => d.field("children", c),
+        };
+        d.finish()
+    }
+}
 
 impl Serialize for Node {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -282,15 +304,15 @@ impl TreeReader {
                 }
             }
         }
-        r.close()?;
         let ver_dtd = ver_dtd.ok_or_else(|| {
             r.error_at(
                 ErrorKind::Missing,
-                r.child_path("MgmtTree/VerDTD"),
+                r.child_path("VerDTD"),
                 "required element <VerDTD> is missing",
             )
         })?;
         check_unique(r, &nodes, "MgmtTree")?;
+        r.close()?;
         Ok(MgmtTree {
             ver_dtd,
             man,
@@ -320,6 +342,12 @@ impl TreeReader {
                 ("Value", 1..=3) => value = Some(r.text()?.into_owned()),
                 ("Node", 1..=3) => children.push(self.read_node(r)?),
                 ("Node", 4) if value.is_none() => children.push(self.read_node(r)?),
+                ("Value", 4) if value.is_some() => {
+                    return Err(r.error(
+                        ErrorKind::Unexpected,
+                        format!("node '{name}' has more than one Value"),
+                    ));
+                }
                 ("Value" | "Node", 4) => {
                     return Err(r.error(
                         ErrorKind::InvalidValue,
@@ -457,9 +485,11 @@ pub fn decode(input: &[u8]) -> Result<MgmtTree> {
     const NAMESPACES: &[&str] = &[TNDS_NS];
     let mut r = XmlReader::new(text, NAMESPACES, DoctypePolicy::ExternalOnly, MAX_DEPTH);
     let root = r.root()?;
+    // A DTD-style document has no namespace at all; one whose root is in the TNDS namespace has it
+    // on every element.
     let reader = TreeReader {
         ns: 0,
-        allow_no_namespace: true,
+        allow_no_namespace: root.ns == Ns::None,
     };
     if root.name != "MgmtTree" {
         return Err(r.error(

@@ -125,7 +125,8 @@ impl FromStr for UtcTime {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         const FORM: &str = "must be an RFC 3339 time in UTC, e.g. 2026-11-21T22:40:10Z";
         let b = s.as_bytes();
-        if b.len() < 20 || b.last() != Some(&b'Z') {
+        // RFC 3339 §5.6: "T" and "Z" may be written in lower case.
+        if b.len() < 20 || !matches!(b.last(), Some(b'Z' | b'z')) {
             return Err(FORM);
         }
         let digits = |range: std::ops::Range<usize>| -> Result<u32, &'static str> {
@@ -139,7 +140,8 @@ impl FromStr for UtcTime {
             })
         };
         let sep = |i: usize, c: u8| b.get(i) == Some(&c);
-        if !(sep(4, b'-') && sep(7, b'-') && sep(10, b'T') && sep(13, b':') && sep(16, b':')) {
+        let t = sep(10, b'T') || sep(10, b't');
+        if !(sep(4, b'-') && sep(7, b'-') && t && sep(13, b':') && sep(16, b':')) {
             return Err(FORM);
         }
         let year = i64::from(digits(0..4)?);
@@ -151,9 +153,12 @@ impl FromStr for UtcTime {
         if !(1..=12).contains(&month) || day == 0 || day > days_in_month(year, month) {
             return Err("must be a valid calendar date");
         }
-        if hour > 23 || minute > 59 || second > 59 {
+        // A leap second (RFC 3339 §5.7) is 23:59:60 in UTC; it is kept as 23:59:59, as POSIX time does.
+        let leap_second = hour == 23 && minute == 59 && second == 60;
+        if hour > 23 || minute > 59 || (second > 59 && !leap_second) {
             return Err("must be a valid time of day");
         }
+        let second = second.min(59);
         let mut nanos = 0u32;
         let rest = b.get(19..b.len() - 1).ok_or(FORM)?;
         if !rest.is_empty() {
@@ -342,10 +347,23 @@ mod tests {
             "2026-13-01T00:00:00Z",
             "2026-11-21T24:00:00Z",
             "2026-11-21T22:40:10.Z",
-            "2026-11-21T22:40:10z",
+            "2026-11-21T22:40:60Z",
+            "2026-11-21T22:59:60Z",
+            "2026-11-21T23:59:61Z",
+            "2026-11-21T22:40:10.1234567890Z",
+            "2026-11-21T22:40:10",
+            "2026-11-21T22:40:10ZZ",
+            " 2026-11-21T22:40:10Z",
         ] {
             assert!(bad.parse::<UtcTime>().is_err(), "{bad}");
         }
+        // RFC 3339 §5.6 allows lower-case "t" and "z"; §5.8 shows the leap second 1990-12-31T23:59:60Z.
+        let lower: UtcTime = "2026-11-21t22:40:10.5z".parse().unwrap();
+        assert_eq!(lower.to_string(), "2026-11-21T22:40:10.5Z");
+        let leap: UtcTime = "1990-12-31T23:59:60Z".parse().unwrap();
+        assert_eq!(leap.to_string(), "1990-12-31T23:59:59Z");
+        assert!("2000-02-29T23:59:59.999999999Z".parse::<UtcTime>().is_ok());
+        assert!("1900-02-29T00:00:00Z".parse::<UtcTime>().is_err());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::borrow::Cow;
 
 use quick_xml::NsReader;
 use quick_xml::events::{BytesStart, Event};
-use quick_xml::name::ResolveResult;
+use quick_xml::name::{PrefixDeclaration, ResolveResult};
 
 use crate::error::{DecodeError, ErrorKind, Result};
 
@@ -92,6 +92,11 @@ pub(crate) struct XmlReader<'a> {
     /// Offset of the last token read, for error positions.
     offset: u64,
     root_closed: bool,
+    /// A document type declaration was read (only one may be).
+    doctype_seen: bool,
+    /// When set, elements of the namespace with this index may not carry unqualified attributes
+    /// (delegation messages of version 1.0, whose vocabulary has no attributes below the root).
+    pub refuse_plain_attributes: Option<usize>,
     /// When set, elements not in `vocabulary` (or in a foreign namespace) are skipped instead of refused:
     /// a receiver may ignore unknown elements only in a higher minor version (A.3).
     /// The pair is (index of the namespace the vocabulary belongs to, its element names); elements of the
@@ -115,13 +120,151 @@ const PREDEFINED_ENTITIES: [(&str, char); 5] = [
     ("quot", '"'),
 ];
 
+/// XML's white space (production `S`): space, tab, CR and LF, not Unicode's wider set.
+pub(crate) fn is_xml_space(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\r' | '\n')
+}
+
+/// A text value with XML white space around it removed (A.3).
+pub(crate) fn trim_xml(s: &str) -> &str {
+    s.trim_matches(is_xml_space)
+}
+
+/// XML 1.0 `Char`: what a document may contain, literally or through a character reference.
+fn is_xml_char(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
+}
+
+/// Byte offset of the first character that XML 1.0 does not allow anywhere in a document.
+fn first_illegal_char(input: &str) -> Option<usize> {
+    input.char_indices().find(|(_, c)| !is_xml_char(*c)).map(|(at, _)| at)
+}
+
+/// XML 1.0 (fifth edition) `NameStartChar`, without the colon (namespaces use it as a separator).
+fn is_name_start_char(c: char) -> bool {
+    matches!(c,
+        'A'..='Z' | '_' | 'a'..='z' | '\u{C0}'..='\u{D6}' | '\u{D8}'..='\u{F6}' | '\u{F8}'..='\u{2FF}'
+        | '\u{370}'..='\u{37D}' | '\u{37F}'..='\u{1FFF}' | '\u{200C}'..='\u{200D}'
+        | '\u{2070}'..='\u{218F}' | '\u{2C00}'..='\u{2FEF}' | '\u{3001}'..='\u{D7FF}'
+        | '\u{F900}'..='\u{FDCF}' | '\u{FDF0}'..='\u{FFFD}' | '\u{10000}'..='\u{EFFFF}')
+}
+
+fn is_name_char(c: char) -> bool {
+    is_name_start_char(c)
+        || matches!(c, '-' | '.' | '0'..='9' | '\u{B7}' | '\u{300}'..='\u{36F}' | '\u{203F}'..='\u{2040}')
+}
+
+/// An `NCName` of XML Namespaces: a name without colons.
+fn is_ncname(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(is_name_start_char) && chars.all(is_name_char)
+}
+
+/// A `QName`: `NCName` or `prefix:NCName`.
+fn is_qname(name: &str) -> bool {
+    match name.split_once(':') {
+        Some((prefix, local)) => is_ncname(prefix) && is_ncname(local),
+        None => is_ncname(name),
+    }
+}
+
+/// Well-formedness of the raw attribute list of a start tag, which quick-xml does not fully check:
+/// white space before each attribute, qualified names, quoted values without `<`.
+fn check_raw_attributes(raw: &str) -> Result<(), &'static str> {
+    let mut rest = raw;
+    loop {
+        let trimmed = rest.trim_start_matches(is_xml_space);
+        if trimmed.is_empty() {
+            return Ok(());
+        }
+        if trimmed.len() == rest.len() {
+            return Err("attributes must be separated by white space");
+        }
+        let (name, after) = trimmed
+            .split_once('=')
+            .ok_or("an attribute must have a value")?;
+        if !is_qname(trim_xml(name)) {
+            return Err("an attribute name is not a valid XML name");
+        }
+        let after = after.trim_start_matches(is_xml_space);
+        let quote = after
+            .chars()
+            .next()
+            .filter(|q| matches!(q, '"' | '\''))
+            .ok_or("an attribute value must be quoted")?;
+        let body = after.get(1..).unwrap_or_default();
+        let (value, tail) = body
+            .split_once(quote)
+            .ok_or("an attribute value is not closed")?;
+        if value.contains('<') {
+            return Err("'<' is not allowed in an attribute value");
+        }
+        rest = tail;
+    }
+}
+
+/// The XML declaration's pseudo-attributes: `version` (1.x) first, then optional `encoding` and
+/// `standalone` (yes | no), in this order and nothing else. The encoding itself is checked by the caller.
+fn check_decl(content: &str) -> Result<(), &'static str> {
+    const MALFORMED: &str = "malformed XML declaration";
+    let mut rest = content.strip_prefix("xml").ok_or(MALFORMED)?;
+    let mut expected = ["version", "encoding", "standalone"].into_iter();
+    let mut first = true;
+    loop {
+        let trimmed = rest.trim_start_matches(is_xml_space);
+        if trimmed.is_empty() {
+            return if first {
+                Err("the XML declaration must give a version")
+            } else {
+                Ok(())
+            };
+        }
+        if trimmed.len() == rest.len() {
+            return Err(MALFORMED);
+        }
+        let (name, after) = trimmed.split_once('=').ok_or(MALFORMED)?;
+        let name = trim_xml(name);
+        if first && name != "version" {
+            return Err("the XML declaration must give a version first");
+        }
+        if !expected.any(|known| known == name) {
+            return Err(MALFORMED);
+        }
+        first = false;
+        let after = after.trim_start_matches(is_xml_space);
+        let quote = after
+            .chars()
+            .next()
+            .filter(|q| matches!(q, '"' | '\''))
+            .ok_or(MALFORMED)?;
+        let (value, tail) = after
+            .get(1..)
+            .unwrap_or_default()
+            .split_once(quote)
+            .ok_or(MALFORMED)?;
+        let valid = match name {
+            "version" => value
+                .strip_prefix("1.")
+                .is_some_and(|minor| !minor.is_empty() && minor.bytes().all(|b| b.is_ascii_digit())),
+            "standalone" => matches!(value, "yes" | "no"),
+            _ => !value.is_empty(),
+        };
+        if !valid {
+            return Err(MALFORMED);
+        }
+        rest = tail;
+    }
+}
+
 impl<'a> XmlReader<'a> {
+    /// A reader over `input`; one leading byte-order mark is skipped.
     pub fn new(
         input: &'a str,
         namespaces: &'static [&'static str],
         doctype: DoctypePolicy,
         max_depth: usize,
     ) -> Self {
+        let input = input.strip_prefix('\u{feff}').unwrap_or(input);
         let mut inner = NsReader::from_str(input);
         let config = inner.config_mut();
         config.expand_empty_elements = true;
@@ -139,6 +282,8 @@ impl<'a> XmlReader<'a> {
             peeked: None,
             offset: 0,
             root_closed: false,
+            doctype_seen: false,
+            refuse_plain_attributes: None,
             skip_unknown: None,
         }
     }
@@ -206,10 +351,23 @@ impl<'a> XmlReader<'a> {
                 )
             })?;
             let key = attr.key;
-            if key.as_namespace_binding().is_some() {
-                continue;
+            match key.as_namespace_binding() {
+                Some(PrefixDeclaration::Named(prefix)) if attr.value.is_empty() => {
+                    return Err(self.error(
+                        ErrorKind::NotWellFormed,
+                        format!("the namespace prefix '{prefix}' cannot be bound to an empty name"),
+                    ));
+                }
+                Some(_) => continue,
+                None => {}
             }
             let (resolved, local) = self.inner.resolver().resolve_attribute(key);
+            if let ResolveResult::Unknown(prefix) = &resolved {
+                return Err(self.error(
+                    ErrorKind::NotWellFormed,
+                    format!("the namespace prefix '{prefix}' is not declared"),
+                ));
+            }
             let attr_ns = classify(self.namespaces, self.ignore_namespace_case, &resolved);
             let value = attr
                 .normalized_value(quick_xml::XmlVersion::Implicit1_0)
@@ -219,6 +377,12 @@ impl<'a> XmlReader<'a> {
                         format!("attribute value not allowed: {e}"),
                     )
                 })?;
+            if !value.chars().all(is_xml_char) {
+                return Err(self.error(
+                    ErrorKind::NotWellFormed,
+                    "a character reference in an attribute value is not a legal XML character",
+                ));
+            }
             attrs.push(Attr {
                 ns: attr_ns,
                 name: local.into_inner().to_string(),
@@ -242,19 +406,44 @@ impl<'a> XmlReader<'a> {
                     );
                 }
             };
+            if let (ResolveResult::Unknown(prefix), Event::Start(_)) = (&resolved, &event) {
+                return Err(self.error(
+                    ErrorKind::NotWellFormed,
+                    format!("the namespace prefix '{prefix}' is not declared"),
+                ));
+            }
             let ns = classify(self.namespaces, self.ignore_namespace_case, &resolved);
             let piece: Cow<'a, str> = match event {
-                Event::Text(t) => t.xml10_content(),
+                Event::Text(t) => {
+                    let piece = t.xml10_content();
+                    if piece.contains("]]>") {
+                        return Err(self.error(
+                            ErrorKind::NotWellFormed,
+                            "not well-formed: ']]>' is not allowed in text",
+                        ));
+                    }
+                    piece
+                }
                 Event::CData(c) => c.xml10_content(),
+                Event::GeneralRef(r) if r.is_char_ref() => {
+                    match r.resolve_char_ref().ok().flatten().filter(|c| is_xml_char(*c)) {
+                        Some(c) => Cow::Owned(c.to_string()),
+                        None => {
+                            return Err(self.error(
+                                ErrorKind::NotWellFormed,
+                                format!(
+                                    "character reference &{}; is not a legal XML character",
+                                    &*r
+                                ),
+                            ));
+                        }
+                    }
+                }
                 Event::GeneralRef(r) => {
-                    let resolved = if r.is_char_ref() {
-                        r.resolve_char_ref().ok().flatten()
-                    } else {
-                        PREDEFINED_ENTITIES
-                            .iter()
-                            .find(|(name, _)| *name == &*r)
-                            .map(|(_, c)| *c)
-                    };
+                    let resolved = PREDEFINED_ENTITIES
+                        .iter()
+                        .find(|(name, _)| *name == &*r)
+                        .map(|(_, c)| *c);
                     match resolved {
                         Some(c) => Cow::Owned(c.to_string()),
                         None => {
@@ -305,11 +494,29 @@ impl<'a> XmlReader<'a> {
                         self.error(ErrorKind::NotWellFormed, "content after the root element")
                     );
                 }
+                if !is_qname(tag.name().into_inner()) {
+                    return Err(self.error(
+                        ErrorKind::NotWellFormed,
+                        "not well-formed: an element name is not a valid XML name",
+                    ));
+                }
+                check_raw_attributes(tag.attributes_raw())
+                    .map_err(|e| self.error(ErrorKind::NotWellFormed, format!("not well-formed: {e}")))?;
                 let start = self.start_token(ns, &tag)?;
                 if self.stack.len() >= self.max_depth {
                     return Err(self.error(
                         ErrorKind::TooDeep,
                         format!("elements nested deeper than {} levels", self.max_depth),
+                    ));
+                }
+                if let Some(index) = self.refuse_plain_attributes
+                    && start.ns == Ns::Known(index)
+                    && let Some(attr) = start.attrs.iter().find(|a| a.ns == Ns::None)
+                {
+                    return Err(self.error_at(
+                        ErrorKind::Unexpected,
+                        format!("{}/@{}", self.child_path(start.name), attr.name),
+                        format!("attribute '{}' is not allowed here", attr.name),
                     ));
                 }
                 Ok(Some(Token::Start(start)))
@@ -319,9 +526,10 @@ impl<'a> XmlReader<'a> {
                 Err(self.error(ErrorKind::NotWellFormed, "unexpanded empty element"))
             }
             Event::DocType(dt) => {
-                if !self.stack.is_empty() || self.root_closed {
+                if !self.stack.is_empty() || self.root_closed || self.doctype_seen {
                     return Err(self.error(ErrorKind::NotWellFormed, "misplaced DOCTYPE"));
                 }
+                self.doctype_seen = true;
                 match self.doctype {
                     DoctypePolicy::Refuse => Err(self.error(
                         ErrorKind::Doctype,
@@ -340,6 +548,13 @@ impl<'a> XmlReader<'a> {
                 }
             }
             Event::Decl(decl) => {
+                if self.offset != 0 {
+                    return Err(self.error(
+                        ErrorKind::NotWellFormed,
+                        "the XML declaration must be at the very beginning of the document",
+                    ));
+                }
+                check_decl(&decl).map_err(|e| self.error(ErrorKind::NotWellFormed, e))?;
                 if let Some(Ok(enc)) = decl.encoding()
                     && !enc.eq_ignore_ascii_case("utf-8")
                 {
@@ -350,7 +565,17 @@ impl<'a> XmlReader<'a> {
                 }
                 Ok(None)
             }
-            Event::Comment(_) | Event::PI(_) => Ok(None),
+            Event::PI(pi) => {
+                let target = pi.target();
+                if !is_ncname(target) || target.eq_ignore_ascii_case("xml") {
+                    return Err(self.error(
+                        ErrorKind::NotWellFormed,
+                        "not well-formed: a processing instruction needs a target other than 'xml'",
+                    ));
+                }
+                Ok(None)
+            }
+            Event::Comment(_) => Ok(None),
             Event::Eof => Ok(Some(Token::Eof)),
             Event::Text(_) | Event::CData(_) | Event::GeneralRef(_) => Ok(None),
         }
@@ -367,7 +592,7 @@ impl<'a> XmlReader<'a> {
     fn next_structural(&mut self) -> Result<Token<'a>> {
         loop {
             match self.next_token()? {
-                Token::Text(t) if t.trim().is_empty() => continue,
+                Token::Text(t) if trim_xml(&t).is_empty() => continue,
                 Token::Text(_) => {
                     return Err(self.error(
                         ErrorKind::Unexpected,
@@ -438,8 +663,23 @@ impl<'a> XmlReader<'a> {
         }
     }
 
-    /// Opens the document's root element.
+    /// Opens the document's root element. Refuses first any character XML does not allow.
     pub fn root(&mut self) -> Result<Start<'a>> {
+        if let Some(at) = first_illegal_char(self.input) {
+            return Err(DecodeError::new(
+                ErrorKind::NotWellFormed,
+                "",
+                "not well-formed: a character that XML does not allow",
+            )
+            .at(at as u64));
+        }
+        if self.input.starts_with('\u{feff}') {
+            return Err(DecodeError::new(
+                ErrorKind::NotWellFormed,
+                "",
+                "not well-formed: more than one byte-order mark",
+            ));
+        }
         match self.next_structural()? {
             Token::Start(start) => {
                 self.stack.push(start.name);
@@ -527,9 +767,9 @@ impl<'a> XmlReader<'a> {
                     }
                     return Ok(match acc {
                         None => Cow::Borrowed(""),
-                        Some(Cow::Borrowed(s)) => Cow::Borrowed(s.trim()),
+                        Some(Cow::Borrowed(s)) => Cow::Borrowed(trim_xml(s)),
                         Some(Cow::Owned(s)) => {
-                            let trimmed = s.trim();
+                            let trimmed = trim_xml(&s);
                             if trimmed.len() == s.len() {
                                 Cow::Owned(s)
                             } else {
