@@ -460,13 +460,24 @@ impl TreeReader {
     }
 }
 
+/// Where a `Path` puts a node, spelled one way: `./A`, `A` and `./A/` are the same place, and no
+/// `Path`, `.` and `./` are the root.
+fn path_key(path: Option<&str>) -> &str {
+    let p = crate::xml::trim_xml(path.unwrap_or_default());
+    let p = p.strip_suffix('/').unwrap_or(p);
+    if p == "." {
+        ""
+    } else {
+        p.strip_prefix("./").unwrap_or(p)
+    }
+}
+
 fn check_unique(r: &XmlReader<'_>, nodes: &[Node], parent: &str) -> Result<()> {
     for (i, node) in nodes.iter().enumerate() {
-        if nodes
-            .iter()
-            .take(i)
-            .any(|other| other.name == node.name && other.path == node.path)
-        {
+        if nodes.iter().take(i).any(|other| {
+            other.name == node.name
+                && path_key(other.path.as_deref()) == path_key(node.path.as_deref())
+        }) {
             return Err(r.error(
                 ErrorKind::InvalidValue,
                 format!("'{parent}' has two child nodes named '{}'", node.name),

@@ -172,7 +172,8 @@ mod tests {
     async fn http_push_posts_the_bytes_and_maps_refusals() {
         use axum::extract::Path;
         use axum::routing::post;
-        let got: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+        type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+        let got: Received = Arc::default();
         let sink = got.clone();
         let app = axum::Router::new().route(
             "/devices/{id}/package0",
