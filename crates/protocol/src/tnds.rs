@@ -406,9 +406,9 @@ impl TreeReader {
             match el {
                 "ACL" => {
                     let text = r.text()?;
-                    let acl = text
-                        .parse::<Acl>()
-                        .map_err(|e| r.error(ErrorKind::InvalidValue, e.to_string()))?;
+                    let acl = text.parse::<Acl>().map_err(|e| {
+                        r.error_at(ErrorKind::InvalidValue, r.child_path("ACL"), e.to_string())
+                    })?;
                     p.acl = Some(acl);
                 }
                 "Format" => {

@@ -137,7 +137,10 @@ fn is_xml_char(c: char) -> bool {
 
 /// Byte offset of the first character that XML 1.0 does not allow anywhere in a document.
 fn first_illegal_char(input: &str) -> Option<usize> {
-    input.char_indices().find(|(_, c)| !is_xml_char(*c)).map(|(at, _)| at)
+    input
+        .char_indices()
+        .find(|(_, c)| !is_xml_char(*c))
+        .map(|(at, _)| at)
 }
 
 /// XML 1.0 (fifth edition) `NameStartChar`, without the colon (namespaces use it as a separator).
@@ -243,9 +246,9 @@ fn check_decl(content: &str) -> Result<(), &'static str> {
             .split_once(quote)
             .ok_or(MALFORMED)?;
         let valid = match name {
-            "version" => value
-                .strip_prefix("1.")
-                .is_some_and(|minor| !minor.is_empty() && minor.bytes().all(|b| b.is_ascii_digit())),
+            "version" => value.strip_prefix("1.").is_some_and(|minor| {
+                !minor.is_empty() && minor.bytes().all(|b| b.is_ascii_digit())
+            }),
             "standalone" => matches!(value, "yes" | "no"),
             _ => !value.is_empty(),
         };
@@ -426,7 +429,12 @@ impl<'a> XmlReader<'a> {
                 }
                 Event::CData(c) => c.xml10_content(),
                 Event::GeneralRef(r) if r.is_char_ref() => {
-                    match r.resolve_char_ref().ok().flatten().filter(|c| is_xml_char(*c)) {
+                    match r
+                        .resolve_char_ref()
+                        .ok()
+                        .flatten()
+                        .filter(|c| is_xml_char(*c))
+                    {
                         Some(c) => Cow::Owned(c.to_string()),
                         None => {
                             return Err(self.error(
@@ -500,8 +508,9 @@ impl<'a> XmlReader<'a> {
                         "not well-formed: an element name is not a valid XML name",
                     ));
                 }
-                check_raw_attributes(tag.attributes_raw())
-                    .map_err(|e| self.error(ErrorKind::NotWellFormed, format!("not well-formed: {e}")))?;
+                check_raw_attributes(tag.attributes_raw()).map_err(|e| {
+                    self.error(ErrorKind::NotWellFormed, format!("not well-formed: {e}"))
+                })?;
                 let start = self.start_token(ns, &tag)?;
                 if self.stack.len() >= self.max_depth {
                     return Err(self.error(
@@ -931,5 +940,77 @@ impl XmlWriter {
 
     pub fn finish(self) -> String {
         self.out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_xml_and_namespaces() {
+        for good in ["a", "_a", "a.b-c_1", "d:Node", "Fée", "x\u{B7}y"] {
+            assert!(is_qname(good), "{good}");
+        }
+        for bad in ["", "1a", "-a", ":a", "a:", "a:b:c", "a b", "a<b", "\u{D7}"] {
+            assert!(!is_qname(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn characters_and_white_space_are_xml_ones() {
+        assert_eq!(first_illegal_char("a\tb\r\nc\u{85}\u{FFFD}\u{10000}"), None);
+        assert_eq!(first_illegal_char("ab\u{1}"), Some(2));
+        assert_eq!(first_illegal_char("\u{FFFE}"), Some(0));
+        assert_eq!(trim_xml(" \t\r\nx \n"), "x");
+        assert_eq!(trim_xml("\u{A0}x\u{3000}"), "\u{A0}x\u{3000}");
+    }
+
+    #[test]
+    fn raw_attribute_lists() {
+        for good in [
+            "",
+            " ",
+            " a=\"1\"",
+            " a = '1'  b=\"x=y>\"\n",
+            "\tx:a=\"it's\"",
+        ] {
+            assert_eq!(check_raw_attributes(good), Ok(()), "{good:?}");
+        }
+        for bad in [
+            " a=\"1\"b=\"2\"",
+            " a",
+            " a=1",
+            " a=\"1",
+            " a=\"<\"",
+            " 1a=\"x\"",
+        ] {
+            assert!(check_raw_attributes(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn xml_declarations() {
+        for good in [
+            "xml version=\"1.0\"",
+            "xml version='1.0' encoding='UTF-8'",
+            "xml version=\"1.1\" encoding=\"utf-8\" standalone=\"no\"",
+            "xml version=\"1.0\" standalone=\"yes\" ",
+        ] {
+            assert_eq!(check_decl(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "xml",
+            "xml encoding=\"UTF-8\"",
+            "xml version=\"2.0\"",
+            "xml version=\"1.\"",
+            "xml version=\"1.0\" standalone=\"maybe\"",
+            "xml version=\"1.0\" foo=\"bar\"",
+            "xml standalone=\"yes\" version=\"1.0\"",
+            "xml version=\"1.0\" standalone=\"yes\" encoding=\"UTF-8\"",
+            "xml version=\"1.0\"encoding=\"UTF-8\"",
+        ] {
+            assert!(check_decl(bad).is_err(), "{bad}");
+        }
     }
 }

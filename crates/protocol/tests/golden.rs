@@ -75,6 +75,63 @@ fn every_shipped_example_and_valid_variant_decodes_and_round_trips() {
     );
 }
 
+/// The texts between `open` and `close` that follow each `after` in `text`.
+fn texts_after(text: &str, after: &str, open: &str, close: &str) -> Vec<String> {
+    text.match_indices(after)
+        .filter_map(|(at, _)| {
+            let rest = &text[at + after.len()..];
+            let start = rest.find(open)? + open.len();
+            let len = rest[start..].find(close)?;
+            Some(rest[start..start + len].trim().to_string())
+        })
+        .filter(|secret| !secret.is_empty())
+        .collect()
+}
+
+#[test]
+fn no_secret_of_a_valid_document_shows_in_debug_json_or_summary() {
+    let mut paths = files("../../examples");
+    paths.extend(files("tests/golden/valid"));
+    let mut checked = 0;
+    for path in paths {
+        let bytes = std::fs::read(&path).unwrap();
+        let Ok(text) = std::str::from_utf8(&bytes) else {
+            continue;
+        };
+        let mut secrets = texts_after(
+            text,
+            "<NodeName>AAuthSecret</NodeName>",
+            "<Value>",
+            "</Value>",
+        );
+        secrets.extend(texts_after(text, "<Cred>", "<Data>", "</Data>"));
+        secrets.extend(texts_after(
+            text,
+            "<DELEGATION_PREPARED>",
+            "<TEMP_DELEGATION_KEY>",
+            "</TEMP_DELEGATION_KEY>",
+        ));
+        let doc = document::inspect(&bytes).unwrap();
+        let shown = format!(
+            "{doc:?} {doc:#?} {} {}",
+            serde_json::to_string(&doc).unwrap(),
+            doc.summary()
+        );
+        for secret in &secrets {
+            assert!(
+                !shown.contains(secret.as_str()),
+                "{}: a secret shows",
+                path.display()
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 5,
+        "the examples carry secrets to check: {checked}"
+    );
+}
+
 #[test]
 fn package0_example_verifies_with_the_server_credential_of_the_example_account() {
     // examples/package0.bin was computed outside this code base (Python hashlib) from the SRVCRED of
