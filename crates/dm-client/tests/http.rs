@@ -1,0 +1,964 @@
+//! The fleet over real HTTP on loopback, against a tiny DM server written here with axum (a test double
+//! of the SERVER side only: the devices, their sessions and their package #0 endpoint are the real ones).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::post;
+use dm_client::{AuthSide, DefaultAccount, Device, Fleet, Outcome, SessionRecord};
+use dm_protocol::auth::{self, decode_nonce, encode_nonce};
+use dm_protocol::codes::{AlertCode, StatusCode};
+use dm_protocol::package0::{self, Notification};
+use dm_protocol::syncml::{
+    self, Chal, Command, Container, Item, ItemCommand, Location, Meta, Status, SyncBody, SyncHdr,
+    SyncMl,
+};
+use dm_protocol::tnds;
+use dm_protocol::tree::same_tree;
+use dm_protocol::types::DmUri;
+
+const S1: &str = "dms1.example";
+const S1_SECRET: &str = "s1-password";
+const CLIENT: &str = "client-1";
+const CLIENT_SECRET: &str = "c1-password";
+const WAIT: Duration = Duration::from_secs(20);
+
+// ------------------------------------------------------------------------------------------------
+// The DM server double
+// ------------------------------------------------------------------------------------------------
+
+/// What the test server knows and does. It follows docs/device-side.md for the server side.
+struct ServerState {
+    server_id: String,
+    /// The password it puts in its `Cred` (a wrong one in the negative test).
+    srv_secret: String,
+    /// The SRVCRED nonce it must use next (updated from the device's `Chal`s).
+    srv_nonce: Vec<u8>,
+    cli_name: String,
+    cli_secret: String,
+    /// The CLCRED nonce it expects in package #1 (it hands a new one in each header status).
+    cli_nonce: Vec<u8>,
+    /// Batches of management commands, one per server message after a successful package #1.
+    script: VecDeque<Vec<Command>>,
+    /// Every device message, in order.
+    received: Vec<SyncMl>,
+    /// Every server nonce the device handed over, in order.
+    handed_by_device: Vec<Vec<u8>>,
+    nonce_counter: u32,
+    url: String,
+}
+
+impl ServerState {
+    fn new(server_id: &str, srv_secret: &str, srv_nonce: &[u8], cli_nonce: &[u8]) -> Self {
+        Self {
+            server_id: server_id.into(),
+            srv_secret: srv_secret.into(),
+            srv_nonce: srv_nonce.to_vec(),
+            cli_name: CLIENT.into(),
+            cli_secret: CLIENT_SECRET.into(),
+            cli_nonce: cli_nonce.to_vec(),
+            script: VecDeque::new(),
+            received: Vec::new(),
+            handed_by_device: Vec::new(),
+            nonce_counter: 0,
+            url: String::new(),
+        }
+    }
+
+    fn fresh_client_nonce(&mut self) -> Vec<u8> {
+        self.nonce_counter += 1;
+        format!("client-nonce-{}", self.nonce_counter).into_bytes()
+    }
+
+    /// The server's answer to one device message.
+    fn answer(&mut self, msg: SyncMl) -> SyncMl {
+        let is_package1 = msg.body.commands.iter().any(
+            |c| matches!(c, Command::Alert(a) if a.data.code() == 1200 || a.data.code() == 1201),
+        );
+        // The device hands the server nonce over in its header status.
+        for c in &msg.body.commands {
+            if let Command::Status(s) = c
+                && s.cmd == "SyncHdr"
+                && let Some(n) = s.chal.as_ref().and_then(|c| c.meta.next_nonce.as_deref())
+            {
+                let nonce = decode_nonce(n).unwrap();
+                self.srv_nonce = nonce.clone();
+                self.handed_by_device.push(nonce);
+            }
+        }
+        let mut commands = Vec::new();
+        let mut id = 0u32;
+        let mut next_id = || {
+            id += 1;
+            id.to_string()
+        };
+        if is_package1 {
+            let ok = msg
+                .hdr
+                .cred
+                .as_ref()
+                .map(|c| auth::verify_cred(c, &self.cli_name, &self.cli_secret, &self.cli_nonce))
+                .is_some_and(|r| r.is_ok());
+            let nonce = self.fresh_client_nonce();
+            self.cli_nonce = nonce.clone();
+            let mut hdr_status = Status::new(
+                next_id(),
+                msg.hdr.msg_id.clone(),
+                "0",
+                "SyncHdr",
+                if ok {
+                    StatusCode::AuthenticationAccepted
+                } else {
+                    StatusCode::InvalidCredentials
+                },
+            );
+            hdr_status.chal = Some(Chal {
+                meta: Meta {
+                    next_nonce: Some(encode_nonce(&nonce)),
+                    ..Meta::format_type("b64", auth::AUTH_MD5)
+                },
+            });
+            commands.push(Command::Status(hdr_status));
+            if ok {
+                for c in &msg.body.commands {
+                    commands.push(Command::Status(Status::new(
+                        next_id(),
+                        msg.hdr.msg_id.clone(),
+                        c.cmd_id(),
+                        c.name(),
+                        StatusCode::Ok,
+                    )));
+                }
+                commands.extend(self.script.pop_front().unwrap_or_default());
+            }
+        } else {
+            commands.push(Command::Status(Status::new(
+                next_id(),
+                msg.hdr.msg_id.clone(),
+                "0",
+                "SyncHdr",
+                StatusCode::Ok,
+            )));
+            commands.extend(self.script.pop_front().unwrap_or_default());
+        }
+        let mut hdr = SyncHdr::new(
+            msg.hdr.session_id.clone(),
+            (self.received.len() + 1).to_string(),
+            Location::new(msg.hdr.source.loc_uri.clone()),
+            Location::new(self.url.clone()),
+        );
+        hdr.cred = Some(auth::cred_md5(
+            &self.server_id,
+            &self.srv_secret,
+            &self.srv_nonce,
+        ));
+        self.received.push(msg);
+        SyncMl {
+            hdr,
+            body: SyncBody {
+                commands,
+                final_: true,
+            },
+        }
+    }
+}
+
+type Shared = Arc<Mutex<ServerState>>;
+
+async fn dm_endpoint(State(state): State<Shared>, body: Bytes) -> axum::response::Response {
+    let Ok(msg) = syncml::decode(&body) else {
+        return (axum::http::StatusCode::BAD_REQUEST, "not SyncML").into_response();
+    };
+    let answer = state.lock().unwrap().answer(msg);
+    (
+        [(header::CONTENT_TYPE, syncml::CONTENT_TYPE_XML)],
+        syncml::encode(&answer),
+    )
+        .into_response()
+}
+
+/// Starts the server double; returns its state and its DM URL.
+async fn start_server(state: ServerState) -> (Shared, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/dm", listener.local_addr().unwrap());
+    let shared = Arc::new(Mutex::new(state));
+    shared.lock().unwrap().url = url.clone();
+    let app = Router::new()
+        .route("/dm", post(dm_endpoint))
+        .with_state(shared.clone());
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (shared, url)
+}
+
+/// Starts the fleet's HTTP interface; returns its base URL.
+async fn start_fleet(fleet: &Fleet) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let fleet = fleet.clone();
+    tokio::spawn(async move {
+        fleet
+            .serve(listener, std::future::pending::<()>())
+            .await
+            .unwrap();
+    });
+    base
+}
+
+fn account(addr: &str) -> DefaultAccount {
+    DefaultAccount {
+        server_id: S1.into(),
+        addr: addr.into(),
+        server_secret: S1_SECRET.into(),
+        server_nonce_b64: encode_nonce(b"srv-nonce-0"),
+        client_name: CLIENT.into(),
+        client_secret: CLIENT_SECRET.into(),
+        client_nonce_b64: encode_nonce(b"cli-nonce-0"),
+    }
+}
+
+fn dev_uri(s: &str) -> DmUri {
+    s.parse().unwrap()
+}
+
+fn get(id: &str, target: &str) -> Command {
+    Command::Get(ItemCommand::new(id, vec![Item::target(target)]))
+}
+
+fn replace(id: &str, target: &str, value: &str) -> Command {
+    Command::Replace(ItemCommand::new(
+        id,
+        vec![Item::target(target).with_data(value)],
+    ))
+}
+
+fn add_leaf(id: &str, target: &str, value: &str) -> Command {
+    Command::Add(ItemCommand::new(
+        id,
+        vec![Item::target(target).with_data(value)],
+    ))
+}
+
+fn add_node(id: &str, target: &str) -> Command {
+    Command::Add(ItemCommand::new(
+        id,
+        vec![Item::target(target).with_data("").with_meta(Meta {
+            format: Some("node".into()),
+            ..Meta::default()
+        })],
+    ))
+}
+
+fn delete(id: &str, target: &str) -> Command {
+    Command::Delete(ItemCommand::new(id, vec![Item::target(target)]))
+}
+
+/// (Cmd, CmdRef, code) of the statuses of a device message, header status first.
+fn statuses(msg: &SyncMl) -> Vec<(String, String, u16)> {
+    msg.body
+        .commands
+        .iter()
+        .filter_map(|c| match c {
+            Command::Status(s) => Some((s.cmd.clone(), s.cmd_ref.clone(), s.data.code())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn value(fleet: &Fleet, dev: &str, uri: &str) -> Option<String> {
+    fleet.with_device(dev, |d| {
+        d.tree().value(&dev_uri(uri)).ok().map(String::from)
+    })?
+}
+
+fn nonce_of(fleet: &Fleet, dev: &str, uri: &str) -> Vec<u8> {
+    decode_nonce(&value(fleet, dev, uri).unwrap()).unwrap()
+}
+
+fn package0_bytes(server: &str, session_id: u16, secret: &str, nonce: &[u8]) -> Vec<u8> {
+    package0::encode(
+        &Notification::new(server, session_id),
+        server,
+        secret,
+        nonce,
+    )
+    .unwrap()
+}
+
+async fn post_package0(base: &str, dev: &str, body: Vec<u8>) -> u16 {
+    reqwest::Client::new()
+        .post(format!("{base}/devices/{dev}/package0"))
+        .header("content-type", package0::CONTENT_TYPE)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+const SRVCRED_DATA: &str = "./DMAcc/dms1.example/AppAuth/SRVCRED/AAuthData";
+const CLCRED_DATA: &str = "./DMAcc/dms1.example/AppAuth/CLCRED/AAuthData";
+
+// ------------------------------------------------------------------------------------------------
+// Tests
+// ------------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn server_initiated_session_executes_commands_and_hands_nonces_over() {
+    let mut state = ServerState::new(S1, S1_SECRET, b"srv-nonce-0", b"cli-nonce-0");
+    state.script.push_back(vec![
+        get("10", "./DevInfo/Man"),
+        replace("11", "./Vendor/Acme/Settings/Volume", "7"),
+        Command::Atomic(Container::new(
+            "12",
+            vec![
+                add_node("13", "./Vendor/Acme/Apps/App2"),
+                add_leaf("14", "./Vendor/Acme/Apps/App2/Version", "2.0"),
+                replace(
+                    "15",
+                    "./Vendor/Acme/Apps/App2?prop=ACL",
+                    "Get=dms1.example+dms2.example&Replace=dms1.example",
+                ),
+            ],
+        )),
+        get("16", "./DMAcc/dms1.example/AppAuth/SRVCRED/AAuthSecret"),
+        get("17", "./Vendor/Acme/Apps/App2?prop=ACL"),
+    ]);
+    state.script.push_back(vec![Command::Atomic(Container::new(
+        "20",
+        vec![
+            replace("21", "./Vendor/Acme/Settings/Brightness", "1"),
+            delete("22", "./Vendor/Nope"),
+        ],
+    ))]);
+    let (server, url) = start_server(state).await;
+    let fleet = Fleet::new();
+    let dev = "IMEI:350000000000001";
+    assert!(fleet.insert(Device::with_default_tree(dev, &account(&url)).unwrap()));
+    let base = start_fleet(&fleet).await;
+
+    let body = package0_bytes(S1, 0xAB, S1_SECRET, b"srv-nonce-0");
+    assert_eq!(post_package0(&base, dev, body).await, 202);
+    let sessions = fleet.wait_for_sessions(dev, 1, WAIT).await.unwrap();
+    assert_eq!(sessions.len(), 1);
+    let record = &sessions[0];
+    assert_eq!(record.outcome, Outcome::Completed, "{record:?}");
+    assert_eq!(record.server, S1);
+    assert_eq!(record.alert, 1200);
+    assert_eq!(record.session_id, "00AB");
+    assert_eq!(record.messages_sent, 3);
+    assert_eq!(record.commands_executed, 9);
+
+    {
+        let server = server.lock().unwrap();
+        assert_eq!(server.received.len(), 3);
+        // Package #1.
+        let p1 = &server.received[0];
+        assert_eq!(p1.hdr.ver_dtd, "1.2");
+        assert_eq!(p1.hdr.ver_proto, "DM/1.2");
+        assert_eq!(p1.hdr.session_id, "00AB");
+        assert_eq!(p1.hdr.msg_id, "1");
+        assert_eq!(p1.hdr.target.loc_uri, url);
+        assert_eq!(p1.hdr.source.loc_uri, dev);
+        let cred = p1.hdr.cred.as_ref().unwrap();
+        assert_eq!(cred.meta.type_.as_deref(), Some(auth::AUTH_MD5));
+        assert_eq!(cred.meta.format.as_deref(), Some("b64"));
+        assert!(p1.hdr.meta.as_ref().unwrap().max_msg_size.is_some());
+        assert!(p1.body.final_);
+        let Command::Alert(alert) = &p1.body.commands[0] else {
+            panic!("package #1 starts with an Alert")
+        };
+        assert_eq!(alert.data, AlertCode::ServerInitiatedMgmt);
+        let Command::Replace(devinfo) = &p1.body.commands[1] else {
+            panic!("then a Replace of ./DevInfo")
+        };
+        let reported: Vec<(String, String)> = devinfo
+            .items
+            .iter()
+            .map(|i| {
+                (
+                    i.source.as_ref().unwrap().loc_uri.clone(),
+                    i.data.clone().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            reported,
+            vec![
+                ("./DevInfo/DevId".to_string(), dev.to_string()),
+                ("./DevInfo/Man".to_string(), "Acme".to_string()),
+                ("./DevInfo/Mod".to_string(), "X100".to_string()),
+                ("./DevInfo/DmV".to_string(), "1.2".to_string()),
+                ("./DevInfo/Lang".to_string(), "en-US".to_string()),
+            ]
+        );
+
+        // The answer to the first batch.
+        let a1 = &server.received[1];
+        assert_eq!(a1.hdr.msg_id, "2");
+        assert_eq!(a1.hdr.session_id, "00AB");
+        assert!(
+            a1.hdr.cred.is_none(),
+            "only package #1 carries the device's Cred"
+        );
+        assert_eq!(
+            statuses(a1),
+            vec![
+                ("SyncHdr".into(), "0".into(), 212),
+                ("Get".into(), "10".into(), 200),
+                ("Replace".into(), "11".into(), 200),
+                ("Atomic".into(), "12".into(), 200),
+                ("Add".into(), "13".into(), 200),
+                ("Add".into(), "14".into(), 200),
+                ("Replace".into(), "15".into(), 200),
+                ("Get".into(), "16".into(), 405),
+                ("Get".into(), "17".into(), 200),
+            ]
+        );
+        let Command::Status(hdr_status) = &a1.body.commands[0] else {
+            panic!()
+        };
+        let chal = hdr_status.chal.as_ref().expect("212 carries a Chal");
+        assert_eq!(chal.meta.type_.as_deref(), Some(auth::AUTH_MD5));
+        let results: Vec<(String, String, String)> = a1
+            .body
+            .commands
+            .iter()
+            .filter_map(|c| match c {
+                Command::Results(r) => Some(r),
+                _ => None,
+            })
+            .flat_map(|r| r.items.iter())
+            .map(|i| {
+                (
+                    i.source.as_ref().unwrap().loc_uri.clone(),
+                    i.meta.as_ref().unwrap().format.clone().unwrap(),
+                    i.data.clone().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            results,
+            vec![
+                ("./DevInfo/Man".into(), "chr".into(), "Acme".into()),
+                (
+                    "./Vendor/Acme/Apps/App2?prop=ACL".into(),
+                    "chr".into(),
+                    "Get=dms1.example+dms2.example&Replace=dms1.example".into()
+                ),
+            ]
+        );
+        assert!(!format!("{:?}", server.received).contains(S1_SECRET));
+
+        // The answer to the failing Atomic: rolled back.
+        let a2 = &server.received[2];
+        assert_eq!(a2.hdr.msg_id, "3");
+        assert_eq!(
+            statuses(a2),
+            vec![
+                ("SyncHdr".into(), "0".into(), 212),
+                ("Atomic".into(), "20".into(), 507),
+                ("Replace".into(), "21".into(), 216),
+                ("Delete".into(), "22".into(), 404),
+            ]
+        );
+
+        // Nonce handover: the device handed a fresh server nonce in each answer, the server used each in
+        // its next Cred (else the device would have refused it); the device keeps the last one. The client
+        // nonce is the last one the server handed.
+        assert_eq!(server.handed_by_device.len(), 2);
+        assert_ne!(server.handed_by_device[0], server.handed_by_device[1]);
+        assert_eq!(server.handed_by_device[1].len(), 16);
+        assert_eq!(nonce_of(&fleet, dev, SRVCRED_DATA), server.srv_nonce);
+        assert_eq!(nonce_of(&fleet, dev, CLCRED_DATA), server.cli_nonce);
+        assert_eq!(server.cli_nonce, b"client-nonce-1");
+
+        // The tree changed as commanded.
+        assert_eq!(
+            value(&fleet, dev, "./Vendor/Acme/Settings/Volume").unwrap(),
+            "7"
+        );
+        assert_eq!(
+            value(&fleet, dev, "./Vendor/Acme/Apps/App2/Version").unwrap(),
+            "2.0"
+        );
+        assert_eq!(
+            value(&fleet, dev, "./Vendor/Acme/Settings/Brightness").unwrap(),
+            "80"
+        );
+    }
+
+    // Inspection over HTTP.
+    let http = reqwest::Client::new();
+    let ids: Vec<String> = serde_json::from_slice(
+        &http
+            .get(format!("{base}/devices"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ids, vec![dev.to_string()]);
+    let resp = http
+        .get(format!("{base}/devices/{dev}/tree"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(
+        resp.headers()["content-type"].to_str().unwrap(),
+        tnds::CONTENT_TYPE
+    );
+    let text = resp.text().await.unwrap();
+    assert!(!text.contains(S1_SECRET) && !text.contains(CLIENT_SECRET));
+    let doc = tnds::decode(text.as_bytes()).unwrap();
+    let tree = dm_protocol::tree::DmTree::from_tnds(&doc).unwrap();
+    assert_eq!(
+        tree.acl(&dev_uri("./Vendor/Acme/Apps/App2"))
+            .unwrap()
+            .to_string(),
+        "Get=dms1.example+dms2.example&Replace=dms1.example"
+    );
+    let full = http
+        .get(format!("{base}/devices/{dev}/tree?secrets=true"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let full = tnds::decode(full.as_bytes()).unwrap();
+    assert!(same_tree(&full, &fleet.export(dev).unwrap(), &[]).is_ok());
+    let sessions: serde_json::Value = serde_json::from_slice(
+        &http
+            .get(format!("{base}/devices/{dev}/sessions"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(sessions[0]["outcome"], "completed");
+    assert_eq!(sessions[0]["server"], S1);
+    assert_eq!(sessions[0]["alert"], 1200);
+    assert_eq!(sessions[0]["commands_executed"], 9);
+    let missing = http
+        .get(format!("{base}/devices/nope/sessions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status().as_u16(), 404);
+}
+
+#[tokio::test]
+async fn wrong_client_nonce_is_retried_once_with_the_challenge() {
+    // The server expects another client nonce than the device holds: 401 + Chal, then a retry.
+    let mut state = ServerState::new(S1, S1_SECRET, b"srv-nonce-0", b"something-else");
+    state
+        .script
+        .push_back(vec![replace("5", "./DevInfo/Lang", "de-DE")]);
+    let (server, url) = start_server(state).await;
+    let fleet = Fleet::new();
+    let dev = "IMEI:2";
+    fleet.insert(Device::with_default_tree(dev, &account(&url)).unwrap());
+    let base = start_fleet(&fleet).await;
+    let body = package0_bytes(S1, 7, S1_SECRET, b"srv-nonce-0");
+    assert_eq!(post_package0(&base, dev, body).await, 202);
+    let record = fleet.wait_for_sessions(dev, 1, WAIT).await.unwrap()[0].clone();
+    assert_eq!(record.outcome, Outcome::Completed, "{record:?}");
+    assert_eq!(record.messages_sent, 3);
+    let server = server.lock().unwrap();
+    let ids: Vec<&str> = server
+        .received
+        .iter()
+        .map(|m| m.hdr.msg_id.as_str())
+        .collect();
+    assert_eq!(ids, vec!["1", "2", "3"]);
+    assert!(
+        matches!(&server.received[1].body.commands[0], Command::Alert(a) if a.data.code() == 1200)
+    );
+    assert_eq!(value(&fleet, dev, "./DevInfo/Lang").unwrap(), "de-DE");
+    assert_eq!(nonce_of(&fleet, dev, CLCRED_DATA), server.cli_nonce);
+    assert_eq!(server.cli_nonce, b"client-nonce-2");
+}
+
+#[tokio::test]
+async fn a_refused_client_credential_ends_the_session_after_one_retry() {
+    let mut state = ServerState::new(S1, S1_SECRET, b"srv-nonce-0", b"cli-nonce-0");
+    state.cli_secret = "not-the-device-password".into();
+    state
+        .script
+        .push_back(vec![replace("5", "./DevInfo/Lang", "de-DE")]);
+    let (server, url) = start_server(state).await;
+    let fleet = Fleet::new();
+    let dev = "IMEI:3";
+    fleet.insert(Device::with_default_tree(dev, &account(&url)).unwrap());
+    let record = fleet
+        .run_session(dev, S1, dm_client::Trigger::Client)
+        .await
+        .unwrap();
+    assert_eq!(
+        record.outcome,
+        Outcome::AuthFailed {
+            code: 401,
+            side: AuthSide::Client
+        }
+    );
+    assert_eq!(record.messages_sent, 2);
+    assert_eq!(record.commands_executed, 0);
+    assert_eq!(server.lock().unwrap().received.len(), 2);
+    assert_eq!(value(&fleet, dev, "./DevInfo/Lang").unwrap(), "en-US");
+}
+
+#[tokio::test]
+async fn package0_answers() {
+    let (server, url) = start_server(ServerState::new(
+        S1,
+        S1_SECRET,
+        b"srv-nonce-0",
+        b"cli-nonce-0",
+    ))
+    .await;
+    let fleet = Fleet::new();
+    let dev = "IMEI:4";
+    fleet.insert(Device::with_default_tree(dev, &account(&url)).unwrap());
+    let base = start_fleet(&fleet).await;
+    let valid = package0_bytes(S1, 0x1234, S1_SECRET, b"srv-nonce-0");
+
+    // A tampered byte in the digest or the header is a 401 and nothing happens. (A tampered server
+    // identifier names another server: 404, no account for it.)
+    for at in [0, 15, 17, 22] {
+        let mut tampered = valid.clone();
+        tampered[at] ^= 0x01;
+        assert_eq!(post_package0(&base, dev, tampered).await, 401, "byte {at}");
+    }
+    // Signed with a wrong key, or a stale nonce.
+    let wrong_key = package0_bytes(S1, 0x1234, "not-the-key", b"srv-nonce-0");
+    assert_eq!(post_package0(&base, dev, wrong_key).await, 401);
+    let stale = package0_bytes(S1, 0x1234, S1_SECRET, b"old");
+    assert_eq!(post_package0(&base, dev, stale).await, 401);
+    // Unknown device, unknown server, not a package #0.
+    assert_eq!(
+        post_package0(&base, "IMEI:nobody", valid.clone()).await,
+        404
+    );
+    let other = package0_bytes("dms9.example", 1, S1_SECRET, b"srv-nonce-0");
+    assert_eq!(post_package0(&base, dev, other).await, 404);
+    let mut renamed = valid.clone();
+    *renamed.last_mut().unwrap() ^= 0x01;
+    assert_eq!(post_package0(&base, dev, renamed).await, 404);
+    assert_eq!(post_package0(&base, dev, b"hello".to_vec()).await, 400);
+    assert_eq!(post_package0(&base, dev, Vec::new()).await, 400);
+    // None of these started a session (each was refused before anything was spawned).
+    assert_eq!(fleet.sessions(dev).unwrap(), Vec::<SessionRecord>::new());
+    assert!(server.lock().unwrap().received.is_empty());
+
+    // The valid one: 202 and a session.
+    assert_eq!(post_package0(&base, dev, valid).await, 202);
+    let sessions = fleet.wait_for_sessions(dev, 1, WAIT).await.unwrap();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0].outcome, Outcome::Completed);
+    assert_eq!(sessions[0].session_id, "1234");
+    assert_eq!(server.lock().unwrap().received.len(), 1);
+
+    // A percent-encoded id reaches the same device.
+    let encoded = package0_bytes(S1, 2, S1_SECRET, &nonce_of(&fleet, dev, SRVCRED_DATA));
+    assert_eq!(post_package0(&base, "IMEI%3A4", encoded).await, 202);
+    fleet.wait_for_sessions(dev, 2, WAIT).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_wrong_server_credential_gets_401_and_nothing_is_executed() {
+    let mut state = ServerState::new(S1, "an-impostor-password", b"srv-nonce-0", b"cli-nonce-0");
+    state.script.push_back(vec![
+        replace("5", "./Vendor/Acme/Settings/Volume", "9"),
+        Command::Atomic(Container::new("6", vec![delete("7", "./Vendor/Other")])),
+        get("8", "./DevInfo/Man"),
+    ]);
+    let (server, url) = start_server(state).await;
+    let fleet = Fleet::new();
+    let dev = "IMEI:5";
+    fleet.insert(Device::with_default_tree(dev, &account(&url)).unwrap());
+    let before = fleet.export(dev).unwrap();
+    let base = start_fleet(&fleet).await;
+    // The package #0 itself is right (the impostor only fails inside the session).
+    let body = package0_bytes(S1, 9, S1_SECRET, b"srv-nonce-0");
+    assert_eq!(post_package0(&base, dev, body).await, 202);
+    let record = fleet.wait_for_sessions(dev, 1, WAIT).await.unwrap()[0].clone();
+    assert_eq!(
+        record.outcome,
+        Outcome::AuthFailed {
+            code: 401,
+            side: AuthSide::Server
+        }
+    );
+    assert_eq!(record.commands_executed, 0);
+    let server = server.lock().unwrap();
+    assert_eq!(server.received.len(), 2);
+    let answer = &server.received[1];
+    assert_eq!(
+        statuses(answer),
+        vec![
+            ("SyncHdr".into(), "0".into(), 401),
+            ("Replace".into(), "5".into(), 401),
+            ("Atomic".into(), "6".into(), 401),
+            ("Delete".into(), "7".into(), 401),
+            ("Get".into(), "8".into(), 401),
+        ]
+    );
+    assert!(
+        !answer
+            .body
+            .commands
+            .iter()
+            .any(|c| matches!(c, Command::Results(_)))
+    );
+    let Command::Status(hdr) = &answer.body.commands[0] else {
+        panic!()
+    };
+    assert!(hdr.chal.is_some(), "the 401 carries a Chal");
+    // Nothing changed but the server nonce, which the device handed over in that Chal (B.7 ignores it).
+    let after = fleet.export(dev).unwrap();
+    assert!(same_tree(&before, &after, &[dev_uri("./DMAcc/dms1.example")]).is_ok());
+    assert!(same_tree(&before, &after, &[]).is_err());
+    assert_eq!(
+        nonce_of(&fleet, dev, SRVCRED_DATA),
+        server.handed_by_device[0]
+    );
+}
+
+#[tokio::test]
+async fn client_initiated_sessions_and_auto_connect() {
+    let (server, url) = start_server(ServerState::new(
+        S1,
+        S1_SECRET,
+        b"srv-nonce-0",
+        b"cli-nonce-0",
+    ))
+    .await;
+    let fleet = Fleet::new();
+    let dev = "IMEI:6";
+    fleet.insert(Device::with_default_tree(dev, &account(&url)).unwrap());
+    let base = start_fleet(&fleet).await;
+    let http = reqwest::Client::new();
+    let connect = |server: &str| {
+        let url = format!("{base}/devices/{dev}/connect?server={server}");
+        let http = http.clone();
+        async move { http.post(url).send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(connect(S1).await, 202);
+    let record = fleet.wait_for_sessions(dev, 1, WAIT).await.unwrap()[0].clone();
+    assert_eq!(record.alert, 1201);
+    assert_eq!(record.outcome, Outcome::Completed);
+    assert_eq!(record.session_id.len(), 4);
+    assert!(matches!(
+        &server.lock().unwrap().received[0].body.commands[0],
+        Command::Alert(a) if a.data == AlertCode::ClientInitiatedMgmt
+    ));
+    assert_eq!(connect("dms9.example").await, 404);
+    let no_server = http
+        .post(format!("{base}/devices/{dev}/connect"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_server.status().as_u16(), 400);
+    let unknown = http
+        .post(format!("{base}/devices/IMEI:none/connect?server={S1}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status().as_u16(), 404);
+
+    // A delegation record with AutoConnect=false: the device never connects by itself.
+    fleet
+        .with_device_mut(dev, |d| {
+            let t = d.tree_mut();
+            t.add_interior(&dev_uri("./DMAcc/dms1.example/Ext"))
+                .unwrap();
+            t.add_interior(&dev_uri("./DMAcc/dms1.example/Ext/Delegation"))
+                .unwrap();
+            t.add_leaf(
+                &dev_uri("./DMAcc/dms1.example/Ext/Delegation/AutoConnect"),
+                "false",
+                None,
+                None,
+            )
+            .unwrap();
+        })
+        .unwrap();
+    assert_eq!(connect(S1).await, 409);
+    assert_eq!(fleet.sessions(dev).unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_a_transport_error() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/dm", listener.local_addr().unwrap());
+    drop(listener);
+    let fleet = Fleet::new();
+    fleet.insert(Device::with_default_tree("IMEI:7", &account(&url)).unwrap());
+    let record = fleet
+        .run_session("IMEI:7", S1, dm_client::Trigger::Server { session_id: 1 })
+        .await
+        .unwrap();
+    assert!(
+        matches!(record.outcome, Outcome::TransportError { .. }),
+        "{record:?}"
+    );
+    let err = fleet
+        .wait_for_sessions("IMEI:7", 2, Duration::from_millis(50))
+        .await
+        .unwrap_err();
+    assert_eq!(err.sessions.len(), 1);
+}
+
+/// DMS-1 provisions an account for DMS-2 (TEMP key as its server credential, AutoConnect=false, ACLs
+/// of the scope handed over), then DMS-2 sends a package #0 signed with the TEMP key and manages the
+/// scope, while it cannot touch what was not delegated.
+#[tokio::test]
+async fn a_delegated_server_gets_its_own_sessions() {
+    const S2: &str = "dms2.example";
+    const TEMP_KEY: &str = "dGVtcC1kZWxlZ2F0aW9uLWtleS0zMi1ieXRlcy4uLi4=";
+    let s2_nonce = b"s2-nonce-0";
+    let (server2, url2) = start_server({
+        let mut s = ServerState::new(S2, TEMP_KEY, s2_nonce, b"s2-cli-nonce");
+        s.cli_name = "client-for-s2".into();
+        s.cli_secret = "s2-client-pw".into();
+        s.script.push_back(vec![
+            replace("11", "./Vendor/Acme/Apps/App1/Version", "9.9"),
+            replace("12", "./Vendor/Acme/Settings/Volume", "0"),
+            get("13", "./DevInfo/Man"),
+        ]);
+        s
+    })
+    .await;
+    let mut s1 = ServerState::new(S1, S1_SECRET, b"srv-nonce-0", b"cli-nonce-0");
+    let acc = "./DMAcc/dms2";
+    let leaf = |id: &str, name: &str, v: &str| add_leaf(id, &format!("{acc}/{name}"), v);
+    s1.script.push_back(vec![Command::Atomic(Container::new(
+        "100",
+        vec![
+            add_node("101", acc),
+            leaf("102", "AppID", "w7"),
+            leaf("103", "ServerID", S2),
+            add_node("104", &format!("{acc}/AppAddr")),
+            add_node("105", &format!("{acc}/AppAddr/1")),
+            leaf("106", "AppAddr/1/Addr", &url2),
+            leaf("107", "AppAddr/1/AddrType", "URI"),
+            add_node("108", &format!("{acc}/AppAuth")),
+            add_node("109", &format!("{acc}/AppAuth/srv")),
+            leaf("110", "AppAuth/srv/AAuthLevel", "SRVCRED"),
+            leaf("111", "AppAuth/srv/AAuthType", "DIGEST"),
+            leaf("112", "AppAuth/srv/AAuthName", S2),
+            leaf("113", "AppAuth/srv/AAuthSecret", TEMP_KEY),
+            leaf("114", "AppAuth/srv/AAuthData", &encode_nonce(s2_nonce)),
+            add_node("115", &format!("{acc}/AppAuth/cli")),
+            leaf("116", "AppAuth/cli/AAuthLevel", "CLCRED"),
+            leaf("117", "AppAuth/cli/AAuthType", "DIGEST"),
+            leaf("118", "AppAuth/cli/AAuthName", "client-for-s2"),
+            leaf("119", "AppAuth/cli/AAuthSecret", "s2-client-pw"),
+            leaf(
+                "120",
+                "AppAuth/cli/AAuthData",
+                &encode_nonce(b"s2-cli-nonce"),
+            ),
+            add_node("121", &format!("{acc}/Ext")),
+            add_node("122", &format!("{acc}/Ext/Delegation")),
+            leaf("123", "Ext/Delegation/AutoConnect", "false"),
+            replace(
+                "124",
+                &format!("{acc}?prop=ACL"),
+                &format!("Add={S1}&Delete={S1}&Get={S1}+{S2}&Replace={S1}"),
+            ),
+            replace(
+                "125",
+                "./Vendor/Acme/Apps?prop=ACL",
+                &format!("Add={S2}&Delete={S2}&Exec={S2}&Get={S2}+{S1}&Replace={S2}"),
+            ),
+        ],
+    ))]);
+    let (server1, url1) = start_server(s1).await;
+    let fleet = Fleet::new();
+    let dev = "IMEI:8";
+    fleet.insert(Device::with_default_tree(dev, &account(&url1)).unwrap());
+    let base = start_fleet(&fleet).await;
+
+    assert_eq!(
+        post_package0(&base, dev, package0_bytes(S1, 1, S1_SECRET, b"srv-nonce-0")).await,
+        202
+    );
+    let first = fleet.wait_for_sessions(dev, 1, WAIT).await.unwrap();
+    assert_eq!(first[0].outcome, Outcome::Completed);
+    let codes: Vec<u16> = statuses(&server1.lock().unwrap().received[1])
+        .into_iter()
+        .map(|s| s.2)
+        .collect();
+    assert!(codes.iter().all(|c| *c == 200 || *c == 212), "{codes:?}");
+
+    // The device may not connect to DMS-2 by itself.
+    let http = reqwest::Client::new();
+    let refused = http
+        .post(format!("{base}/devices/{dev}/connect?server={S2}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 409);
+    // A package #0 from DMS-2 signed with the TEMP key starts a session with DMS-2.
+    assert_eq!(
+        post_package0(&base, dev, package0_bytes(S2, 2, S1_SECRET, s2_nonce)).await,
+        401
+    );
+    assert_eq!(
+        post_package0(&base, dev, package0_bytes(S2, 2, TEMP_KEY, s2_nonce)).await,
+        202
+    );
+    let both = fleet.wait_for_sessions(dev, 2, WAIT).await.unwrap();
+    assert_eq!(both[1].server, S2);
+    assert_eq!(both[1].outcome, Outcome::Completed, "{:?}", both[1]);
+    let server2 = server2.lock().unwrap();
+    assert_eq!(
+        statuses(&server2.received[1]),
+        vec![
+            ("SyncHdr".into(), "0".into(), 212),
+            ("Replace".into(), "11".into(), 200),
+            ("Replace".into(), "12".into(), 425),
+            ("Get".into(), "13".into(), 200),
+        ]
+    );
+    assert_eq!(
+        value(&fleet, dev, "./Vendor/Acme/Apps/App1/Version").unwrap(),
+        "9.9"
+    );
+    assert_eq!(
+        value(&fleet, dev, "./Vendor/Acme/Settings/Volume").unwrap(),
+        "5"
+    );
+    // DMS-2's nonces live in its own account; DMS-1's are untouched by that session.
+    assert_eq!(
+        nonce_of(&fleet, dev, "./DMAcc/dms2/AppAuth/srv/AAuthData"),
+        server2.srv_nonce
+    );
+    assert_eq!(
+        nonce_of(&fleet, dev, "./DMAcc/dms2/AppAuth/cli/AAuthData"),
+        server2.cli_nonce
+    );
+    assert_eq!(
+        nonce_of(&fleet, dev, SRVCRED_DATA),
+        server1.lock().unwrap().srv_nonce
+    );
+}
