@@ -30,7 +30,7 @@ use dm_protocol::syncml;
 use tokio::sync::mpsc;
 
 pub use plan::{AclChange, Observed, PlanError, PlanRequest, Snapshot};
-pub use session::{JobOutcome, JobResult};
+pub use session::{JobFailure, JobOutcome, JobResult, JobSuccess};
 
 /// What this server is, as devices know it.
 #[derive(Debug, Clone)]

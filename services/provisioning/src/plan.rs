@@ -392,7 +392,11 @@ pub fn plan_commands(
     for (uri, acl) in account_acls {
         out.push(replace_acl(uri, acl));
     }
-    for change in changes {
+    // Deepest first: D1 changes a node's ACL through its Replace right on the parent, which it gives up
+    // when the scope root's own ACL changes; so the root goes last. (Restore goes the other way.)
+    let mut ordered: Vec<&AclChange> = changes.iter().collect();
+    ordered.sort_by_key(|c| std::cmp::Reverse(c.uri.segments().count()));
+    for change in ordered {
         out.push(replace_acl(&change.uri, &change.after));
     }
     out

@@ -408,11 +408,25 @@ impl Session {
                 if atomic_ok {
                     return self.read_back();
                 }
-                // The first command that failed (not rolled back with 216) names the failure.
+                // The first command inside the Atomic that failed (not rolled back with 216) names the
+                // failure; the Atomic's own 507 only says that something did.
+                let is_container = |id: &String| {
+                    answers
+                        .statuses
+                        .get(id)
+                        .and_then(|s| s.first())
+                        .is_some_and(|s| matches!(s.cmd.as_str(), "Atomic" | "Sequence"))
+                };
                 let failed = answers
                     .order
                     .iter()
-                    .find(|(_, code)| !matches!(code, 200 | 216))
+                    .find(|(id, code)| !matches!(code, 200 | 216) && !is_container(id))
+                    .or_else(|| {
+                        answers
+                            .order
+                            .iter()
+                            .find(|(_, code)| !matches!(code, 200 | 216))
+                    })
                     .map(|(id, code)| {
                         let cmd = answers
                             .statuses
