@@ -1,0 +1,308 @@
+//! The bus on NATS with JetStream (async-nats).
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer, kv, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+
+use crate::{
+    Acker, BusError, ConsumerConfig, Delivery, Entry, Headers, Message, Reply, Request, WorkQueue,
+};
+
+fn nats_error(e: impl std::fmt::Display) -> BusError {
+    BusError::Nats(e.to_string())
+}
+
+pub(crate) fn to_header_map(headers: &Headers) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (name, value) in &headers.0 {
+        map.insert(name.as_str(), value.as_str());
+    }
+    map
+}
+
+fn from_header_map(map: Option<&HeaderMap>) -> Headers {
+    let mut headers = Headers::new();
+    if let Some(map) = map {
+        for (name, values) in map.iter() {
+            if let Some(value) = values.first() {
+                headers
+                    .0
+                    .push((name.to_string(), value.as_str().to_string()));
+            }
+        }
+    }
+    headers
+}
+
+#[derive(Debug, Clone)]
+pub struct NatsBus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+}
+
+impl NatsBus {
+    pub(crate) async fn connect(url: &str) -> Result<Self, BusError> {
+        let client = async_nats::connect(url).await.map_err(nats_error)?;
+        let js = jetstream::new(client.clone());
+        Ok(Self { client, js })
+    }
+
+    pub(crate) async fn ensure_work_queue(&self, q: &WorkQueue) -> Result<(), BusError> {
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: q.stream.clone(),
+                subjects: q.subjects.clone(),
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                duplicate_window: q.duplicate_window,
+                ..Default::default()
+            })
+            .await
+            .map_err(nats_error)?;
+        Ok(())
+    }
+
+    pub(crate) async fn publish(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        msg_id: &str,
+    ) -> Result<(), BusError> {
+        let mut map = to_header_map(&headers);
+        if !msg_id.is_empty() {
+            map.insert("Nats-Msg-Id", msg_id);
+        }
+        let ack = self
+            .js
+            .publish_with_headers(subject.to_string(), map, payload)
+            .await
+            .map_err(|e| match e.kind() {
+                jetstream::context::PublishErrorKind::StreamNotFound => {
+                    BusError::NoStream(subject.to_string())
+                }
+                _ => nats_error(e),
+            })?;
+        ack.await.map_err(|e| match e.kind() {
+            jetstream::context::PublishErrorKind::StreamNotFound => {
+                BusError::NoStream(subject.to_string())
+            }
+            _ => nats_error(e),
+        })?;
+        Ok(())
+    }
+
+    pub(crate) async fn consumer(&self, c: &ConsumerConfig) -> Result<NatsConsumer, BusError> {
+        let stream = self
+            .js
+            .get_stream(&c.stream)
+            .await
+            .map_err(|_| BusError::NoStream(c.stream.clone()))?;
+        let consumer: consumer::PullConsumer = stream
+            .get_or_create_consumer(
+                &c.durable,
+                consumer::pull::Config {
+                    durable_name: Some(c.durable.clone()),
+                    filter_subject: c.filter.clone(),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: c.ack_wait,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(nats_error)?;
+        let messages = consumer.messages().await.map_err(nats_error)?;
+        Ok(NatsConsumer { messages })
+    }
+
+    pub(crate) async fn kv(&self, bucket: &str, history: i64) -> Result<NatsKv, BusError> {
+        let store = match self.js.get_key_value(bucket).await {
+            Ok(store) => store,
+            Err(_) => self
+                .js
+                .create_key_value(kv::Config {
+                    bucket: bucket.to_string(),
+                    history,
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(nats_error)?,
+        };
+        Ok(NatsKv { store })
+    }
+
+    pub(crate) async fn serve(&self, subject: &str, group: &str) -> Result<NatsRequests, BusError> {
+        let sub = self
+            .client
+            .queue_subscribe(subject.to_string(), group.to_string())
+            .await
+            .map_err(nats_error)?;
+        // The subscription must reach the server before anyone can be answered.
+        self.client.flush().await.map_err(nats_error)?;
+        Ok(NatsRequests {
+            sub,
+            client: self.client.clone(),
+        })
+    }
+
+    pub(crate) async fn request(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Message, BusError> {
+        let fut =
+            self.client
+                .request_with_headers(subject.to_string(), to_header_map(&headers), payload);
+        match tokio::time::timeout(timeout, fut).await {
+            Err(_) => Err(BusError::TimedOut(format!("request on {subject}"))),
+            Ok(Err(e)) => match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => {
+                    Err(BusError::NoResponders(subject.to_string()))
+                }
+                async_nats::RequestErrorKind::TimedOut => {
+                    Err(BusError::TimedOut(format!("request on {subject}")))
+                }
+                _ => Err(nats_error(e)),
+            },
+            Ok(Ok(m)) => Ok(Message {
+                subject: m.subject.to_string(),
+                headers: from_header_map(m.headers.as_ref()),
+                payload: m.payload,
+            }),
+        }
+    }
+}
+
+pub struct NatsConsumer {
+    messages: consumer::pull::Stream,
+}
+
+impl std::fmt::Debug for NatsConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsConsumer").finish_non_exhaustive()
+    }
+}
+
+impl NatsConsumer {
+    pub(crate) async fn next(&mut self) -> Result<Option<Delivery>, BusError> {
+        loop {
+            let Some(next) = self.messages.next().await else {
+                return Ok(None);
+            };
+            let m = match next {
+                Ok(m) => m,
+                // Heartbeat gaps and similar transient stream errors: keep reading.
+                Err(e) => {
+                    tracing::warn!(error = %e, "consumer stream error");
+                    continue;
+                }
+            };
+            let attempt = m
+                .info()
+                .map(|i| u64::try_from(i.delivered).unwrap_or(1))
+                .unwrap_or(1);
+            let message = Message {
+                subject: m.subject.to_string(),
+                headers: from_header_map(m.headers.as_ref()),
+                payload: m.payload.clone(),
+            };
+            return Ok(Some(Delivery {
+                message,
+                attempt,
+                acker: Acker::Nats(Box::new(m)),
+            }));
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NatsKv {
+    store: kv::Store,
+}
+
+impl NatsKv {
+    pub(crate) async fn get(&self, key: &str) -> Result<Option<Entry>, BusError> {
+        let entry = self.store.entry(key).await.map_err(nats_error)?;
+        Ok(entry.and_then(|e| match e.operation {
+            kv::Operation::Put => Some(Entry {
+                value: e.value,
+                revision: e.revision,
+            }),
+            kv::Operation::Delete | kv::Operation::Purge => None,
+        }))
+    }
+
+    pub(crate) async fn create(&self, key: &str, value: Bytes) -> Result<u64, BusError> {
+        self.store
+            .create(key, value)
+            .await
+            .map_err(|e| match e.kind() {
+                kv::CreateErrorKind::AlreadyExists => BusError::Conflict(key.to_string()),
+                kv::CreateErrorKind::InvalidKey => BusError::InvalidKey(key.to_string()),
+                _ => nats_error(e),
+            })
+    }
+
+    pub(crate) async fn update(
+        &self,
+        key: &str,
+        value: Bytes,
+        revision: u64,
+    ) -> Result<u64, BusError> {
+        self.store
+            .update(key, value, revision)
+            .await
+            .map_err(|e| match e.kind() {
+                kv::UpdateErrorKind::WrongLastRevision => BusError::Conflict(key.to_string()),
+                kv::UpdateErrorKind::InvalidKey => BusError::InvalidKey(key.to_string()),
+                _ => nats_error(e),
+            })
+    }
+
+    pub(crate) async fn delete(&self, key: &str) -> Result<(), BusError> {
+        self.store.delete(key).await.map_err(nats_error)
+    }
+
+    pub(crate) async fn keys(&self) -> Result<Vec<String>, BusError> {
+        let mut keys = self.store.keys().await.map_err(nats_error)?;
+        let mut out = Vec::new();
+        while let Some(key) = keys.next().await {
+            out.push(key.map_err(nats_error)?);
+        }
+        Ok(out)
+    }
+}
+
+pub struct NatsRequests {
+    sub: async_nats::Subscriber,
+    client: async_nats::Client,
+}
+
+impl std::fmt::Debug for NatsRequests {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsRequests").finish_non_exhaustive()
+    }
+}
+
+impl NatsRequests {
+    pub(crate) async fn next(&mut self) -> Option<Request> {
+        let m = self.sub.next().await?;
+        Some(Request {
+            message: Message {
+                subject: m.subject.to_string(),
+                headers: from_header_map(m.headers.as_ref()),
+                payload: m.payload,
+            },
+            reply: Reply::Nats {
+                client: self.client.clone(),
+                subject: m.reply,
+            },
+        })
+    }
+}

@@ -1,0 +1,230 @@
+//! Every subject, stream, consumer and bucket name of the system is built here and nowhere else
+//! (ARCHITECTURE.md "The bus"; STYLE.md habit 2): `dmd.<deployment>.v1.<area>.<name>`. Each name carries the
+//! deployment, so two deployments can share one NATS server (ARCHITECTURE rule 6).
+
+use crate::BusError;
+
+/// The areas of the subject space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Area {
+    /// Messages from and to peer DM Servers (the gateway's in and out).
+    Peer,
+    /// Commands to a service (work-queue streams).
+    Cmd,
+    /// Events a service reports (work-queue streams).
+    Evt,
+    /// Request/reply between services (core NATS, not durable).
+    Req,
+    /// The audit trail.
+    Audit,
+}
+
+impl Area {
+    pub const ALL: [Area; 5] = [Area::Peer, Area::Cmd, Area::Evt, Area::Req, Area::Audit];
+
+    fn token(self) -> &'static str {
+        match self {
+            Area::Peer => "peer",
+            Area::Cmd => "cmd",
+            Area::Evt => "evt",
+            Area::Req => "req",
+            Area::Audit => "audit",
+        }
+    }
+}
+
+/// The version of the subject space.
+const VERSION: &str = "v1";
+
+/// Names for one deployment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    deployment: String,
+}
+
+fn valid_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl Names {
+    /// `deployment` names this DM Server's deployment: letters, digits, `-` and `_`.
+    pub fn new(deployment: &str) -> Result<Self, BusError> {
+        if !valid_token(deployment) {
+            return Err(BusError::InvalidName(format!(
+                "deployment '{deployment}': use 1-64 letters, digits, '-' or '_'"
+            )));
+        }
+        Ok(Self {
+            deployment: deployment.to_string(),
+        })
+    }
+
+    pub fn deployment(&self) -> &str {
+        &self.deployment
+    }
+
+    /// `dmd.<deployment>.v1.<area>.<name>`; `name` may have several dot-separated tokens.
+    pub fn subject(&self, area: Area, name: &str) -> Result<String, BusError> {
+        if name.split('.').any(|t| !valid_token(t)) {
+            return Err(BusError::InvalidName(format!("subject name '{name}'")));
+        }
+        Ok(format!(
+            "dmd.{}.{VERSION}.{}.{name}",
+            self.deployment,
+            area.token()
+        ))
+    }
+
+    /// Every subject of an area: `dmd.<deployment>.v1.<area>.>`.
+    pub fn area_wildcard(&self, area: Area) -> String {
+        format!("dmd.{}.{VERSION}.{}.>", self.deployment, area.token())
+    }
+
+    /// The stream holding an area's durable messages: `DMD_<deployment>_<AREA>`.
+    pub fn stream(&self, area: Area) -> String {
+        format!(
+            "DMD_{}_{}",
+            self.deployment,
+            area.token().to_ascii_uppercase()
+        )
+    }
+
+    /// A durable consumer shared by all replicas of a service: `<deployment>_<service>`.
+    pub fn consumer(&self, service: &str) -> Result<String, BusError> {
+        if !valid_token(service) {
+            return Err(BusError::InvalidName(format!("service '{service}'")));
+        }
+        Ok(format!("{}_{service}", self.deployment))
+    }
+
+    /// A key-value bucket: `dmd_<deployment>_<name>`.
+    pub fn bucket(&self, name: &str) -> Result<String, BusError> {
+        if !valid_token(name) {
+            return Err(BusError::InvalidName(format!("bucket '{name}'")));
+        }
+        Ok(format!("dmd_{}_{name}", self.deployment))
+    }
+
+    /// The queue group of a service's request handlers.
+    pub fn queue_group(&self, service: &str) -> Result<String, BusError> {
+        self.consumer(service)
+    }
+}
+
+/// Encodes any text as a key-value key: keys allow only `[-/_=.A-Za-z0-9]` (and no leading or trailing
+/// `.`), so device ids like `IMEI:490154…` are written with `=XX` escapes (`=` itself is escaped too).
+pub fn encode_key(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len() + 8);
+    for b in raw.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'/') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("={b:02X}"));
+        }
+    }
+    if out.is_empty() {
+        out.push_str("=00");
+    }
+    out
+}
+
+/// The inverse of [`encode_key`].
+pub fn decode_key(key: &str) -> Option<String> {
+    let bytes = key.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes.get(i) {
+            Some(b'=') => {
+                let hex = key.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            Some(b) => {
+                out.push(*b);
+                i += 1;
+            }
+            None => return None,
+        }
+    }
+    if out == [0] {
+        return Some(String::new());
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Whether `key` is a valid key-value key (both implementations enforce the same rule).
+pub fn valid_key(key: &str) -> bool {
+    !key.is_empty()
+        && !key.starts_with('.')
+        && !key.ends_with('.')
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'/' | b'_' | b'=' | b'.'))
+}
+
+/// NATS subject matching with `*` (one token) and `>` (the rest).
+pub fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_carry_the_deployment_and_version() {
+        let n = Names::new("dms1").unwrap();
+        assert_eq!(n.subject(Area::Peer, "in").unwrap(), "dmd.dms1.v1.peer.in");
+        assert_eq!(
+            n.subject(Area::Cmd, "provisioning.apply").unwrap(),
+            "dmd.dms1.v1.cmd.provisioning.apply"
+        );
+        assert_eq!(n.stream(Area::Cmd), "DMD_dms1_CMD");
+        assert_eq!(n.bucket("delegations").unwrap(), "dmd_dms1_delegations");
+        assert_eq!(n.consumer("orchestrator").unwrap(), "dms1_orchestrator");
+        assert!(Names::new("dms.1").is_err());
+        assert!(Names::new("").is_err());
+        assert!(n.subject(Area::Cmd, "a..b").is_err());
+        assert!(n.subject(Area::Cmd, "a.*").is_err());
+    }
+
+    #[test]
+    fn keys_round_trip_and_are_valid() {
+        for raw in [
+            "IMEI:490154203237518",
+            "dms2.example/9d2f",
+            "",
+            "a=b",
+            "é ü",
+        ] {
+            let k = encode_key(raw);
+            assert!(valid_key(&k), "{raw} -> {k}");
+            assert_eq!(decode_key(&k).unwrap(), raw);
+        }
+        assert!(!valid_key("IMEI:1"));
+        assert!(!valid_key(".a"));
+    }
+
+    #[test]
+    fn wildcards() {
+        assert!(subject_matches("dmd.a.v1.cmd.>", "dmd.a.v1.cmd.x.y"));
+        assert!(!subject_matches("dmd.a.v1.cmd.>", "dmd.a.v1.cmd"));
+        assert!(subject_matches("dmd.*.v1.cmd.x", "dmd.b.v1.cmd.x"));
+        assert!(!subject_matches("dmd.a.v1.cmd.x", "dmd.a.v1.cmd.y"));
+    }
+}
