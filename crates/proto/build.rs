@@ -2,7 +2,7 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = "../../proto";
-    let files = ["dmd/saga/v1/saga.proto"];
+    let files = ["dmd/saga/v1/saga.proto", "dmd/bus/v1/bus.proto"];
     for file in files {
         println!("cargo:rerun-if-changed={root}/{file}");
     }

@@ -8,3 +8,11 @@ pub mod saga {
         include!(concat!(env!("OUT_DIR"), "/dmd.saga.v1.rs"));
     }
 }
+
+/// `dmd.bus.v1`: what the services of a deployment say to each other on the bus.
+pub mod bus {
+    pub mod v1 {
+        #![allow(clippy::all, clippy::pedantic, missing_debug_implementations)]
+        include!(concat!(env!("OUT_DIR"), "/dmd.bus.v1.rs"));
+    }
+}
