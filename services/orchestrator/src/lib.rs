@@ -1,0 +1,461 @@
+//! The orchestrator: the delegation saga over the bus. For every event it loads the delegation's state
+//! from the key-value bucket, calls the pure decider (`dm-saga`), stores the new state **and** the commands
+//! in one compare-and-set write (the outbox), then publishes the commands with the msg-id
+//! `<delegation>:<revision>:<index>` and clears the outbox. A lost race (another replica advanced the same
+//! delegation) is retried on the fresh state; a crash between the write and the publish is repaired at start
+//! by publishing every outbox left behind. Timers live in the state, so they survive restarts: each replica
+//! keeps an index of the armed ones and fires them through the decider, which ignores a timer that no longer
+//! matches (ARCHITECTURE rules 2 and 4).
+//!
+//! Inputs: events from the services (work queue `evt.>`), inbound peer messages from the gateway
+//! (request/reply `req.orchestrator.peer`, answered after the commit, A.2), operator requests (the API of
+//! [`Orchestrator`]). Outputs: commands to the services (work queue `cmd.<service>.<verb>`) and the audit
+//! trail.
+
+mod route;
+mod timers;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use dm_bus::subjects::encode_key;
+use dm_bus::{Area, Bus, BusError, ConsumerConfig, Headers, Kv, Names, WorkQueue};
+use dm_proto::bus::v1::{
+    AuditEvent, CommandEnvelope, DelegationRef, EventEnvelope, InboundAnswer, InboundPeerMessage,
+    StoredDelegation,
+};
+use dm_saga::pb::{self, DelegationState, Event, command, event};
+use dm_saga::{Answer, Decider, claim_of, start_conflicts};
+use prost::Message as _;
+use tokio::sync::Mutex;
+
+pub use route::route;
+
+/// Header naming the protobuf type of a payload.
+pub const TYPE_HEADER: &str = "dmd-type";
+
+/// How the orchestrator of one deployment is set up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub names: Names,
+    /// This DM Server's ServerID.
+    pub server_id: String,
+    pub saga: dm_saga::Config,
+    /// How long a service may hold an event before it is delivered again.
+    pub ack_wait: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OrchestratorError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("stored state of {0} cannot be read: {1}")]
+    Corrupt(String, String),
+    #[error("gave up on {0} after repeated write conflicts")]
+    Contention(String),
+}
+
+/// The result of one event: the answer, and the delegation's phase afterwards.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    pub answer: Answer,
+    pub state: Option<DelegationState>,
+}
+
+/// The orchestrator of one deployment. Cheap to clone; replicas share nothing but the bus.
+#[derive(Debug, Clone)]
+pub struct Orchestrator {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Config,
+    bus: Bus,
+    kv: Kv,
+    decider: Decider,
+    timers: timers::Timers,
+    /// Serializes this replica's own decisions per process (CAS still guards across replicas).
+    lock: Mutex<()>,
+}
+
+/// The key of a delegation in the bucket: (peer ServerID, SessionID), encoded for key syntax (rule 8:
+/// SessionIDs are scoped by the peer that chose them).
+pub fn delegation_key(peer_server_id: &str, session_id: &str) -> String {
+    encode_key(&format!(
+        "{peer_server_id}/{}",
+        session_id.to_ascii_lowercase()
+    ))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
+}
+
+fn typed_headers(type_name: &str) -> Headers {
+    let mut h = Headers::new();
+    h.insert(TYPE_HEADER, type_name);
+    h.insert("dmd-version", "1");
+    h
+}
+
+fn reference(state: &DelegationState) -> DelegationRef {
+    DelegationRef {
+        peer_server_id: state.peer_server_id.clone(),
+        session_id: state.session_id.clone(),
+        role: state.role,
+        dev_id: state
+            .device
+            .as_ref()
+            .map(|d| d.dev_id.clone())
+            .unwrap_or_default(),
+    }
+}
+
+impl Orchestrator {
+    /// Connects the orchestrator to its streams and bucket, repairs outboxes left by a crash and indexes the
+    /// armed timers.
+    pub async fn new(config: Config, bus: Bus) -> Result<Self, OrchestratorError> {
+        for area in [Area::Cmd, Area::Evt] {
+            bus.ensure_work_queue(&WorkQueue {
+                stream: config.names.stream(area),
+                subjects: vec![config.names.area_wildcard(area)],
+                duplicate_window: Duration::from_secs(120),
+            })
+            .await?;
+        }
+        bus.ensure_work_queue(&WorkQueue {
+            stream: config.names.stream(Area::Audit),
+            subjects: vec![config.names.area_wildcard(Area::Audit)],
+            duplicate_window: Duration::from_secs(120),
+        })
+        .await?;
+        let kv = bus.kv(&config.names.bucket("delegations")?, 1).await?;
+        let decider = Decider::new(config.saga.clone());
+        let o = Self {
+            inner: Arc::new(Inner {
+                config,
+                bus,
+                kv,
+                decider,
+                timers: timers::Timers::default(),
+                lock: Mutex::new(()),
+            }),
+        };
+        o.recover().await?;
+        Ok(o)
+    }
+
+    pub fn names(&self) -> &Names {
+        &self.inner.config.names
+    }
+
+    /// After a restart: publish what outboxes hold, and index every armed timer.
+    async fn recover(&self) -> Result<(), OrchestratorError> {
+        for key in self.inner.kv.keys().await? {
+            let Some((stored, revision)) = self.load(&key).await? else {
+                continue;
+            };
+            if let Some(state) = &stored.state {
+                self.inner.timers.track(&key, state.timer.as_ref());
+                if !stored.outbox.is_empty() {
+                    self.flush(&key, state, &stored.outbox, revision).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn load(&self, key: &str) -> Result<Option<(StoredDelegation, u64)>, OrchestratorError> {
+        let Some(entry) = self.inner.kv.get(key).await? else {
+            return Ok(None);
+        };
+        let stored = StoredDelegation::decode(entry.value)
+            .map_err(|e| OrchestratorError::Corrupt(key.to_string(), e.to_string()))?;
+        Ok(Some((stored, entry.revision)))
+    }
+
+    /// The stored state of a delegation.
+    pub async fn get(
+        &self,
+        peer_server_id: &str,
+        session_id: &str,
+    ) -> Result<Option<DelegationState>, OrchestratorError> {
+        let key = delegation_key(peer_server_id, session_id);
+        Ok(self.load(&key).await?.and_then(|(s, _)| s.state))
+    }
+
+    /// Every stored delegation.
+    pub async fn list(&self) -> Result<Vec<DelegationState>, OrchestratorError> {
+        let mut out = Vec::new();
+        for key in self.inner.kv.keys().await? {
+            if let Some((stored, _)) = self.load(&key).await?
+                && let Some(state) = stored.state
+            {
+                out.push(state);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Decides one event for the delegation (peer, session), commits, publishes. Retries on a lost race.
+    pub async fn apply(
+        &self,
+        peer_server_id: &str,
+        session_id: &str,
+        event: &Event,
+    ) -> Result<Applied, OrchestratorError> {
+        let key = delegation_key(peer_server_id, session_id);
+        let _guard = self.inner.lock.lock().await;
+        for _ in 0..16 {
+            let loaded = self.load(&key).await?;
+            let (state, revision) = match &loaded {
+                Some((stored, rev)) => (stored.state.clone(), Some(*rev)),
+                None => (None, None),
+            };
+            let now = now_ms();
+            // One delegation in progress per device, and no overlap with an Active scope (rule 9).
+            if state.is_none() && self.conflicts(event).await? {
+                return Ok(Applied {
+                    answer: Answer::Rejected {
+                        status: 409,
+                        reason:
+                            "the device already has a delegation in progress or an overlapping one"
+                                .into(),
+                    },
+                    state: None,
+                });
+            }
+            let decision = self.inner.decider.decide(state.clone(), event, now);
+            if decision.answer != Answer::Accepted {
+                return Ok(Applied {
+                    answer: decision.answer,
+                    state,
+                });
+            }
+            let Some(new_state) = decision.state else {
+                return Ok(Applied {
+                    answer: decision.answer,
+                    state: None,
+                });
+            };
+            let stored = StoredDelegation {
+                state: Some(new_state.clone()),
+                outbox: decision.commands.clone(),
+            };
+            let bytes = Bytes::from(stored.encode_to_vec());
+            let written = match revision {
+                None => self.inner.kv.create(&key, bytes).await,
+                Some(rev) => self.inner.kv.update(&key, bytes, rev).await,
+            };
+            let revision = match written {
+                Ok(rev) => rev,
+                Err(BusError::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            self.inner.timers.track(&key, new_state.timer.as_ref());
+            self.flush(&key, &new_state, &decision.commands, revision)
+                .await?;
+            return Ok(Applied {
+                answer: decision.answer,
+                state: Some(new_state),
+            });
+        }
+        Err(OrchestratorError::Contention(key))
+    }
+
+    async fn conflicts(&self, event: &Event) -> Result<bool, OrchestratorError> {
+        let (dev_id, scope) = match &event.kind {
+            Some(event::Kind::OperatorStart(s)) => (
+                s.device
+                    .as_ref()
+                    .map(|d| d.dev_id.clone())
+                    .unwrap_or_default(),
+                s.scope.clone(),
+            ),
+            Some(event::Kind::Peer(pb::PeerMessage {
+                body: Some(pb::peer_message::Body::Notif(n)),
+                ..
+            })) => (
+                n.device
+                    .as_ref()
+                    .map(|d| d.dev_id.clone())
+                    .unwrap_or_default(),
+                n.scope.clone(),
+            ),
+            _ => return Ok(false),
+        };
+        let claims: Vec<_> = self.list().await?.iter().map(claim_of).collect();
+        Ok(start_conflicts(&claims, &dev_id, &scope))
+    }
+
+    /// Publishes the commands of a committed decision, then clears the outbox (if the state is unchanged).
+    async fn flush(
+        &self,
+        key: &str,
+        state: &DelegationState,
+        commands: &[pb::Command],
+        revision: u64,
+    ) -> Result<(), OrchestratorError> {
+        let names = &self.inner.config.names;
+        let delegation = reference(state);
+        for (index, cmd) in commands.iter().enumerate() {
+            let outbox_id = format!("{key}:{revision}:{index}");
+            match &cmd.kind {
+                Some(command::Kind::Audit(record)) => {
+                    let audit = AuditEvent {
+                        delegation: Some(delegation.clone()),
+                        record: Some(record.clone()),
+                        at_ms: now_ms(),
+                        revision,
+                    };
+                    self.inner
+                        .bus
+                        .publish(
+                            &names.subject(Area::Audit, "delegation")?,
+                            typed_headers("dmd.bus.v1.AuditEvent"),
+                            Bytes::from(audit.encode_to_vec()),
+                            &outbox_id,
+                        )
+                        .await?;
+                }
+                // Timers are in the state; the index was refreshed when it was stored.
+                Some(command::Kind::ArmTimer(_)) | Some(command::Kind::CancelTimer(_)) | None => {}
+                Some(_) => {
+                    let Some((service, verb)) = route(cmd) else {
+                        continue;
+                    };
+                    let envelope = CommandEnvelope {
+                        delegation: Some(delegation.clone()),
+                        command: Some(cmd.clone()),
+                        del_type: state.del_type,
+                        scope: state.scope.clone(),
+                        not_after_ms: state.not_after_ms,
+                        outbox_id: outbox_id.clone(),
+                    };
+                    self.inner
+                        .bus
+                        .publish(
+                            &names.subject(Area::Cmd, &format!("{service}.{verb}"))?,
+                            typed_headers("dmd.bus.v1.CommandEnvelope"),
+                            Bytes::from(envelope.encode_to_vec()),
+                            &outbox_id,
+                        )
+                        .await?;
+                }
+            }
+        }
+        if !commands.is_empty() {
+            let cleared = StoredDelegation {
+                state: Some(state.clone()),
+                outbox: Vec::new(),
+            };
+            // A newer decision may have been stored meanwhile: its own outbox stays.
+            match self
+                .inner
+                .kv
+                .update(key, Bytes::from(cleared.encode_to_vec()), revision)
+                .await
+            {
+                Ok(_) | Err(BusError::Conflict(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves the inputs until `shutdown`: service events, inbound peer messages, timers.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), OrchestratorError> {
+        let names = self.inner.config.names.clone();
+        let mut events = self
+            .inner
+            .bus
+            .consumer(&ConsumerConfig {
+                stream: names.stream(Area::Evt),
+                durable: names.consumer("orchestrator")?,
+                filter: names.area_wildcard(Area::Evt),
+                ack_wait: self.inner.config.ack_wait,
+            })
+            .await?;
+        let mut peer = self
+            .inner
+            .bus
+            .serve(
+                &names.subject(Area::Req, "orchestrator.peer")?,
+                &names.queue_group("orchestrator")?,
+            )
+            .await?;
+        tokio::pin!(shutdown);
+        loop {
+            let next_timer = self.inner.timers.next_due();
+            let sleep = tokio::time::sleep(next_timer.map_or(Duration::from_secs(3600), |at| {
+                Duration::from_millis(u64::try_from((at - now_ms()).max(0)).unwrap_or(0))
+            }));
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                delivery = events.next() => {
+                    let Some(delivery) = delivery? else { return Ok(()) };
+                    match EventEnvelope::decode(delivery.message.payload.clone()) {
+                        Ok(env) => {
+                            let (Some(d), Some(event)) = (env.delegation, env.event) else {
+                                delivery.term().await?;
+                                continue;
+                            };
+                            match self.apply(&d.peer_server_id, &d.session_id, &event).await {
+                                Ok(_) => delivery.ack().await?,
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "event not applied; will be delivered again");
+                                    delivery.nak(Duration::from_secs(1)).await?;
+                                }
+                            }
+                        }
+                        Err(_) => delivery.term().await?,
+                    }
+                }
+                request = peer.next() => {
+                    let Some(request) = request else { return Ok(()) };
+                    let answer = match InboundPeerMessage::decode(request.message.payload.clone()) {
+                        Ok(InboundPeerMessage { message: Some(m) }) => {
+                            let event = Event { kind: Some(event::Kind::Peer(m.clone())) };
+                            match self.apply(&m.sender, &m.session_id, &event).await {
+                                Ok(applied) => InboundAnswer {
+                                    http_status: applied.answer.http_status(),
+                                    reason: match applied.answer {
+                                        Answer::Rejected { reason, .. } => reason,
+                                        _ => String::new(),
+                                    },
+                                },
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "peer message not decided");
+                                    InboundAnswer { http_status: 503, reason: "try again later".into() }
+                                }
+                            }
+                        }
+                        _ => InboundAnswer { http_status: 400, reason: "malformed request".into() },
+                    };
+                    let _ = request
+                        .respond(typed_headers("dmd.bus.v1.InboundAnswer"), Bytes::from(answer.encode_to_vec()))
+                        .await;
+                }
+                _ = sleep, if next_timer.is_some() => {
+                    for (key, id) in self.inner.timers.take_due(now_ms()) {
+                        let Some((stored, _)) = self.load(&key).await? else { continue };
+                        let Some(state) = stored.state else { continue };
+                        let event = Event { kind: Some(event::Kind::Timer(pb::TimerFired { id })) };
+                        if let Err(e) = self.apply(&state.peer_server_id, &state.session_id, &event).await {
+                            tracing::warn!(error = %e, "timer not applied");
+                            self.inner.timers.track(&key, state.timer.as_ref());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! Two orchestrators (DMS-1 and DMS-2) over one bus — in-process, and a real nats-server — with the other
+//! services played by small stand-ins that answer each command with its outcome, and a gateway stand-in
+//! that hands each peer message to the other deployment's orchestrator by request/reply. Delegations of
+//! every type reach Active on both sides; an orchestrator stopped mid-way and started again finishes the job
+//! from the stored state.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use dm_bus::testing::NatsServer;
+use dm_bus::{Area, Bus, ConsumerConfig, Headers, Names};
+use dm_orchestrator::{Config, Orchestrator};
+use dm_proto::bus::v1::{CommandEnvelope, EventEnvelope, InboundAnswer, InboundPeerMessage};
+use dm_saga::pb::{
+    self, DelType, Event, Phase, Role, Work, command, event, peer_message, send_message,
+};
+use prost::Message as _;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+const SESSION: &str = "9d2f0f7e-2b8a-4d6e-8a51-2a7e6b0c4d11";
+
+fn config(deployment: &str, server_id: &str) -> Config {
+    Config {
+        names: Names::new(deployment).unwrap(),
+        server_id: server_id.into(),
+        saga: dm_saga::Config::default(),
+        ack_wait: Duration::from_secs(5),
+    }
+}
+
+fn to_peer(b: send_message::Body) -> peer_message::Body {
+    match b {
+        send_message::Body::Notif(x) => peer_message::Body::Notif(x),
+        send_message::Body::Res(x) => peer_message::Body::Res(x),
+        send_message::Body::Start(x) => peer_message::Body::Start(x),
+        send_message::Body::Prepared(x) => peer_message::Body::Prepared(x),
+        send_message::Body::Confirm(x) => peer_message::Body::Confirm(x),
+        send_message::Body::Failure(x) => peer_message::Body::Failure(x),
+        send_message::Body::Revoke(x) => peer_message::Body::Revoke(x),
+        send_message::Body::Release(x) => peer_message::Body::Release(x),
+    }
+}
+
+/// The services of one deployment, reduced to answering each command with success.
+async fn stand_in_services(bus: Bus, names: Names, server_id: &'static str, peer: Names) {
+    let mut commands = bus
+        .consumer(&ConsumerConfig {
+            stream: names.stream(Area::Cmd),
+            durable: names.consumer("standins").unwrap(),
+            filter: names.area_wildcard(Area::Cmd),
+            ack_wait: Duration::from_secs(5),
+        })
+        .await
+        .unwrap();
+    while let Ok(Some(d)) = commands.next().await {
+        let env = CommandEnvelope::decode(d.message.payload.clone()).unwrap();
+        let delegation = env.delegation.clone().unwrap();
+        let result = |w: Work, plan: Option<pb::PlanOutcome>| {
+            let mut r = pb::WorkResult {
+                ok: true,
+                plan,
+                ..Default::default()
+            };
+            r.set_work(w);
+            Some(r)
+        };
+        let work = match env.command.as_ref().and_then(|c| c.kind.clone()) {
+            Some(command::Kind::Send(m)) => {
+                // The gateway: the other deployment's orchestrator decides, then answers.
+                let inbound = InboundPeerMessage {
+                    message: Some(pb::PeerMessage {
+                        msg_id: m.msg_id,
+                        sender: server_id.into(),
+                        session_id: delegation.session_id.clone(),
+                        body: m.body.map(to_peer),
+                    }),
+                };
+                let answer = bus
+                    .request(
+                        &peer.subject(Area::Req, "orchestrator.peer").unwrap(),
+                        Headers::new(),
+                        Bytes::from(inbound.encode_to_vec()),
+                        DEADLINE,
+                    )
+                    .await
+                    .unwrap();
+                let answer = InboundAnswer::decode(answer.payload).unwrap();
+                assert_eq!(answer.http_status, 202, "{answer:?}");
+                None
+            }
+            Some(command::Kind::AskAcceptance(_)) => result(Work::Acceptance, None),
+            Some(command::Kind::VerifyPeer(_)) => result(Work::VerifyPeer, None),
+            Some(command::Kind::CreateTempKey(_)) => result(Work::CreateKey, None),
+            Some(command::Kind::ApplyPlan(_)) => result(
+                Work::ApplyPlan,
+                Some(pb::PlanOutcome {
+                    account_uri: "./DMAcc/dms2".into(),
+                    ..Default::default()
+                }),
+            ),
+            Some(command::Kind::RestoreDevice(_)) => result(Work::Restore, None),
+            Some(command::Kind::RunFirstSession(_)) => result(Work::FirstSession, None),
+            Some(command::Kind::FinalizeDevice(_)) => result(Work::Finalize, None),
+            _ => None,
+        };
+        if let Some(work) = work {
+            let evt = EventEnvelope {
+                delegation: Some(delegation),
+                event: Some(Event {
+                    kind: Some(event::Kind::Work(work)),
+                }),
+            };
+            bus.publish(
+                &names.subject(Area::Evt, "work.done").unwrap(),
+                Headers::new(),
+                Bytes::from(evt.encode_to_vec()),
+                &format!("{}:done", env.outbox_id),
+            )
+            .await
+            .unwrap();
+        }
+        d.ack().await.unwrap();
+    }
+}
+
+struct Deployment {
+    orchestrator: Orchestrator,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn deploy(bus: &Bus, deployment: &str, server_id: &str) -> Deployment {
+    let orchestrator = Orchestrator::new(config(deployment, server_id), bus.clone())
+        .await
+        .unwrap();
+    let runner = orchestrator.clone();
+    let task = tokio::spawn(async move { runner.run(std::future::pending()).await.unwrap() });
+    Deployment { orchestrator, task }
+}
+
+async fn wait_for(o: &Orchestrator, peer: &str, phase: Phase) -> pb::DelegationState {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(s) = o.get(peer, SESSION).await.unwrap()
+            && s.phase() == phase
+        {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{peer}: never reached {phase:?}: {:?}",
+            o.get(peer, SESSION).await.unwrap().map(|s| s.phase())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn start(role: Role, t: DelType, peer: &str) -> Event {
+    let mut s = pb::OperatorStart {
+        session_id: SESSION.into(),
+        peer_server_id: peer.into(),
+        device: Some(pb::Device {
+            dev_id: "IMEI:490154203237518".into(),
+            ..Default::default()
+        }),
+        scope: if t == DelType::Full {
+            vec![".".into()]
+        } else {
+            vec!["./Vendor/Acme/Apps".into()]
+        },
+        not_after_ms: (t == DelType::Temporary).then_some(4_102_444_800_000),
+        ..Default::default()
+    };
+    s.set_role(role);
+    s.set_del_type(t);
+    Event {
+        kind: Some(event::Kind::OperatorStart(s)),
+    }
+}
+
+async fn every_type_reaches_active_on(bus: Bus) {
+    let (n1, n2) = (Names::new("dms1").unwrap(), Names::new("dms2").unwrap());
+    let d1 = deploy(&bus, "dms1", "dms1.example").await;
+    let d2 = deploy(&bus, "dms2", "dms2.example").await;
+    tokio::spawn(stand_in_services(
+        bus.clone(),
+        n1.clone(),
+        "dms1.example",
+        n2.clone(),
+    ));
+    tokio::spawn(stand_in_services(
+        bus.clone(),
+        n2.clone(),
+        "dms2.example",
+        n1.clone(),
+    ));
+    // Partial initiated by DMS-1; it reaches Active on both sides.
+    let applied = d1
+        .orchestrator
+        .apply(
+            "dms2.example",
+            SESSION,
+            &start(Role::Delegating, DelType::Partial, "dms2.example"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied.answer, dm_saga::Answer::Accepted);
+    wait_for(&d1.orchestrator, "dms2.example", Phase::Active).await;
+    wait_for(&d2.orchestrator, "dms1.example", Phase::Active).await;
+    // A second start for the same device is refused with 409 while the first holds its scope.
+    let again = d1
+        .orchestrator
+        .apply(
+            "dms2.example",
+            "1c9a6e55-3f0b-4f4e-9d2a-6a1b7c8d9e01",
+            &start(Role::Delegating, DelType::Partial, "dms2.example"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.answer.http_status(), 409);
+    // Revocation ends both sides.
+    let revoked = d1
+        .orchestrator
+        .apply(
+            "dms2.example",
+            SESSION,
+            &Event {
+                kind: Some(event::Kind::OperatorRevoke(pb::OperatorRevoke {})),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(revoked.answer, dm_saga::Answer::Accepted);
+    wait_for(&d1.orchestrator, "dms2.example", Phase::Revoked).await;
+    wait_for(&d2.orchestrator, "dms1.example", Phase::Revoked).await;
+    d1.task.abort();
+    d2.task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delegation_runs_end_to_end_on_the_in_process_bus() {
+    every_type_reaches_active_on(Bus::in_process()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delegation_runs_end_to_end_on_nats() {
+    let server = NatsServer::start().unwrap();
+    every_type_reaches_active_on(Bus::connect(server.url()).await.unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orchestrator_restarted_mid_way_finishes_from_the_stored_state() {
+    let server = NatsServer::start().unwrap();
+    let bus = Bus::connect(server.url()).await.unwrap();
+    let (n1, n2) = (Names::new("dms1").unwrap(), Names::new("dms2").unwrap());
+    // DMS-1 comes up without its services: the delegation stops after NOTIF/RES, waiting on auth.
+    let d1 = deploy(&bus, "dms1", "dms1.example").await;
+    let d2 = deploy(&bus, "dms2", "dms2.example").await;
+    tokio::spawn(stand_in_services(
+        bus.clone(),
+        n2.clone(),
+        "dms2.example",
+        n1.clone(),
+    ));
+    // DMS-1's gateway alone, so that NOTIF reaches DMS-2 (the other commands wait in the stream).
+    d1.orchestrator
+        .apply(
+            "dms2.example",
+            SESSION,
+            &start(Role::Delegating, DelType::Final, "dms2.example"),
+        )
+        .await
+        .unwrap();
+    // Stop DMS-1's orchestrator, start a new one on the same bus, then the services.
+    d1.task.abort();
+    let d1 = deploy(&bus, "dms1", "dms1.example").await;
+    tokio::spawn(stand_in_services(
+        bus.clone(),
+        n1.clone(),
+        "dms1.example",
+        n2.clone(),
+    ));
+    wait_for(&d1.orchestrator, "dms2.example", Phase::Active).await;
+    let s = wait_for(&d2.orchestrator, "dms1.example", Phase::Active).await;
+    assert_eq!(s.role(), Role::Delegated);
+    d1.task.abort();
+    d2.task.abort();
+}
