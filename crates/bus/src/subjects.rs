@@ -83,6 +83,15 @@ impl Names {
         format!("dmd.{}.{VERSION}.{}.>", self.deployment, area.token())
     }
 
+    /// The filter of one service's commands: `dmd.<deployment>.v1.cmd.<service>.>` (work-queue consumers
+    /// of one stream must not overlap, so each service reads only its own).
+    pub fn commands_for(&self, service: &str) -> Result<String, BusError> {
+        if !valid_token(service) {
+            return Err(BusError::InvalidName(format!("service '{service}'")));
+        }
+        Ok(format!("dmd.{}.{VERSION}.cmd.{service}.>", self.deployment))
+    }
+
     /// The stream holding an area's durable messages: `DMD_<deployment>_<AREA>`.
     pub fn stream(&self, area: Area) -> String {
         format!(
@@ -195,6 +204,7 @@ mod tests {
             "dmd.dms1.v1.cmd.provisioning.apply"
         );
         assert_eq!(n.stream(Area::Cmd), "DMD_dms1_CMD");
+        assert_eq!(n.commands_for("auth").unwrap(), "dmd.dms1.v1.cmd.auth.>");
         assert_eq!(n.bucket("delegations").unwrap(), "dmd_dms1_delegations");
         assert_eq!(n.consumer("orchestrator").unwrap(), "dms1_orchestrator");
         assert!(Names::new("dms.1").is_err());
