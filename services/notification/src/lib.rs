@@ -206,3 +206,6 @@ mod tests {
         assert_eq!(err.status(), 503);
     }
 }
+
+pub mod acceptance;
+pub mod policy;

@@ -1,0 +1,120 @@
+//! The acceptance policy answering the saga over the bus, in-process and on a real nats-server.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use dm_bus::testing::NatsServer;
+use dm_bus::{Area, Bus, ConsumerConfig, Headers, Names, WorkQueue};
+use dm_notification::policy::AcceptancePolicy;
+use dm_proto::bus::v1::{CommandEnvelope, DelegationRef, EventEnvelope};
+use dm_saga::pb::{AskAcceptance, Command, DelType, NotifBody, Work, command, event};
+use prost::Message as _;
+
+const POLICY: &str = r#"
+offered_types = ["Partial", "Full"]
+[peers."dms1.example"]
+types = ["Partial"]
+scope_prefixes = ["./Vendor"]
+"#;
+
+async fn ask_and_hear(bus: Bus) {
+    let names = Names::new("dms2").unwrap();
+    for area in [Area::Cmd, Area::Evt] {
+        bus.ensure_work_queue(&WorkQueue {
+            stream: names.stream(area),
+            subjects: vec![names.area_wildcard(area)],
+            duplicate_window: Duration::from_secs(120),
+        })
+        .await
+        .unwrap();
+    }
+    let policy = AcceptancePolicy::from_toml(POLICY).unwrap();
+    tokio::spawn(dm_notification::acceptance::run(
+        policy,
+        bus.clone(),
+        names.clone(),
+        std::future::pending(),
+    ));
+    let mut events = bus
+        .consumer(&ConsumerConfig {
+            stream: names.stream(Area::Evt),
+            durable: names.consumer("test").unwrap(),
+            filter: names.area_wildcard(Area::Evt),
+            ack_wait: Duration::from_secs(30),
+        })
+        .await
+        .unwrap();
+    for (i, (peer, del_type, scope, expected)) in [
+        ("dms1.example", DelType::Partial, "./Vendor/Acme", (true, 0)),
+        ("dms1.example", DelType::Full, ".", (false, 403)),
+        ("dms1.example", DelType::Final, "./Vendor", (false, 406)),
+        (
+            "stranger.example",
+            DelType::Partial,
+            "./Vendor",
+            (false, 403),
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut notif = NotifBody {
+            scope: vec![scope.into()],
+            ..Default::default()
+        };
+        notif.set_del_type(del_type);
+        let env = CommandEnvelope {
+            delegation: Some(DelegationRef {
+                peer_server_id: peer.into(),
+                session_id: format!("s{i}"),
+                ..Default::default()
+            }),
+            command: Some(Command {
+                kind: Some(command::Kind::AskAcceptance(AskAcceptance {
+                    notif: Some(notif),
+                })),
+            }),
+            outbox_id: format!("k{i}:1:0"),
+            ..Default::default()
+        };
+        bus.publish(
+            &names.subject(Area::Cmd, "notification.ask").unwrap(),
+            Headers::new(),
+            Bytes::from(env.encode_to_vec()),
+            &env.outbox_id,
+        )
+        .await
+        .unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("a verdict in time")
+            .unwrap()
+            .unwrap();
+        let outcome = EventEnvelope::decode(d.message.payload.clone()).unwrap();
+        assert_eq!(outcome.delegation.unwrap().session_id, format!("s{i}"));
+        let Some(event::Kind::Work(w)) = outcome.event.unwrap().kind else {
+            panic!("not a work result")
+        };
+        assert_eq!(w.work(), Work::Acceptance);
+        assert_eq!(
+            (w.ok, w.status_code),
+            expected,
+            "{peer} {del_type:?} {scope}: {}",
+            w.reason
+        );
+        d.ack().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn verdicts_over_the_in_process_bus() {
+    ask_and_hear(Bus::in_process()).await;
+}
+
+#[tokio::test]
+async fn verdicts_over_nats() {
+    let server = NatsServer::start().unwrap();
+    ask_and_hear(Bus::connect(server.url()).await.unwrap()).await;
+}
