@@ -6,8 +6,8 @@
 //! |---|---|---|
 //! | `Add` (Format `node` → interior, else leaf with `Data`) | `Add` on the parent | 200; 404; 405 parent is a leaf; 418 exists |
 //! | `Replace` of a value | `Replace` on the node | 200; 404; 405 interior node |
-//! | `Replace` of `<uri>?prop=ACL` | B.3 (own `Replace` on an interior node, or `Replace` on the parent) | 200; 500 malformed ACL; 405 root `Add` not `*` |
-//! | `Delete` | `Delete` on the node | 200; 404; 405 the root |
+//! | `Replace` of `<uri>?prop=ACL` | B.3 (own `Replace` on an interior node, or `Replace` on the parent) | 200; 425 no right (first); 500 malformed ACL; 405 root `Add` not `*` |
+//! | `Delete` | `Delete` on the node | 200; 404; 405 the root; when a server's last account goes, its ServerID leaves the root ACL (B.3) |
 //! | `Get` | `Get` | `Results`; `AAuthSecret` / `AAuthData` are never read: 405 |
 //! | `Get` of `<uri>?prop=ACL` | `Get` | `Results` with the node's own ACL (empty: inherited) |
 //! | `Atomic` | each inner command | all or nothing: 216 / failing code / 507 |
@@ -57,6 +57,29 @@ pub fn execute(
     commands: &[Command],
     first_cmd_id: u32,
 ) -> Execution {
+    execute_with(tree, server, msg_ref, commands, first_cmd_id, true)
+}
+
+/// [`execute`] as the C client of PROTOCOL.md B.6 does it: an `Atomic` gets no status, its commands run
+/// one by one and nothing is rolled back.
+pub fn execute_without_atomic(
+    tree: &mut DmTree,
+    server: &str,
+    msg_ref: &str,
+    commands: &[Command],
+    first_cmd_id: u32,
+) -> Execution {
+    execute_with(tree, server, msg_ref, commands, first_cmd_id, false)
+}
+
+fn execute_with(
+    tree: &mut DmTree,
+    server: &str,
+    msg_ref: &str,
+    commands: &[Command],
+    first_cmd_id: u32,
+    atomic: bool,
+) -> Execution {
     let mut run = Run {
         tree,
         server,
@@ -64,6 +87,7 @@ pub fn execute(
         out: Vec::new(),
         executed: 0,
         abort: false,
+        atomic,
     };
     for command in commands {
         run.command(command, false);
@@ -96,6 +120,7 @@ pub fn refuse_all(
         out: Vec::new(),
         executed: 0,
         abort: false,
+        atomic: true,
     };
     for command in commands {
         run.skip(command, code);
@@ -197,6 +222,8 @@ struct Run<'a> {
     out: Vec<Command>,
     executed: usize,
     abort: bool,
+    /// `Atomic` is implemented (false: the B.6 client's behaviour, see [`execute_without_atomic`]).
+    atomic: bool,
 }
 
 impl Run<'_> {
@@ -249,6 +276,13 @@ impl Run<'_> {
                     );
                 }
                 false
+            }
+            Command::Atomic(c) if !self.atomic => {
+                let mut all_ok = true;
+                for inner in &c.commands {
+                    all_ok &= self.command(inner, false);
+                }
+                all_ok
             }
             Command::Atomic(c) => self.atomic(c),
             Command::Sequence(c) => self.sequence(c, atomic),
@@ -477,6 +511,10 @@ impl Run<'_> {
         if !self.tree.exists(uri) {
             return StatusCode::NotFound;
         }
+        // B.3: no right is 425 whatever the value; then a malformed ACL is 500 (B.6).
+        if let Err(denied) = self.tree.check_acl_change(self.server, uri) {
+            return code(denied.status());
+        }
         let text = item.data.as_deref().unwrap_or("").trim();
         let Ok(acl) = Acl::from_str(text) else {
             return StatusCode::CommandFailed;
@@ -497,8 +535,17 @@ impl Run<'_> {
         if let Err(status) = self.check(AclCommand::Delete, uri) {
             return status;
         }
+        let before = account_server_ids(self.tree);
         match self.tree.delete(uri) {
-            Ok(()) => StatusCode::Ok,
+            Ok(()) => {
+                // B.3: a ServerID whose last account is gone leaves the root ACL (an entry left
+                // without servers becomes `*`).
+                let after = account_server_ids(self.tree);
+                for gone in before.iter().filter(|id| !after.contains(id)) {
+                    self.tree.remove_server_from_root_acl(gone);
+                }
+                StatusCode::Ok
+            }
             Err(e) => code(e.status()),
         }
     }
@@ -527,6 +574,20 @@ impl Run<'_> {
         let acl = self.tree.acl(uri).map_err(|e| code(e.status()))?;
         Ok(acl.to_string())
     }
+}
+
+/// The `ServerID` values of the accounts under `./DMAcc`.
+fn account_server_ids(tree: &DmTree) -> Vec<String> {
+    let Ok(dmacc) = DmUri::from_str("./DMAcc") else {
+        return Vec::new();
+    };
+    let Ok(keys) = tree.children(&dmacc) else {
+        return Vec::new();
+    };
+    keys.into_iter()
+        .filter_map(|key| dmacc.join(key).ok()?.join("ServerID").ok())
+        .filter_map(|u| tree.value(&u).ok().map(String::from))
+        .collect()
 }
 
 fn result(source: String, format: &str, data: String) -> Item {
@@ -1266,5 +1327,87 @@ mod tests {
         );
         assert_eq!(codes(&e), vec![507, 216, 507, 216, 404, 216]);
         assert_eq!(export(&t), before);
+    }
+
+    #[test]
+    fn deleting_a_servers_last_account_removes_it_from_the_root_acl() {
+        // B.3: when a ServerID is removed, it leaves the root ACL; an entry left empty becomes `*`.
+        let mut t = tree();
+        t.set_acl(
+            &u("./DMAcc"),
+            Acl::from_str(&format!("Add={S}&Delete={S}&Get={S}&Replace={S}")).unwrap(),
+        )
+        .unwrap();
+        t.set_acl(
+            &DmUri::root(),
+            Acl::from_str(&format!("Add=*&Get=*+{S}&Replace={S}&Exec={OTHER}+{S}")).unwrap(),
+        )
+        .unwrap();
+        // Inside a failing Atomic the removal is rolled back with the rest.
+        let before = export(&t);
+        let e = run(
+            &mut t,
+            S,
+            vec![Command::Atomic(Container::new(
+                "1",
+                vec![delete("2", "./DMAcc/dms1.example"), delete("3", "./Nope")],
+            ))],
+        );
+        assert_eq!(codes(&e), vec![507, 216, 404]);
+        assert_eq!(export(&t), before);
+        let e = run(&mut t, S, vec![delete("1", "./DMAcc/dms1.example")]);
+        assert_eq!(codes(&e), vec![200]);
+        assert_eq!(
+            t.acl(&DmUri::root()).unwrap().to_string(),
+            format!("Add=*&Get=*&Replace=*&Exec={OTHER}")
+        );
+        // Deleting a node that holds no account leaves the root ACL alone.
+        let root = t.acl(&DmUri::root()).unwrap().clone();
+        let e = run(&mut t, S, vec![delete("1", "./Vendor/Other")]);
+        assert_eq!(codes(&e), vec![200]);
+        assert_eq!(t.acl(&DmUri::root()).unwrap(), &root);
+    }
+
+    #[test]
+    fn without_atomic_the_commands_run_one_by_one_and_nothing_is_rolled_back() {
+        // The B.6 client: no status for the Atomic, no roll back.
+        let mut t = tree();
+        let e = execute_without_atomic(
+            &mut t,
+            S,
+            "2",
+            &[Command::Atomic(Container::new(
+                "1",
+                vec![
+                    replace("2", "./DevInfo/Lang", "de"),
+                    delete("3", "./Nope"),
+                    replace("4", "./DevInfo/DmV", "9"),
+                ],
+            ))],
+            2,
+        );
+        assert_eq!(codes(&e), vec![200, 404, 200]);
+        assert_eq!(t.value(&u("./DevInfo/Lang")).unwrap(), "de");
+        assert_eq!(t.value(&u("./DevInfo/DmV")).unwrap(), "9");
+    }
+
+    #[test]
+    fn no_right_is_425_even_for_a_malformed_acl() {
+        let mut t = tree();
+        let e = run(
+            &mut t,
+            OTHER,
+            vec![
+                replace("1", "./Vendor?prop=ACL", "Get=a b"),
+                replace("2", "./Vendor?prop=ACL", "Get=*"),
+            ],
+        );
+        assert_eq!(codes(&e), vec![425, 425]);
+        let e = run(
+            &mut t,
+            S,
+            vec![replace("1", "./Vendor?prop=ACL", "Get=a b")],
+        );
+        assert_eq!(codes(&e), vec![500]);
     }
 }

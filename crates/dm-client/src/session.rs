@@ -6,7 +6,9 @@
 //!    Wrong or missing: the device answers `401` + `Chal` for the header and `401` for every command,
 //!    executes nothing, and the session ends.
 //! 3. The server's `Status` for the device's `SyncHdr`: a `Chal`'s `NextNonce` is stored in CLCRED
-//!    `AAuthData`; a 401/407 answer to package #1 makes the device resend package #1 once (next `MsgID`).
+//!    `AAuthData`; a 401/407 answer to package #1 makes the device resend package #1 once (next `MsgID`),
+//!    with `212` + `Chal` for the server's header first: the server's nonce was used by that answer and is
+//!    never accepted twice.
 //! 4. Commands are executed as the account's ServerID; the answer starts with `212` + `Chal` carrying a
 //!    fresh server nonce, stored in SRVCRED `AAuthData` after the commands ran (so that it is the value in
 //!    force, whatever the commands wrote there).
@@ -110,11 +112,19 @@ pub struct SessionRecord {
 pub struct SessionConfig {
     /// The most messages a device posts in one session before giving up (protocol error).
     pub max_messages: u32,
+    /// Behave like the open-source C client of PROTOCOL.md B.6, to test servers against it: post with
+    /// `application/vnd.syncml+xml`, authenticate with `syncml:auth-basic` until the server answers
+    /// package #1 with 401 and an auth-md5 `Chal`, and do not implement `Atomic` (no status for it, its
+    /// commands run one by one, nothing is rolled back).
+    pub b6_client: bool,
 }
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        Self { max_messages: 64 }
+        Self {
+            max_messages: 64,
+            b6_client: false,
+        }
     }
 }
 
@@ -160,6 +170,15 @@ fn md5_chal(nonce: &[u8]) -> Chal {
     }
 }
 
+/// Whether a status challenges with `syncml:auth-md5`.
+fn md5_challenge(status: &Status) -> bool {
+    status
+        .chal
+        .as_ref()
+        .and_then(|c| c.meta.type_.as_deref())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case(auth::AUTH_MD5))
+}
+
 fn protocol(reason: impl Into<String>) -> Outcome {
     Outcome::ProtocolError {
         reason: reason.into(),
@@ -171,6 +190,7 @@ struct Session<'a> {
     device: &'a Mutex<Device>,
     server: &'a str,
     trigger: Trigger,
+    b6_client: bool,
     session_id: String,
     dev_id: String,
     url: String,
@@ -197,6 +217,7 @@ pub async fn run_session(
         device,
         server,
         trigger,
+        b6_client: config.b6_client,
         session_id: trigger.session_id(),
         dev_id,
         url: url.unwrap_or_default(),
@@ -237,8 +258,9 @@ impl Session<'_> {
         )
     }
 
-    /// Package #1 with the current CLCRED nonce.
-    fn package1(&mut self) -> Result<String, Outcome> {
+    /// Package #1 with the current CLCRED nonce (`syncml:auth-basic` when `basic`), after `first` (the
+    /// status for the server's header when package #1 is resent).
+    fn package1(&mut self, first: Option<Command>, basic: bool) -> Result<String, Outcome> {
         let mut hdr = self.header();
         let d = lock(self.device);
         let cred = d
@@ -248,7 +270,11 @@ impl Session<'_> {
             .nonce
             .as_deref()
             .ok_or_else(|| protocol("the CLCRED AAuthData is not valid base64"))?;
-        hdr.cred = Some(auth::cred_md5(&cred.name, cred.secret(), nonce));
+        hdr.cred = Some(if basic {
+            auth::cred_basic(&cred.name, cred.secret())
+        } else {
+            auth::cred_md5(&cred.name, cred.secret(), nonce)
+        });
         hdr.meta = Some(Box::new(Meta {
             max_msg_size: Some(MAX_MSG_SIZE),
             ..Meta::default()
@@ -259,11 +285,15 @@ impl Session<'_> {
             .map(|(name, value)| Item::source(format!("./DevInfo/{name}")).with_data(value))
             .collect();
         drop(d);
+        let first_id = u32::from(first.is_some()) + 1;
         let body = SyncBody {
-            commands: vec![
-                Command::Alert(Alert::new("1", self.trigger.alert())),
-                Command::Replace(ItemCommand::new("2", items)),
-            ],
+            commands: first
+                .into_iter()
+                .chain([
+                    Command::Alert(Alert::new(first_id.to_string(), self.trigger.alert())),
+                    Command::Replace(ItemCommand::new((first_id + 1).to_string(), items)),
+                ])
+                .collect(),
             final_: true,
         };
         Ok(syncml::encode(&SyncMl { hdr, body }))
@@ -275,7 +305,14 @@ impl Session<'_> {
         let mut response = self
             .http
             .post(self.url.as_str())
-            .header(reqwest::header::CONTENT_TYPE, syncml::CONTENT_TYPE_XML)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                if self.b6_client {
+                    syncml::CONTENT_TYPE_DS_XML
+                } else {
+                    syncml::CONTENT_TYPE_XML
+                },
+            )
             .body(body)
             .send()
             .await
@@ -336,7 +373,7 @@ impl Session<'_> {
         if self.url.is_empty() {
             return Err(protocol("the device has no URI address for this server"));
         }
-        let mut body = self.package1()?;
+        let mut body = self.package1(None, self.b6_client)?;
         let mut in_package1 = true;
         let mut retried = false;
         loop {
@@ -392,7 +429,14 @@ impl Session<'_> {
                 ) && !retried
                 {
                     retried = true;
-                    body = self.package1()?;
+                    // The server's credential in this answer used its nonce: a fresh one for the next.
+                    let nonce = fresh_nonce();
+                    let _ = lock(self.device).store_server_nonce(self.server, &nonce);
+                    let accepted =
+                        self.header_status(&msg, StatusCode::AuthenticationAccepted, &nonce);
+                    // B.6: the basic client switches to auth-md5 only when challenged with it.
+                    let basic = self.b6_client && !md5_challenge(status);
+                    body = self.package1(Some(accepted), basic)?;
                     continue;
                 }
                 if !code.is_success() {
@@ -416,7 +460,12 @@ impl Session<'_> {
             let nonce = fresh_nonce();
             let execution = {
                 let mut d = lock(self.device);
-                let execution = executor::execute(
+                let run = if self.b6_client {
+                    executor::execute_without_atomic
+                } else {
+                    executor::execute
+                };
+                let execution = run(
                     d.tree_mut(),
                     self.server,
                     &msg.hdr.msg_id,

@@ -54,6 +54,8 @@ struct ServerState {
     handed_by_device: Vec<Vec<u8>>,
     nonce_counter: u32,
     url: String,
+    /// Keep using the first server nonce whatever the device hands over (a replaying server).
+    ignore_handed_nonces: bool,
 }
 
 impl ServerState {
@@ -70,6 +72,7 @@ impl ServerState {
             handed_by_device: Vec::new(),
             nonce_counter: 0,
             url: String::new(),
+            ignore_handed_nonces: false,
         }
     }
 
@@ -90,7 +93,9 @@ impl ServerState {
                 && let Some(n) = s.chal.as_ref().and_then(|c| c.meta.next_nonce.as_deref())
             {
                 let nonce = decode_nonce(n).unwrap();
-                self.srv_nonce = nonce.clone();
+                if !self.ignore_handed_nonces {
+                    self.srv_nonce = nonce.clone();
+                }
                 self.handed_by_device.push(nonce);
             }
         }
@@ -590,11 +595,47 @@ async fn wrong_client_nonce_is_retried_once_with_the_challenge() {
         .collect();
     assert_eq!(ids, vec!["1", "2", "3"]);
     assert!(
-        matches!(&server.received[1].body.commands[0], Command::Alert(a) if a.data.code() == 1200)
+        matches!(&server.received[1].body.commands[1], Command::Alert(a) if a.data.code() == 1200)
     );
     assert_eq!(value(&fleet, dev, "./DevInfo/Lang").unwrap(), "de-DE");
     assert_eq!(nonce_of(&fleet, dev, CLCRED_DATA), server.cli_nonce);
     assert_eq!(server.cli_nonce, b"client-nonce-2");
+    // The resent package #1 answers the server's header first (212) with a fresh server nonce: the one
+    // the server's 401 answer used is never accepted again.
+    assert_eq!(
+        statuses(&server.received[1]),
+        vec![("SyncHdr".to_string(), "0".to_string(), 212)]
+    );
+    assert_eq!(server.handed_by_device.len(), 2);
+    assert_ne!(server.handed_by_device[0], b"srv-nonce-0");
+}
+
+#[tokio::test]
+async fn the_server_nonce_of_a_401_answer_is_not_accepted_twice() {
+    // A server that keeps using the nonce of its 401 answer after the device handed over a new one.
+    let mut state = ServerState::new(S1, S1_SECRET, b"srv-nonce-0", b"something-else");
+    state.ignore_handed_nonces = true;
+    state
+        .script
+        .push_back(vec![replace("5", "./DevInfo/Lang", "de-DE")]);
+    let (_server, url) = start_server(state).await;
+    let fleet = Fleet::new();
+    let dev = "IMEI:2b";
+    fleet.insert(Device::with_default_tree(dev, &account(&url)).unwrap());
+    let record = fleet
+        .run_session(dev, S1, dm_client::Trigger::Client)
+        .await
+        .unwrap();
+    assert_eq!(
+        record.outcome,
+        Outcome::AuthFailed {
+            code: 401,
+            side: AuthSide::Server
+        },
+        "{record:?}"
+    );
+    assert_eq!(record.commands_executed, 0);
+    assert_eq!(value(&fleet, dev, "./DevInfo/Lang").unwrap(), "en-US");
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use dm_protocol::package0::{self, Notification, UiMode};
 
@@ -75,6 +76,9 @@ pub fn build(
         .map_err(|e| ChannelError::Build(e.to_string()))
 }
 
+/// How long one delivery may take before the device counts as unreachable.
+pub const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Delivers package #0 by HTTP POST to `{base}/devices/{dev_id}/package0` (the simulated fleet's push
 /// endpoint; an SMS or WAP push gateway with an HTTP API fits the same shape).
 #[derive(Debug, Clone)]
@@ -84,9 +88,21 @@ pub struct HttpPushChannel {
 }
 
 impl HttpPushChannel {
+    /// A channel whose deliveries give up after [`DEFAULT_DELIVERY_TIMEOUT`].
     pub fn new(base_url: impl Into<String>) -> Self {
+        Self::with_timeout(base_url, DEFAULT_DELIVERY_TIMEOUT)
+    }
+
+    /// A channel whose deliveries give up after `timeout` (a gateway that never answers must not hold
+    /// the device's work forever).
+    pub fn with_timeout(base_url: impl Into<String>, timeout: Duration) -> Self {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
         Self {
-            client: reqwest::Client::new(),
+            client,
             base_url: base_url.into().trim_end_matches('/').to_string(),
         }
     }
@@ -202,6 +218,29 @@ mod tests {
         // Nothing listens on port 9 of loopback here: the device is unreachable.
         let down = HttpPushChannel::new("http://127.0.0.1:9");
         let err = down.deliver("IMEI:1", bytes).await.unwrap_err();
+        assert!(matches!(err, ChannelError::Unreachable(_)), "{err:?}");
+        assert_eq!(err.status(), 503);
+    }
+
+    /// A gateway that accepts the connection and never answers: the delivery gives up after its
+    /// timeout as unreachable (it used to wait forever, holding the device's queue).
+    #[tokio::test]
+    async fn a_gateway_that_never_answers_times_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let channel =
+            HttpPushChannel::with_timeout(format!("http://{addr}"), Duration::from_millis(300));
+        let bytes = build("dms1.example", 7, &cred()).unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(10), channel.deliver("IMEI:1", bytes))
+            .await
+            .expect("the delivery gives up by itself")
+            .unwrap_err();
         assert!(matches!(err, ChannelError::Unreachable(_)), "{err:?}");
         assert_eq!(err.status(), 503);
     }

@@ -10,7 +10,9 @@
 //! - any list of management commands (operators, tests).
 //!
 //! Outcomes (with the DM status code and the command it came from) are sent on a channel. Work for one
-//! device runs one job at a time, in order, so a restore can never overtake its apply.
+//! device runs one job at a time, in order, so a restore can never overtake its apply. A job whose device
+//! does not connect after its package #0, or leaves its session, for [`Config::session_timeout`] fails
+//! with 408 and the device's next job goes on.
 
 mod plan;
 mod session;
@@ -18,6 +20,7 @@ mod session;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -32,6 +35,10 @@ use tokio::sync::mpsc;
 pub use plan::{AclChange, Observed, PlanError, PlanRequest, Snapshot};
 pub use session::{JobFailure, JobOutcome, JobResult, JobSuccess};
 
+/// How long a device may stay silent, after its package #0 or between two of its messages, before its
+/// job fails with 408.
+pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// What this server is, as devices know it.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -39,6 +46,20 @@ pub struct Config {
     pub server_id: String,
     /// The URL devices post to (their DMAcc `Addr` for this server), e.g. `http://host:port/dm`.
     pub public_url: String,
+    /// How long a device may stay silent, after its package #0 or between two of its messages, before
+    /// its job fails with 408 (the session is cut off, or the device never came).
+    pub session_timeout: Duration,
+}
+
+impl Config {
+    /// A configuration with [`DEFAULT_SESSION_TIMEOUT`].
+    pub fn new(server_id: impl Into<String>, public_url: impl Into<String>) -> Self {
+        Self {
+            server_id: server_id.into(),
+            public_url: public_url.into(),
+            session_timeout: DEFAULT_SESSION_TIMEOUT,
+        }
+    }
 }
 
 /// What this server and one device know of each other (docs/device-side.md). Secrets stay in memory and
@@ -97,6 +118,9 @@ struct DeviceEntry {
     creds: DeviceCredentials,
     queue: VecDeque<(u64, Job)>,
     session: Option<session::Session>,
+    /// Counts package #0s sent and messages received: a watchdog armed at one value fires only if
+    /// nothing happened since.
+    activity: u64,
 }
 
 #[derive(Debug, Default)]
@@ -179,7 +203,7 @@ impl Provisioning {
     /// Queues a job for the device and wakes it with a package #0 if it is not in a session. Returns the
     /// job's id, which its outcome carries.
     pub async fn enqueue(&self, dev_id: &str, job: Job) -> Result<u64, EnqueueError> {
-        let wake = {
+        let (id, wake) = {
             let mut inner = self.lock();
             inner.next_job += 1;
             let id = inner.next_job;
@@ -188,54 +212,130 @@ impl Provisioning {
                 .get_mut(dev_id)
                 .ok_or_else(|| EnqueueError::UnknownDevice(dev_id.to_string()))?;
             entry.queue.push_back((id, job));
-            (entry.session.is_none() && entry.queue.len() == 1).then_some(id)
+            (id, entry.session.is_none() && entry.queue.len() == 1)
         };
-        let id = match wake {
-            Some(id) => {
-                self.wake(dev_id).await;
-                id
-            }
-            None => self.lock().next_job,
-        };
+        if wake {
+            self.wake(dev_id).await;
+        }
         Ok(id)
     }
 
-    /// Sends the device a package #0 for this server. A device that cannot be reached fails the job at
-    /// the head of its queue with the channel's status (503 unreachable, 401 refused digest).
+    /// Sends the device a package #0 for this server, and arms the watchdog. A device that cannot be
+    /// reached fails the job at the head of its queue with the channel's status (503 unreachable, 401
+    /// refused digest), and the next job is tried.
     async fn wake(&self, dev_id: &str) {
-        let Some(creds) = self.credentials(dev_id) else {
-            return;
-        };
-        let nonce = dm_protocol::auth::decode_nonce(&creds.server_nonce_b64).unwrap_or_default();
-        let cred = ServerCredential {
-            name: self.config.server_id.clone(),
-            secret: creds.server_secret.clone(),
-            nonce,
-        };
-        let session_id: u16 = rand::random();
-        let result = match dm_notification::build(&self.config.server_id, session_id, &cred) {
-            Ok(bytes) => self.channel.deliver(dev_id, bytes).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = result {
+        loop {
+            let Some(creds) = self.credentials(dev_id) else {
+                return;
+            };
+            let nonce =
+                dm_protocol::auth::decode_nonce(&creds.server_nonce_b64).unwrap_or_default();
+            // B.6: the digest's name is the SRVCRED AAuthName, which the plan keeps equal to the ServerID.
+            let cred = ServerCredential {
+                name: self.config.server_id.clone(),
+                secret: creds.server_secret.clone(),
+                nonce,
+            };
+            let session_id: u16 = rand::random();
+            let result = match dm_notification::build(&self.config.server_id, session_id, &cred) {
+                Ok(bytes) => self.channel.deliver(dev_id, bytes).await,
+                Err(e) => Err(e),
+            };
+            let e = match result {
+                Ok(()) => {
+                    self.arm(dev_id);
+                    return;
+                }
+                Err(e) => e,
+            };
             let failed = {
                 let mut inner = self.lock();
                 inner
                     .devices
                     .get_mut(dev_id)
-                    .and_then(|d| d.queue.pop_front())
+                    // The device may have connected in the meantime (the answer got lost, not the
+                    // notification): then its session carries the job on.
+                    .filter(|d| d.session.is_none())
+                    .and_then(|d| d.queue.pop_front().map(|job| (job, !d.queue.is_empty())))
             };
-            if let Some((job_id, _)) = failed {
-                let _ = self.outcomes.send(JobOutcome {
+            let Some(((job_id, _), more)) = failed else {
+                return;
+            };
+            let _ = self.outcomes.send(JobOutcome {
+                job_id,
+                dev_id: dev_id.to_string(),
+                result: Err(session::JobFailure {
+                    status: e.status(),
+                    command: String::new(),
+                    reason: format!("package #0 not delivered: {e}"),
+                }),
+            });
+            if !more {
+                return;
+            }
+        }
+    }
+
+    /// Arms the watchdog of a device with work: unless the device does something within the session
+    /// timeout, the job at the head of its queue fails with 408 and the next one goes on.
+    fn arm(&self, dev_id: &str) {
+        let token = {
+            let mut inner = self.lock();
+            let Some(entry) = inner.devices.get_mut(dev_id) else {
+                return;
+            };
+            if entry.queue.is_empty() {
+                return;
+            }
+            entry.activity += 1;
+            entry.activity
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let p = self.clone();
+        let dev_id = dev_id.to_string();
+        runtime.spawn(async move {
+            tokio::time::sleep(p.config.session_timeout).await;
+            p.expire(&dev_id, token).await;
+        });
+    }
+
+    /// The watchdog armed at `token` fired: if nothing happened since, the head job fails with 408.
+    async fn expire(&self, dev_id: &str, token: u64) {
+        let (failed, more) = {
+            let mut inner = self.lock();
+            let Some(entry) = inner.devices.get_mut(dev_id) else {
+                return;
+            };
+            if entry.activity != token {
+                return;
+            }
+            let in_session = entry.session.take().is_some();
+            let Some((job_id, _)) = entry.queue.pop_front() else {
+                return;
+            };
+            let reason = if in_session {
+                "the device left its DM session before the job ended"
+            } else {
+                "the device did not open a DM session after its package #0"
+            };
+            (
+                JobOutcome {
                     job_id,
                     dev_id: dev_id.to_string(),
                     result: Err(session::JobFailure {
-                        status: e.status(),
+                        status: 408,
                         command: String::new(),
-                        reason: format!("package #0 not delivered: {e}"),
+                        reason: reason.to_string(),
                     }),
-                });
-            }
+                },
+                !entry.queue.is_empty(),
+            )
+        };
+        let _ = self.outcomes.send(failed);
+        if more {
+            self.wake(dev_id).await;
         }
     }
 
@@ -270,6 +370,18 @@ async fn dm_message(State(p): State<Provisioning>, headers: HeaderMap, body: Byt
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
+    // The answer has the type the device posted with (B.6: a client may use the DS type).
+    let answer_type = if content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .eq_ignore_ascii_case(syncml::CONTENT_TYPE_DS_XML)
+    {
+        syncml::CONTENT_TYPE_DS_XML
+    } else {
+        syncml::CONTENT_TYPE_XML
+    };
     match syncml::content_type_encoding(content_type) {
         Some(syncml::Encoding::Xml) => {}
         Some(syncml::Encoding::Wbxml) => {
@@ -298,13 +410,16 @@ async fn dm_message(State(p): State<Provisioning>, headers: HeaderMap, body: Byt
     for outcome in handled.outcomes {
         let _ = p.outcomes.send(outcome);
     }
-    if let Some(dev_id) = handled.wake_again {
-        let p = p.clone();
-        tokio::spawn(async move { p.wake(&dev_id).await });
+    match handled.wake_again {
+        Some(dev_id) => {
+            let p = p.clone();
+            tokio::spawn(async move { p.wake(&dev_id).await });
+        }
+        None => p.arm(&msg.hdr.source.loc_uri),
     }
     (
         StatusCode::OK,
-        [(header::CONTENT_TYPE, syncml::CONTENT_TYPE_XML)],
+        [(header::CONTENT_TYPE, answer_type)],
         syncml::encode(&handled.answer),
     )
         .into_response()

@@ -9,6 +9,7 @@ use dm_protocol::delegation::DelType;
 use dm_protocol::dmacc::{AppAuth, AuthLevel, DmAccount, Secret};
 use dm_protocol::syncml::{Command, Item, ItemCommand, Meta};
 use dm_protocol::tnds::{Node, NodeContent};
+use dm_protocol::tree::DmTree;
 use dm_protocol::types::{DmUri, UtcTime};
 
 /// What the delegating side asks provisioning to do on the device (steps 4-5).
@@ -75,6 +76,8 @@ pub struct Observed {
     pub acls: BTreeMap<DmUri, Acl>,
     /// Children of the interior nodes read.
     pub children: BTreeMap<DmUri, Vec<String>>,
+    /// Nodes whose ACL could not be read (no `Get` right); nothing below them was read.
+    pub unreadable: BTreeSet<DmUri>,
 }
 
 impl Observed {
@@ -95,6 +98,24 @@ impl Observed {
             .unwrap_or_else(Acl::default_root)
     }
 
+    /// A tree holding what was read: every node whose ACL was read, with that ACL; interior when its
+    /// children were listed or a node below it was read, else a leaf. Enough to decide, as the device
+    /// will, whether a server may change an ACL (B.3).
+    pub fn model(&self) -> DmTree {
+        let mut tree = DmTree::new();
+        let parents: BTreeSet<DmUri> = self.acls.keys().filter_map(DmUri::parent).collect();
+        let mut uris: Vec<&DmUri> = self.acls.keys().collect();
+        uris.sort_by_key(|u| u.segments().count());
+        for uri in uris {
+            let interior = self.children.contains_key(uri) || parents.contains(uri);
+            add_model_node(&mut tree, uri, interior);
+            if let Some(acl) = self.acls.get(uri) {
+                let _ = tree.set_acl(uri, acl.clone());
+            }
+        }
+        tree
+    }
+
     /// Interior nodes below `root` (not `root` itself) read so far, top-down.
     fn descendants(&self, root: &DmUri) -> Vec<DmUri> {
         let mut out: Vec<DmUri> = self
@@ -108,6 +129,21 @@ impl Observed {
     }
 }
 
+/// Adds `uri` to a model tree (its missing ancestors as interior nodes with an empty ACL).
+fn add_model_node(tree: &mut DmTree, uri: &DmUri, interior: bool) {
+    if uri.is_root() || tree.exists(uri) {
+        return;
+    }
+    if let Some(parent) = uri.parent() {
+        add_model_node(tree, &parent, true);
+    }
+    let _ = if interior {
+        tree.add_interior(uri)
+    } else {
+        tree.add_leaf(uri, "", None, None)
+    };
+}
+
 /// One ACL the plan changes: its own ACL before (empty when inherited) and after.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AclChange {
@@ -116,7 +152,8 @@ pub struct AclChange {
     pub after: Acl,
 }
 
-/// What restore needs: the account added and every ACL changed, with its value before, top-down.
+/// What restore needs: the account added and every ACL changed, with its value before, top-down, and
+/// everything read before the change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
     pub account_uri: DmUri,
@@ -124,6 +161,22 @@ pub struct Snapshot {
     /// The nonce given to the delegated server's credential: a repeated apply must reuse it, since
     /// DELEGATION_PREPARED may already carry it.
     pub server_nonce_b64: String,
+    /// D1: the server that changed the device and puts it back.
+    pub delegating: String,
+    /// The nodes whose ACLs the delegation moves (the scope roots; for Full the top-level nodes).
+    pub roots: Vec<DmUri>,
+    /// What was read before the change: the root, `./DMAcc`, the roots' ancestors and everything below
+    /// the roots. Restore puts every ACL below the roots back to what it was here.
+    pub before: Observed,
+}
+
+impl Snapshot {
+    /// Whether restore looks after `uri`: at or below a root, and not at or below a node that could
+    /// not be read before the change (nothing is known of those).
+    fn covers(&self, uri: &DmUri) -> bool {
+        self.roots.iter().any(|r| r.contains(uri))
+            && !self.before.unreadable.iter().any(|u| u.contains(uri))
+    }
 }
 
 /// The nodes whose ACLs the delegation moves: the scope roots, or for Full every top-level node but
@@ -277,9 +330,9 @@ pub fn account_node(req: &PlanRequest, server_nonce_b64: &str) -> Node {
             &mut account.app_auths[last]
         }
     };
-    if srv.name.is_none() {
-        srv.name = Some(req.delegated.clone());
-    }
+    // B.6: the server credential's AAuthName is the ServerID, so that a client taking the package #0
+    // digest's name from either gets the same one.
+    srv.name = Some(req.delegated.clone());
     srv.secret = Some(req.temp_key_b64.clone());
     srv.data = Some(server_nonce_b64.to_string());
     let mut record = vec![
@@ -378,12 +431,25 @@ pub fn account_acls(req: &PlanRequest, account: &Node, account_uri: &DmUri) -> V
     out
 }
 
-/// The commands of the plan, sent as one `Atomic`: add the account, set its ACLs, then move authority.
+/// The ACL changes of the scope in the order the plan makes them: deepest first, since D1 changes a
+/// node's ACL through its `Replace` right on the parent (or on the node), which it gives up when that
+/// ACL changes; so the scope roots go last. (Restore goes the other way.)
+pub fn apply_order(changes: &[AclChange]) -> Vec<(DmUri, Acl)> {
+    let mut ordered: Vec<(DmUri, Acl)> = changes
+        .iter()
+        .map(|c| (c.uri.clone(), c.after.clone()))
+        .collect();
+    ordered.sort_by_key(|(uri, _)| std::cmp::Reverse(uri.segments().count()));
+    ordered
+}
+
+/// The commands of the plan, sent as one `Atomic`: add the account, set its ACLs, then move authority
+/// (`scope`: the sequenced ACL changes of [`sequence_acls`]).
 pub fn plan_commands(
     account: &Node,
     account_uri: &DmUri,
     account_acls: &[(DmUri, Acl)],
-    changes: &[AclChange],
+    scope: Vec<Command>,
 ) -> Vec<Command> {
     let mut out = Vec::new();
     if let Some(dmacc) = account_uri.parent() {
@@ -392,41 +458,180 @@ pub fn plan_commands(
     for (uri, acl) in account_acls {
         out.push(replace_acl(uri, acl));
     }
-    // Deepest first: D1 changes a node's ACL through its Replace right on the parent, which it gives up
-    // when the scope root's own ACL changes; so the root goes last. (Restore goes the other way.)
-    let mut ordered: Vec<&AclChange> = changes.iter().collect();
-    ordered.sort_by_key(|c| std::cmp::Reverse(c.uri.segments().count()));
-    for change in ordered {
-        out.push(replace_acl(&change.uri, &change.after));
-    }
+    out.extend(scope);
     out
 }
 
-/// The commands that undo a plan: ACLs back top-down (each restored node gives D1 back the right to
-/// restore its children), then the account deleted. Not atomic: a step that finds nothing to undo (404)
-/// must not stop the others.
-pub fn restore_commands(snapshot: &Snapshot) -> Vec<Command> {
-    let mut out: Vec<Command> = snapshot
+/// Why the model refuses an ACL change, as a plan error (403: D1 lacks the right it needs).
+fn refused(uri: &DmUri, why: impl std::fmt::Display) -> PlanError {
+    PlanError::new(403, format!("the ACL of {uri} cannot be changed: {why}"))
+}
+
+/// Sets an ACL on the model, as the device will check it, and adds the command that does it.
+fn set_acl(
+    model: &mut DmTree,
+    d1: &str,
+    uri: &DmUri,
+    acl: Acl,
+    out: &mut Vec<Command>,
+) -> Result<(), PlanError> {
+    model
+        .check_set_acl(d1, uri, &acl)
+        .map_err(|d| refused(uri, d))?;
+    model
+        .set_acl(uri, acl.clone())
+        .map_err(|e| refused(uri, e))?;
+    out.push(replace_acl(uri, &acl));
+    Ok(())
+}
+
+/// Makes sure `d1` may change the ACL of `uri` on the model: if not, it gives itself `Replace` on the
+/// parent (on the parent's parent first if needed), noting in `lent` each ACL to put back.
+fn lend_replace(
+    model: &mut DmTree,
+    d1: &str,
+    uri: &DmUri,
+    out: &mut Vec<Command>,
+    lent: &mut Vec<(DmUri, Acl)>,
+) -> Result<(), PlanError> {
+    if !model.exists(uri) {
+        return Err(PlanError::new(404, format!("{uri} is not on the device")));
+    }
+    if model.check_acl_change(d1, uri).is_ok() {
+        return Ok(());
+    }
+    let Some(parent) = uri.parent() else {
+        return Err(refused(
+            uri,
+            format!("{d1} has no Replace right on the root"),
+        ));
+    };
+    lend_replace(model, d1, &parent, out, lent)?;
+    let old = model.acl(&parent).map_err(|e| refused(&parent, e))?.clone();
+    let mut lending = if old.is_empty() {
+        model
+            .effective_acl(&parent)
+            .map_err(|e| refused(&parent, e))?
+            .clone()
+    } else {
+        old.clone()
+    };
+    lending.grant(AclCommand::Replace, d1);
+    set_acl(model, d1, &parent, lending, out)?;
+    lent.push((parent, old));
+    Ok(())
+}
+
+/// The `Replace` commands of `?prop=ACL` that give each target its ACL, in the order given, each allowed
+/// to `d1` at its turn on `model` (B.3), which they update. Where `d1` may not change a target's ACL
+/// (a leaf whose parent it may not replace, or a node whose ACL names it no more), it first gives itself
+/// `Replace` on the parent, as whoever controls a parent may, and puts the parent's ACL back right after.
+/// Returns the commands and every URI whose ACL they set, targets and lent parents (without repeats).
+pub fn sequence_acls(
+    model: &mut DmTree,
+    d1: &str,
+    targets: &[(DmUri, Acl)],
+) -> Result<(Vec<Command>, Vec<DmUri>), PlanError> {
+    let mut out = Vec::new();
+    let mut touched: Vec<DmUri> = Vec::new();
+    let mut touch = |uri: &DmUri| {
+        if !touched.contains(uri) {
+            touched.push(uri.clone());
+        }
+    };
+    for (uri, acl) in targets {
+        let mut lent = Vec::new();
+        lend_replace(model, d1, uri, &mut out, &mut lent)?;
+        set_acl(model, d1, uri, acl.clone(), &mut out)?;
+        touch(uri);
+        // Each lent parent holds Replace for d1 and is interior: it may always be put back.
+        for (parent, old) in lent.into_iter().rev() {
+            set_acl(model, d1, &parent, old, &mut out)?;
+            touch(&parent);
+        }
+    }
+    Ok((out, touched))
+}
+
+/// What restore still has to put back, top-down, given what the device holds `now`: every node below
+/// the roots whose own ACL differs from the snapshot (a node created since had no ACL: empty), and
+/// every such node that can no longer be read.
+pub fn restore_targets(snapshot: &Snapshot, now: &Observed) -> Vec<(DmUri, Acl)> {
+    let before = |uri: &DmUri| snapshot.before.acls.get(uri).cloned().unwrap_or_default();
+    let mut out: Vec<(DmUri, Acl)> = now
         .acls
         .iter()
-        .map(|c| replace_acl(&c.uri, &c.before))
+        .filter(|(uri, _)| snapshot.covers(uri))
+        .filter(|(uri, acl)| !same_acl(acl, &before(uri)))
+        .map(|(uri, _)| (uri.clone(), before(uri)))
+        .chain(
+            now.unreadable
+                .iter()
+                .filter(|uri| snapshot.covers(uri))
+                .map(|uri| (uri.clone(), before(uri))),
+        )
         .collect();
-    out.push(Command::Delete(ItemCommand::new(
-        "0",
-        vec![Item::target(snapshot.account_uri.as_str())],
-    )));
+    out.sort_by_key(|(uri, _)| uri.segments().count());
     out
 }
 
-/// The URIs whose ACL the read-back checks, with the ACL expected.
-pub fn expected_after(account_acls: &[(DmUri, Acl)], changes: &[AclChange]) -> Vec<(DmUri, Acl)> {
-    let mut seen = BTreeSet::new();
-    account_acls
-        .iter()
-        .cloned()
-        .chain(changes.iter().map(|c| (c.uri.clone(), c.after.clone())))
-        .filter(|(uri, _)| seen.insert(uri.clone()))
-        .collect()
+/// Whether the delegated server's account is still on the device.
+pub fn account_present(snapshot: &Snapshot, now: &Observed) -> bool {
+    let (Some(dmacc), Some(key)) = (snapshot.account_uri.parent(), snapshot.account_uri.name())
+    else {
+        return false;
+    };
+    now.children
+        .get(&dmacc)
+        .is_some_and(|names| names.iter().any(|n| n == key))
+}
+
+/// The commands that put the device back from what it holds `now` to the snapshot: the ACLs top-down
+/// (each restored node gives D1 back the right to restore its children; where it does not, D1 lends
+/// itself `Replace` on the parent for a while), then the account deleted. Empty when nothing differs.
+/// Not atomic: what is put back stays put back.
+pub fn restore_commands(snapshot: &Snapshot, now: &Observed) -> Result<Vec<Command>, PlanError> {
+    let d1 = snapshot.delegating.as_str();
+    let mut model = now.model();
+    // A node D1 can no longer read: assume D1 holds nothing there.
+    let mut nothing = Acl::empty();
+    nothing.set(AclCommand::Exec, vec![d1.to_string()]);
+    for uri in now.unreadable.iter().filter(|u| snapshot.covers(u)) {
+        add_model_node(&mut model, uri, false);
+        let _ = model.set_acl(uri, nothing.clone());
+    }
+    let (mut out, _) = sequence_acls(&mut model, d1, &restore_targets(snapshot, now))?;
+    if account_present(snapshot, now) {
+        out.push(Command::Delete(ItemCommand::new(
+            "0",
+            vec![Item::target(snapshot.account_uri.as_str())],
+        )));
+    }
+    Ok(out)
+}
+
+/// The leaves of the account whose values the read-back compares: all but `AAuthSecret` and
+/// `AAuthData`, which a device never gives out (B.2).
+pub fn account_values(account: &Node, account_uri: &DmUri) -> Vec<(DmUri, String)> {
+    fn walk(node: &Node, uri: &DmUri, out: &mut Vec<(DmUri, String)>) {
+        match &node.content {
+            NodeContent::Value(v) => {
+                if !matches!(node.name.as_str(), "AAuthSecret" | "AAuthData") {
+                    out.push((uri.clone(), v.clone()));
+                }
+            }
+            NodeContent::Children(children) => {
+                for child in children {
+                    if let Ok(child_uri) = uri.join(&child.name) {
+                        walk(child, &child_uri, out);
+                    }
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(account, account_uri, &mut out);
+    out
 }
 
 /// Two ACLs grant the same rights to the same servers (order of entries and servers aside).
@@ -557,10 +762,15 @@ mod tests {
 
     #[test]
     fn the_account_carries_the_temp_key_nonce_and_record() {
-        let req = request(DelType::Partial, &["./Vendor/Acme/Apps"]);
+        let mut req = request(DelType::Partial, &["./Vendor/Acme/Apps"]);
+        // B.6: the server credential's AAuthName is the ServerID, whatever DELEGATION_START said.
+        for a in &mut req.account.app_auths {
+            a.name = Some("another-name".into());
+        }
         let node = account_node(&req, "bm9uY2U=");
         let back = DmAccount::from_node(&node).unwrap();
         let srv = back.server_credential().unwrap();
+        assert_eq!(srv.name.as_deref(), Some("dms2.enterprise.example"));
         assert_eq!(srv.secret.as_ref().unwrap().expose(), "a2V5");
         assert_eq!(srv.data.as_deref(), Some("bm9uY2U="));
         let record = node.find("Ext/Delegation").unwrap();
@@ -569,19 +779,240 @@ mod tests {
         assert!(!format!("{req:?}").contains("a2V5"));
     }
 
+    /// What D1 reads of a device tree, as the session's discovery does: the ACL of every node it may
+    /// `Get`, the children of those that are interior; below a node it may not read, nothing.
+    fn observe(tree: &DmTree, d1: &str) -> Observed {
+        fn walk(tree: &DmTree, d1: &str, uri: &DmUri, o: &mut Observed) {
+            if tree.check(d1, AclCommand::Get, uri).is_err() {
+                o.unreadable.insert(uri.clone());
+                return;
+            }
+            o.acls.insert(uri.clone(), tree.acl(uri).unwrap().clone());
+            let node = tree.get(uri).unwrap();
+            if !node.is_leaf() {
+                let names: Vec<String> = node
+                    .children()
+                    .iter()
+                    .map(|c| c.name().to_string())
+                    .collect();
+                for name in &names {
+                    walk(tree, d1, &uri.join(name).unwrap(), o);
+                }
+                o.children.insert(uri.clone(), names);
+            }
+        }
+        let mut o = Observed::default();
+        walk(tree, d1, &DmUri::root(), &mut o);
+        o
+    }
+
+    /// Runs commands on the device tree as `server` (the simulated client's executor); all must be 200.
+    fn run_all(tree: &mut DmTree, server: &str, commands: Vec<Command>) {
+        let e = dm_client::execute(tree, server, "1", &commands, 1);
+        let codes: Vec<u16> = e
+            .responses
+            .iter()
+            .filter_map(|c| match c {
+                Command::Status(s) => Some(s.data.code()),
+                _ => None,
+            })
+            .collect();
+        assert!(codes.iter().all(|c| *c == 200), "{codes:?}");
+    }
+
+    /// The default simulated device of D1 `dms1`, with explicit ACLs naming D1 several levels below the
+    /// scope root `./Vendor/Acme/Apps` (which inherits D1's full rights from `./Vendor`):
+    /// - `App1` (interior) `Get=dms1`: D1 may not change its children's ACLs through it;
+    /// - `App1/Version` (leaf) `Get=dms1&Replace=dms1`: its own Replace does not cover its ACL;
+    /// - `App1/Cfg` (interior) `Get=dms1&Replace=dms1`, and `App1/Cfg/Mode` (leaf) `Get=dms1`.
+    fn deep_device() -> DmTree {
+        let account = dm_client::DefaultAccount {
+            server_id: "dms1".into(),
+            addr: "http://127.0.0.1:1/dm".into(),
+            server_secret: "s".into(),
+            server_nonce_b64: "bg==".into(),
+            client_name: "c".into(),
+            client_secret: "c".into(),
+            client_nonce_b64: "bg==".into(),
+        };
+        let mut tree = dm_client::Device::with_default_tree("IMEI:1", &account)
+            .unwrap()
+            .tree()
+            .clone();
+        tree.add_interior(&uri("./Vendor/Acme/Apps/App1/Cfg"))
+            .unwrap();
+        tree.add_leaf(&uri("./Vendor/Acme/Apps/App1/Cfg/Mode"), "auto", None, None)
+            .unwrap();
+        for (at, acl) in [
+            ("./Vendor/Acme/Apps/App1", "Get=dms1"),
+            ("./Vendor/Acme/Apps/App1/Version", "Get=dms1&Replace=dms1"),
+            ("./Vendor/Acme/Apps/App1/Cfg", "Get=dms1&Replace=dms1"),
+            ("./Vendor/Acme/Apps/App1/Cfg/Mode", "Get=dms1"),
+        ] {
+            tree.set_acl(&uri(at), acl_of(acl)).unwrap();
+        }
+        tree
+    }
+
     #[test]
-    fn restore_undoes_top_down_then_deletes_the_account() {
+    fn deep_explicit_acls_are_moved_and_put_back_as_the_device_allows() {
+        // Deepest first, `Version` needed Replace on `App1`, which D1 lacks (a leaf's own Replace does
+        // not cover its ACL): the plan failed with 425. Top-down, restoring `Cfg` needed Replace on
+        // `App1` (put back to `Get=dms1`) or on `Cfg` (which names D2 by then): restore failed with 425.
+        // D1 controls `Apps`, so it lends itself Replace on `App1` for those changes.
+        let mut device = deep_device();
+        let original = device.clone();
         let req = request(DelType::Partial, &["./Vendor/Acme/Apps"]);
-        let changes = acl_changes(&req, &observed()).unwrap();
+        let observed = observe(&device, "dms1");
+        let changes = acl_changes(&req, &observed).unwrap();
+        let mut model = observed.model();
+        let (commands, touched) =
+            sequence_acls(&mut model, "dms1", &apply_order(&changes)).unwrap();
+        run_all(
+            &mut device,
+            "dms1",
+            vec![Command::Atomic(dm_protocol::syncml::Container::new(
+                "1", commands,
+            ))],
+        );
+        // The device holds what the model says, for every ACL touched (App1 lent and taken back).
+        for uri in &touched {
+            assert_eq!(device.acl(uri).unwrap(), model.acl(uri).unwrap(), "{uri}");
+        }
+        assert!(touched.contains(&uri("./Vendor/Acme/Apps/App1")));
+        let d2 = "dms2.enterprise.example";
+        for (at, acl) in [
+            ("./Vendor/Acme/Apps/App1", format!("Get=dms1+{d2}")),
+            (
+                "./Vendor/Acme/Apps/App1/Version",
+                format!("Get=dms1+{d2}&Replace={d2}"),
+            ),
+            (
+                "./Vendor/Acme/Apps/App1/Cfg",
+                format!("Get=dms1+{d2}&Replace={d2}"),
+            ),
+            ("./Vendor/Acme/Apps/App1/Cfg/Mode", format!("Get=dms1+{d2}")),
+        ] {
+            assert!(
+                same_acl(device.acl(&uri(at)).unwrap(), &acl_of(&acl)),
+                "{at}"
+            );
+        }
+        // D1 can no longer change data in the scope; D2 can.
+        for leaf in [
+            "./Vendor/Acme/Apps/App1/Version",
+            "./Vendor/Acme/Apps/App1/Cfg/Mode",
+        ] {
+            assert!(
+                device
+                    .check("dms1", AclCommand::Replace, &uri(leaf))
+                    .is_err()
+            );
+        }
+        assert!(
+            device
+                .check(
+                    d2,
+                    AclCommand::Replace,
+                    &uri("./Vendor/Acme/Apps/App1/Version")
+                )
+                .is_ok()
+        );
+
+        // Restore from what the device holds now.
         let snapshot = Snapshot {
             account_uri: req.account_uri().unwrap(),
             acls: changes,
             server_nonce_b64: "bm9uY2U=".into(),
+            delegating: "dms1".into(),
+            roots: scope_roots(&req, &observed),
+            before: observed,
         };
-        let cmds = restore_commands(&snapshot);
-        assert_eq!(cmds.len(), 3);
-        assert!(matches!(&cmds[2], Command::Delete(_)));
-        let first = cmds[0].items()[0].target.as_ref().unwrap().loc_uri.clone();
-        assert_eq!(first, "./Vendor/Acme/Apps?prop=ACL");
+        let now = observe(&device, "dms1");
+        let commands = restore_commands(&snapshot, &now).unwrap();
+        run_all(&mut device, "dms1", commands);
+        assert_eq!(device.first_difference(&original, &[]), None);
+        assert!(
+            restore_commands(&snapshot, &observe(&device, "dms1"))
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn restore_also_undoes_what_d2_did_to_acls_in_the_scope() {
+        // While Active, D2 (Replace on the scope root) put an ACL naming only itself on an interior node
+        // and created a node with its own ACL. Restore puts the first back, empties the second (a new
+        // node had no ACL), and deletes the account when it is there.
+        let mut device = deep_device();
+        let original = device.clone();
+        let req = request(DelType::Partial, &["./Vendor/Acme/Apps"]);
+        let observed = observe(&device, "dms1");
+        let changes = acl_changes(&req, &observed).unwrap();
+        let mut model = observed.model();
+        let (commands, _) = sequence_acls(&mut model, "dms1", &apply_order(&changes)).unwrap();
+        run_all(&mut device, "dms1", commands);
+        let d2 = "dms2.enterprise.example";
+        run_all(
+            &mut device,
+            d2,
+            vec![
+                replace_acl(
+                    &uri("./Vendor/Acme/Apps/App1/Cfg"),
+                    &acl_of(&format!("Replace={d2}")),
+                ),
+                Command::Add(ItemCommand::new(
+                    "0",
+                    vec![Item::target("./Vendor/Acme/Apps/New").with_data("x")],
+                )),
+                replace_acl(
+                    &uri("./Vendor/Acme/Apps/New"),
+                    &acl_of(&format!("Get={d2}&Replace={d2}")),
+                ),
+            ],
+        );
+        let snapshot = Snapshot {
+            account_uri: req.account_uri().unwrap(),
+            acls: changes,
+            server_nonce_b64: "bm9uY2U=".into(),
+            delegating: "dms1".into(),
+            roots: scope_roots(&req, &observed),
+            before: observed,
+        };
+        // Cfg is no longer readable by D1: restore puts it back through its parent, then a second pass
+        // (as the session does) finds nothing left.
+        let now = observe(&device, "dms1");
+        assert!(now.unreadable.contains(&uri("./Vendor/Acme/Apps/App1/Cfg")));
+        run_all(
+            &mut device,
+            "dms1",
+            restore_commands(&snapshot, &now).unwrap(),
+        );
+        let now = observe(&device, "dms1");
+        run_all(
+            &mut device,
+            "dms1",
+            restore_commands(&snapshot, &now).unwrap(),
+        );
+        assert!(
+            restore_commands(&snapshot, &observe(&device, "dms1"))
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            device
+                .acl(&uri("./Vendor/Acme/Apps/New"))
+                .unwrap()
+                .is_empty()
+        );
+        device.delete(&uri("./Vendor/Acme/Apps/New")).unwrap();
+        assert_eq!(device.first_difference(&original, &[]), None);
+        // The account, when present, is deleted last.
+        let mut now = observe(&device, "dms1");
+        now.children
+            .insert(uri("./DMAcc"), vec!["dms1".into(), "dms2".into()]);
+        let commands = restore_commands(&snapshot, &now).unwrap();
+        assert_eq!(commands.len(), 1);
+        assert!(matches!(&commands[0], Command::Delete(_)));
     }
 }

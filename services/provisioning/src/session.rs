@@ -5,8 +5,9 @@
 use std::collections::HashMap;
 
 use dm_protocol::acl::Acl;
-use dm_protocol::auth;
+use dm_protocol::auth::{self, AuthScheme};
 use dm_protocol::codes::StatusCode;
+use dm_protocol::dmacc::Secret;
 use dm_protocol::syncml::{
     Alert, Chal, Command, Container, Item, ItemCommand, Location, Meta, Status, SyncBody, SyncHdr,
     SyncMl,
@@ -86,8 +87,11 @@ enum Purpose {
     ReadAcl(DmUri),
     ReadNode(DmUri),
     Change,
+    /// An `Atomic` or `Sequence` of changes: a client that does not implement `Atomic` (B.6) gives it
+    /// no status, so only a failing status counts.
+    Container,
     CheckAcl(DmUri, Acl),
-    CheckAbsent(DmUri),
+    CheckValue(DmUri, String),
     Raw,
 }
 
@@ -128,7 +132,17 @@ impl Answers {
             .and_then(|s| s.first())
             .map(|s| s.data.code())
     }
+
+    fn data(&self, cmd_id: &str) -> Option<&str> {
+        self.results
+            .get(cmd_id)
+            .and_then(|items| items.first())
+            .and_then(|i| i.data.as_deref())
+    }
 }
+
+/// How many times a restore reads the scope and puts back what differs before giving up.
+const MAX_RESTORE_PASSES: u8 = 3;
 
 #[derive(Debug)]
 enum Stage {
@@ -136,12 +150,17 @@ enum Stage {
     Discover,
     Applying,
     ReadingBack,
-    Compensating(JobFailure),
-    Restoring,
-    CheckingRestore,
+    /// Putting the device back to the snapshot: a restore, or the compensation of a failed apply
+    /// (`fault`). Each pass reads the scope (`writing` false), then sends what puts back what differs
+    /// (`writing` true); a pass that finds nothing to put back ends it.
+    Restore {
+        fault: Option<JobFailure>,
+        pass: u8,
+        writing: bool,
+    },
     Rotating {
-        server_secret: String,
-        client_secret: String,
+        server_secret: Secret,
+        client_secret: Secret,
     },
     Running,
 }
@@ -150,11 +169,17 @@ enum Stage {
 pub struct Session {
     job_id: u64,
     job: Job,
+    /// The `SessionID` of the device's package #1: its later messages (which carry no `Cred`) must use
+    /// the same one.
+    session_id: String,
     stage: Stage,
     observed: Observed,
     /// Set once the plan is computed (or taken from the stored snapshot).
     snapshot: Option<Snapshot>,
-    expected: Vec<(DmUri, Acl)>,
+    /// What the read-back of an apply compares: ACLs, and values of the account.
+    expected: Vec<(Command, Purpose)>,
+    /// ACLResults of an apply: every ACL the plan changed, after the change.
+    acl_results: Vec<(String, String)>,
     next_cmd: u32,
     next_msg: u32,
     purposes: HashMap<String, Purpose>,
@@ -193,28 +218,71 @@ fn new_nonce() -> String {
     auth::encode_nonce(&rand::random::<[u8; 16]>())
 }
 
-fn new_secret() -> String {
-    auth::encode_nonce(&rand::random::<[u8; 24]>())
+fn new_secret() -> Secret {
+    Secret::new(auth::encode_nonce(&rand::random::<[u8; 24]>()))
+}
+
+/// The first round of reads of a scope: the root (its children name a Full delegation's scope roots),
+/// `./DMAcc` (which accounts exist), the ACLs of every scope root's ancestors, each scope root.
+fn discovery_start(account_uri: &DmUri, scope: &[DmUri]) -> Vec<(Command, Purpose)> {
+    let mut round = vec![read_node(&DmUri::root()), read_acl(&DmUri::root())];
+    if let Some(dmacc) = account_uri.parent() {
+        round.push(read_node(&dmacc));
+        round.push(read_acl(&dmacc));
+    }
+    for root in scope {
+        let mut at = root.clone();
+        while let Some(parent) = at.parent() {
+            round.push(read_acl(&parent));
+            at = parent;
+        }
+        round.push(read_acl(root));
+        round.push(read_node(root));
+    }
+    let mut seen = std::collections::HashSet::new();
+    round.retain(|(_, purpose)| seen.insert(format!("{purpose:?}")));
+    round
+}
+
+/// The command an answer refers to, as `Cmd target` (for failure reports).
+fn named(answers: &Answers, id: &str) -> String {
+    answers
+        .statuses
+        .get(id)
+        .and_then(|s| s.first())
+        .map(|s| {
+            format!(
+                "{} {}",
+                s.cmd,
+                s.target_refs.first().cloned().unwrap_or_default()
+            )
+        })
+        .unwrap_or_default()
 }
 
 impl Session {
-    fn new(job_id: u64, job: Job) -> Self {
+    fn new(job_id: u64, job: Job, session_id: String) -> Self {
         Self {
             job_id,
             job,
+            session_id,
             stage: Stage::Start,
             observed: Observed::default(),
             snapshot: None,
             expected: Vec::new(),
+            acl_results: Vec::new(),
             next_cmd: 1,
             next_msg: 1,
             purposes: HashMap::new(),
         }
     }
 
-    /// Gives each command (and the commands inside an Atomic) a fresh id and remembers its purpose.
-    fn number(&mut self, round: Vec<(Command, Purpose)>) -> Vec<Command> {
+    /// Gives each command (and the commands inside an Atomic) a fresh id from `first` on, remembers its
+    /// purpose, and gives every `Add`/`Replace` item a `Data` element (B.6: a real client crashes on
+    /// one without).
+    fn number(&mut self, round: Vec<(Command, Purpose)>, first: u32) -> Vec<Command> {
         self.purposes.clear();
+        self.next_cmd = first;
         let mut out = Vec::new();
         for (mut cmd, purpose) in round {
             self.renumber(&mut cmd, &purpose);
@@ -226,23 +294,31 @@ impl Session {
     fn renumber(&mut self, cmd: &mut Command, purpose: &Purpose) {
         let id = self.next_cmd.to_string();
         self.next_cmd += 1;
-        self.purposes.insert(id.clone(), purpose.clone());
         match cmd {
-            Command::Add(c)
-            | Command::Replace(c)
-            | Command::Delete(c)
-            | Command::Get(c)
-            | Command::Copy(c) => c.cmd_id = id,
+            Command::Add(c) | Command::Replace(c) => {
+                for item in &mut c.items {
+                    item.data.get_or_insert_with(String::new);
+                }
+                c.cmd_id = id.clone();
+            }
+            Command::Delete(c) | Command::Get(c) | Command::Copy(c) => c.cmd_id = id.clone(),
             Command::Atomic(c) | Command::Sequence(c) => {
-                c.cmd_id = id;
+                c.cmd_id = id.clone();
+                let container = match purpose {
+                    Purpose::Change => Purpose::Container,
+                    other => other.clone(),
+                };
+                self.purposes.insert(id, container);
                 for inner in &mut c.commands {
                     self.renumber(inner, purpose);
                 }
+                return;
             }
-            Command::Alert(a) => a.cmd_id = id,
-            Command::Exec(e) => e.cmd_id = id,
+            Command::Alert(a) => a.cmd_id = id.clone(),
+            Command::Exec(e) => e.cmd_id = id.clone(),
             Command::Status(_) | Command::Results(_) => {}
         }
+        self.purposes.insert(id, purpose.clone());
     }
 
     /// Reads the answers to the last round and decides the next one.
@@ -271,22 +347,29 @@ impl Session {
         }
     }
 
-    fn record_reads(&mut self, answers: &Answers) -> Vec<DmUri> {
+    /// Records the answers to a round of reads; returns the interior nodes read. An ACL the device
+    /// reports that does not follow the grammar fails the job: it cannot be put back if not understood.
+    fn record_reads(&mut self, answers: &Answers) -> Result<Vec<DmUri>, JobFailure> {
         let mut interior = Vec::new();
         for (id, purpose) in &self.purposes {
-            let ok = answers.code(id) == Some(200);
+            let code = answers.code(id);
             match purpose {
-                Purpose::ReadAcl(uri) if ok => {
-                    let text = answers
-                        .results
-                        .get(id)
-                        .and_then(|items| items.first())
-                        .and_then(|i| i.data.clone())
-                        .unwrap_or_default();
-                    let acl = text.parse::<Acl>().unwrap_or_default();
+                Purpose::ReadAcl(uri) if code == Some(200) => {
+                    let text = answers.data(id).unwrap_or_default();
+                    let acl = text.parse::<Acl>().map_err(|_| {
+                        failure(
+                            500,
+                            format!("Get {uri}?prop=ACL"),
+                            format!("the device reported an ACL for {uri} that is not one"),
+                        )
+                    })?;
+                    self.observed.unreadable.remove(uri);
                     self.observed.acls.insert(uri.clone(), acl);
                 }
-                Purpose::ReadNode(uri) if ok => {
+                Purpose::ReadAcl(uri) if code != Some(404) => {
+                    self.observed.unreadable.insert(uri.clone());
+                }
+                Purpose::ReadNode(uri) if code == Some(200) => {
                     let Some(item) = answers.results.get(id).and_then(|items| items.first()) else {
                         continue;
                     };
@@ -311,7 +394,43 @@ impl Session {
                 _ => {}
             }
         }
-        interior
+        Ok(interior)
+    }
+
+    /// The next round of reads below `roots` (the children of the interior nodes just read, not at or
+    /// below a node of `skip`), or `None` when everything there is read.
+    fn frontier(
+        &self,
+        interior: &[DmUri],
+        roots: &[DmUri],
+        skip: &std::collections::BTreeSet<DmUri>,
+    ) -> Result<Option<Vec<(Command, Purpose)>>, JobFailure> {
+        let mut frontier = Vec::new();
+        for uri in interior {
+            for name in self.observed.children.get(uri).into_iter().flatten() {
+                let Ok(child) = uri.join(name) else { continue };
+                let wanted = roots.iter().any(|r| r.contains(&child))
+                    && !skip.iter().any(|s| s.contains(&child))
+                    && !self.observed.acls.contains_key(&child)
+                    && !self.observed.unreadable.contains(&child);
+                if wanted {
+                    frontier.push(child);
+                }
+            }
+        }
+        if self.observed.acls.len() + frontier.len() > MAX_NODES {
+            return Err(failure(
+                413,
+                "",
+                "the scope holds too many nodes to delegate",
+            ));
+        }
+        Ok((!frontier.is_empty()).then(|| {
+            frontier
+                .iter()
+                .flat_map(|u| [read_acl(u), read_node(u)])
+                .collect()
+        }))
     }
 
     fn advance_apply(
@@ -332,59 +451,23 @@ impl Session {
                     self.snapshot = Some(snapshot);
                     return self.send_plan(req, &account_uri);
                 }
-                let mut round = vec![read_node(&DmUri::root()), read_acl(&DmUri::root())];
-                if let Some(dmacc) = account_uri.parent() {
-                    round.push(read_node(&dmacc));
-                    round.push(read_acl(&dmacc));
-                }
-                for root in &req.scope {
-                    let mut at = root.clone();
-                    while let Some(parent) = at.parent() {
-                        round.push(read_acl(&parent));
-                        at = parent;
-                    }
-                    round.push(read_acl(root));
-                    round.push(read_node(root));
-                }
-                round.dedup_by(|a, b| format!("{:?}", a.1) == format!("{:?}", b.1));
                 self.stage = Stage::Discover;
-                Next::Send(round)
+                Next::Send(discovery_start(&account_uri, &req.scope))
             }
             Stage::Discover => {
-                let interior = self.record_reads(answers);
+                let interior = match self.record_reads(answers) {
+                    Ok(i) => i,
+                    Err(f) => return Next::Done(Err(f)),
+                };
                 // The scope roots of a Full delegation are known once the root's children are.
                 let roots = plan::scope_roots(req, &self.observed);
-                let mut frontier = Vec::new();
-                for uri in interior {
-                    for name in self
-                        .observed
-                        .children
-                        .get(&uri)
-                        .cloned()
-                        .unwrap_or_default()
-                    {
-                        let Ok(child) = uri.join(&name) else { continue };
-                        let wanted = roots.iter().any(|r| r.contains(&child))
-                            && !self.observed.acls.contains_key(&child);
-                        if wanted {
-                            frontier.push(child);
-                        }
+                match self.frontier(&interior, &roots, &Default::default()) {
+                    Err(f) => return Next::Done(Err(f)),
+                    Ok(Some(round)) => {
+                        self.stage = Stage::Discover;
+                        return Next::Send(round);
                     }
-                }
-                if self.observed.acls.len() + frontier.len() > MAX_NODES {
-                    return Next::Done(Err(failure(
-                        413,
-                        "",
-                        "the scope holds too many nodes to delegate",
-                    )));
-                }
-                if !frontier.is_empty() {
-                    let round = frontier
-                        .iter()
-                        .flat_map(|u| [read_acl(u), read_node(u)])
-                        .collect();
-                    self.stage = Stage::Discover;
-                    return Next::Send(round);
+                    Ok(None) => {}
                 }
                 let changes = match plan::acl_changes(req, &self.observed) {
                     Ok(c) => c,
@@ -394,28 +477,34 @@ impl Session {
                     account_uri: account_uri.clone(),
                     acls: changes,
                     server_nonce_b64: new_nonce(),
+                    delegating: req.delegating.clone(),
+                    roots,
+                    before: std::mem::take(&mut self.observed),
                 };
                 snapshots.insert(plan_id.to_string(), snapshot.clone());
                 self.snapshot = Some(snapshot);
                 self.send_plan(req, &account_uri)
             }
             Stage::Applying => {
-                let atomic_ok = self
-                    .purposes
-                    .iter()
-                    .filter(|(_, p)| matches!(p, Purpose::Change))
-                    .all(|(id, _)| matches!(answers.code(id), Some(200)));
+                // Every change must report 200. An Atomic (or Sequence) may report nothing (B.6: a
+                // client without Atomic), never a failure; the read-back decides in the end.
+                let atomic_ok = self.purposes.iter().all(|(id, p)| match p {
+                    Purpose::Change => answers.code(id) == Some(200),
+                    Purpose::Container => matches!(answers.code(id), None | Some(200)),
+                    _ => true,
+                });
                 if atomic_ok {
                     return self.read_back();
                 }
                 // The first command inside the Atomic that failed (not rolled back with 216) names the
                 // failure; the Atomic's own 507 only says that something did.
                 let is_container = |id: &String| {
-                    answers
-                        .statuses
-                        .get(id)
-                        .and_then(|s| s.first())
-                        .is_some_and(|s| matches!(s.cmd.as_str(), "Atomic" | "Sequence"))
+                    matches!(self.purposes.get(id), Some(Purpose::Container))
+                        || answers
+                            .statuses
+                            .get(id)
+                            .and_then(|s| s.first())
+                            .is_some_and(|s| matches!(s.cmd.as_str(), "Atomic" | "Sequence"))
                 };
                 let failed = answers
                     .order
@@ -427,45 +516,34 @@ impl Session {
                             .iter()
                             .find(|(_, code)| !matches!(code, 200 | 216))
                     })
-                    .map(|(id, code)| {
-                        let cmd = answers
-                            .statuses
-                            .get(id)
-                            .and_then(|s| s.first())
-                            .map(|s| {
-                                format!(
-                                    "{} {}",
-                                    s.cmd,
-                                    s.target_refs.first().cloned().unwrap_or_default()
-                                )
-                            })
-                            .unwrap_or_default();
-                        (cmd, *code)
-                    });
-                let (command, code) = failed.unwrap_or_default();
-                let reason = format!("the device refused the plan (status {code})");
+                    .map(|(id, code)| (named(answers, id), *code));
+                let reason = match &failed {
+                    Some((_, code)) => format!("the device refused the plan (status {code})"),
+                    None => "the device did not report on every command of the plan".to_string(),
+                };
+                let (command, _) = failed.unwrap_or_default();
                 self.compensate(failure(507, command, reason))
             }
             Stage::ReadingBack => {
                 if let Some(diff) = self.first_difference(answers) {
                     return self.compensate(failure(507, "", diff));
                 }
-                let snapshot = self.snapshot.clone().unwrap_or_else(|| Snapshot {
-                    account_uri: account_uri.clone(),
-                    acls: Vec::new(),
-                    server_nonce_b64: String::new(),
-                });
+                let server_nonce_b64 = self
+                    .snapshot
+                    .as_ref()
+                    .map(|s| s.server_nonce_b64.clone())
+                    .unwrap_or_default();
                 Next::Done(Ok(JobSuccess::Applied {
                     account_uri: account_uri.to_string(),
-                    acl_results: self
-                        .expected
-                        .iter()
-                        .map(|(u, a)| (u.to_string(), a.to_string()))
-                        .collect(),
-                    server_nonce_b64: snapshot.server_nonce_b64,
+                    acl_results: self.acl_results.clone(),
+                    server_nonce_b64,
                 }))
             }
-            Stage::Compensating(fault) => Next::Done(Err(fault)),
+            Stage::Restore {
+                fault,
+                pass,
+                writing,
+            } => self.restore_step(fault, pass, writing, answers),
             other => {
                 self.stage = other;
                 Next::Done(Err(failure(500, "", "unexpected stage")))
@@ -479,24 +557,48 @@ impl Session {
         };
         let account = plan::account_node(req, &snapshot.server_nonce_b64);
         let account_acls = plan::account_acls(req, &account, account_uri);
-        self.expected = plan::expected_after(&account_acls, &snapshot.acls);
-        let commands = plan::plan_commands(&account, account_uri, &account_acls, &snapshot.acls);
+        // The scope's changes, in an order the device allows D1 (computed on what was read before).
+        let mut model = snapshot.before.model();
+        let (scope, touched) = match plan::sequence_acls(
+            &mut model,
+            &req.delegating,
+            &plan::apply_order(&snapshot.acls),
+        ) {
+            Ok(s) => s,
+            Err(e) => return Next::Done(Err(failure(e.status, "", e.reason))),
+        };
+        let final_acl = |uri: &DmUri| model.acl(uri).cloned().unwrap_or_default();
+        self.acl_results = account_acls
+            .iter()
+            .map(|(u, a)| (u.to_string(), a.to_string()))
+            .chain(
+                snapshot
+                    .acls
+                    .iter()
+                    .map(|c| (c.uri.to_string(), final_acl(&c.uri).to_string())),
+            )
+            .collect();
+        // The read-back: every ACL set (parents lent Replace for a while included: they must be back),
+        // and every value of the account a device gives out.
+        self.expected = account_acls
+            .iter()
+            .cloned()
+            .chain(touched.iter().map(|u| (u.clone(), final_acl(u))))
+            .map(|(uri, acl)| (get(format!("{uri}?prop=ACL")), Purpose::CheckAcl(uri, acl)))
+            .chain(
+                plan::account_values(&account, account_uri)
+                    .into_iter()
+                    .map(|(uri, value)| (get(uri.to_string()), Purpose::CheckValue(uri, value))),
+            )
+            .collect();
+        let commands = plan::plan_commands(&account, account_uri, &account_acls, scope);
         let atomic = Command::Atomic(Container::new("0", commands));
         self.stage = Stage::Applying;
         Next::Send(vec![(atomic, Purpose::Change)])
     }
 
     fn read_back(&mut self) -> Next {
-        let mut round: Vec<(Command, Purpose)> = self
-            .expected
-            .iter()
-            .map(|(uri, acl)| {
-                (
-                    get(format!("{uri}?prop=ACL")),
-                    Purpose::CheckAcl(uri.clone(), acl.clone()),
-                )
-            })
-            .collect();
+        let mut round = self.expected.clone();
         if round.is_empty() {
             round.push(read_node(&DmUri::root()));
         }
@@ -504,27 +606,30 @@ impl Session {
         Next::Send(round)
     }
 
-    /// The first difference between the plan and what the device reports, if any.
+    /// The first difference between the plan and what the device reports, if any (B.6: never trust
+    /// the Atomic's status alone).
     fn first_difference(&self, answers: &Answers) -> Option<String> {
-        for (id, purpose) in &self.purposes {
-            match purpose {
-                Purpose::CheckAcl(uri, expected) => {
-                    let got = answers
-                        .results
-                        .get(id)
-                        .and_then(|i| i.first())
-                        .and_then(|i| i.data.clone())
-                        .unwrap_or_default();
+        let mut ids: Vec<&String> = self.purposes.keys().collect();
+        ids.sort_by_key(|id| id.parse::<u64>().unwrap_or(u64::MAX));
+        for id in ids {
+            match self.purposes.get(id) {
+                Some(Purpose::CheckAcl(uri, expected)) => {
                     let same = answers.code(id) == Some(200)
-                        && got
+                        && answers
+                            .data(id)
+                            .unwrap_or_default()
                             .parse::<Acl>()
                             .is_ok_and(|acl| plan::same_acl(&acl, expected));
                     if !same {
                         return Some(format!("read-back of {uri}?prop=ACL differs from the plan"));
                     }
                 }
-                Purpose::CheckAbsent(uri) if answers.code(id) != Some(404) => {
-                    return Some(format!("{uri} is still on the device"));
+                Some(Purpose::CheckValue(uri, expected)) => {
+                    let same = answers.code(id) == Some(200)
+                        && answers.data(id).unwrap_or_default().trim() == expected.trim();
+                    if !same {
+                        return Some(format!("read-back of {uri} differs from the plan"));
+                    }
                 }
                 _ => {}
             }
@@ -532,17 +637,95 @@ impl Session {
         None
     }
 
+    /// A failed apply: put the device back (reading it first, since what the device did is not known
+    /// for sure), then fail with `fault`.
     fn compensate(&mut self, fault: JobFailure) -> Next {
-        let Some(snapshot) = self.snapshot.clone() else {
+        if self.snapshot.is_none() {
             return Next::Done(Err(fault));
+        }
+        self.restore_pass(Some(fault), 0)
+    }
+
+    /// Starts a pass of a restore: read the scope as the device holds it now.
+    fn restore_pass(&mut self, fault: Option<JobFailure>, pass: u8) -> Next {
+        let Some(snapshot) = self.snapshot.as_ref() else {
+            return Next::Done(Err(failure(500, "", "no snapshot")));
         };
-        self.stage = Stage::Compensating(fault);
-        Next::Send(
-            plan::restore_commands(&snapshot)
-                .into_iter()
-                .map(|c| (c, Purpose::Change))
-                .collect(),
-        )
+        let round = discovery_start(&snapshot.account_uri, &snapshot.roots);
+        self.observed = Observed::default();
+        self.stage = Stage::Restore {
+            fault,
+            pass,
+            writing: false,
+        };
+        Next::Send(round)
+    }
+
+    /// One step of a restore: after the commands of a pass, read again; after the reads, put back what
+    /// differs from the snapshot, or end when nothing does.
+    fn restore_step(
+        &mut self,
+        fault: Option<JobFailure>,
+        pass: u8,
+        writing: bool,
+        answers: &Answers,
+    ) -> Next {
+        let Some(snapshot) = self.snapshot.clone() else {
+            return Next::Done(Err(failure(500, "", "no snapshot")));
+        };
+        let give_up = |fault: Option<JobFailure>, why: String| match fault {
+            Some(f) => Next::Done(Err(failure(
+                f.status,
+                f.command,
+                format!(
+                    "{}; the restore that followed is incomplete: {why}",
+                    f.reason
+                ),
+            ))),
+            None => Next::Done(Err(failure(500, "", format!("restore incomplete: {why}")))),
+        };
+        if writing {
+            return self.restore_pass(fault, pass);
+        }
+        let interior = match self.record_reads(answers) {
+            Ok(i) => i,
+            Err(f) => return give_up(fault, f.reason),
+        };
+        match self.frontier(&interior, &snapshot.roots, &snapshot.before.unreadable) {
+            Err(f) => return give_up(fault, f.reason),
+            Ok(Some(round)) => {
+                self.stage = Stage::Restore {
+                    fault,
+                    pass,
+                    writing: false,
+                };
+                return Next::Send(round);
+            }
+            Ok(None) => {}
+        }
+        let commands = match plan::restore_commands(&snapshot, &self.observed) {
+            Ok(c) => c,
+            Err(e) => return give_up(fault, e.reason),
+        };
+        if commands.is_empty() {
+            return Next::Done(match fault {
+                None => Ok(JobSuccess::Restored),
+                Some(f) => Err(f),
+            });
+        }
+        if pass >= MAX_RESTORE_PASSES {
+            let why = match plan::restore_targets(&snapshot, &self.observed).first() {
+                Some((uri, _)) => format!("the ACL of {uri} is not the one before"),
+                None => format!("{} is still on the device", snapshot.account_uri),
+            };
+            return give_up(fault, why);
+        }
+        self.stage = Stage::Restore {
+            fault,
+            pass: pass + 1,
+            writing: true,
+        };
+        Next::Send(commands.into_iter().map(|c| (c, Purpose::Change)).collect())
     }
 
     fn advance_restore(
@@ -555,40 +738,14 @@ impl Session {
             // The plan never reached the device: nothing to put back.
             return Next::Done(Ok(JobSuccess::Restored));
         };
+        self.snapshot = Some(snapshot);
         match std::mem::replace(&mut self.stage, Stage::Start) {
-            Stage::Start => {
-                self.stage = Stage::Restoring;
-                Next::Send(
-                    plan::restore_commands(&snapshot)
-                        .into_iter()
-                        .map(|c| (c, Purpose::Change))
-                        .collect(),
-                )
-            }
-            Stage::Restoring => {
-                let mut round: Vec<(Command, Purpose)> = snapshot
-                    .acls
-                    .iter()
-                    .map(|c| {
-                        (
-                            get(format!("{}?prop=ACL", c.uri)),
-                            Purpose::CheckAcl(c.uri.clone(), c.before.clone()),
-                        )
-                    })
-                    .collect();
-                round.push((
-                    get(snapshot.account_uri.to_string()),
-                    Purpose::CheckAbsent(snapshot.account_uri.clone()),
-                ));
-                self.stage = Stage::CheckingRestore;
-                Next::Send(round)
-            }
-            Stage::CheckingRestore => match self.first_difference(answers) {
-                None => Next::Done(Ok(JobSuccess::Restored)),
-                Some(diff) => {
-                    Next::Done(Err(failure(500, "", format!("restore incomplete: {diff}"))))
-                }
-            },
+            Stage::Start => self.restore_pass(None, 0),
+            Stage::Restore {
+                fault,
+                pass,
+                writing,
+            } => self.restore_step(fault, pass, writing, answers),
             other => {
                 self.stage = other;
                 Next::Done(Err(failure(500, "", "unexpected stage")))
@@ -603,10 +760,10 @@ impl Session {
                 let client_secret = new_secret();
                 let leaf =
                     |key: &str| format!("{}/AppAuth/{key}/AAuthSecret", rotation.account_uri);
-                let replace = |uri: String, value: &str| {
+                let replace = |uri: String, value: &Secret| {
                     Command::Replace(ItemCommand::new(
                         "0",
-                        vec![Item::target(uri).with_data(value.to_string())],
+                        vec![Item::target(uri).with_data(value.expose().to_string())],
                     ))
                 };
                 let atomic = Command::Atomic(Container::new(
@@ -626,7 +783,14 @@ impl Session {
                 server_secret,
                 client_secret,
             } => {
-                let failed = answers.order.iter().find(|(_, code)| *code != 200);
+                let failed = self
+                    .purposes
+                    .iter()
+                    .filter(|(id, p)| {
+                        !(matches!(p, Purpose::Container) && answers.code(id).is_none())
+                    })
+                    .map(|(id, _)| (id, answers.code(id).unwrap_or(0)))
+                    .find(|(_, code)| *code != 200);
                 match failed {
                     None => {
                         self.stage = Stage::Rotating {
@@ -635,25 +799,11 @@ impl Session {
                         };
                         Next::Done(Ok(JobSuccess::Rotated))
                     }
-                    Some((id, code)) => {
-                        let cmd = answers
-                            .statuses
-                            .get(id)
-                            .and_then(|s| s.first())
-                            .map(|s| {
-                                format!(
-                                    "{} {}",
-                                    s.cmd,
-                                    s.target_refs.first().cloned().unwrap_or_default()
-                                )
-                            })
-                            .unwrap_or_default();
-                        Next::Done(Err(failure(
-                            u32::from(*code),
-                            cmd,
-                            "the device refused the credential rotation",
-                        )))
-                    }
+                    Some((id, code)) => Next::Done(Err(failure(
+                        u32::from(code),
+                        named(answers, id),
+                        "the device refused the credential rotation",
+                    ))),
                 }
             }
             other => {
@@ -675,8 +825,19 @@ fn chal(next_nonce: &str) -> Chal {
     }
 }
 
-/// Builds the answer: our header with our credential, the header status, statuses for the device's
-/// commands, then `commands`, and `Final`.
+/// How many of the device's commands the answer gives a status (all but its `Status` and `Results`).
+fn device_commands(msg: &SyncMl) -> u32 {
+    let n = msg
+        .body
+        .commands
+        .iter()
+        .filter(|c| !matches!(c, Command::Status(_) | Command::Results(_)))
+        .count();
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Builds the answer: our header with our credential, the header status (CmdID 1), a status `code` for
+/// each of the device's commands (CmdIDs 2, 3, …), then `commands` (numbered after them), and `Final`.
 fn answer(
     config: &Config,
     entry: &DeviceEntry,
@@ -684,6 +845,7 @@ fn answer(
     header_status: Status,
     commands: Vec<Command>,
     msg_id: u32,
+    code: StatusCode,
 ) -> SyncMl {
     let mut hdr = SyncHdr::new(
         msg.hdr.session_id.clone(),
@@ -704,11 +866,11 @@ fn answer(
             continue;
         }
         let mut s = Status::new(
-            format!("s{status_id}"),
+            status_id.to_string(),
             msg.hdr.msg_id.clone(),
             c.cmd_id(),
             c.name(),
-            StatusCode::Ok,
+            code,
         );
         s.target_refs = c
             .items()
@@ -716,7 +878,7 @@ fn answer(
             .filter_map(|i| i.target.as_ref().map(|t| t.loc_uri.clone()))
             .collect();
         body.push(Command::Status(s));
-        status_id += 1;
+        status_id = status_id.saturating_add(1);
     }
     body.extend(commands);
     SyncMl {
@@ -744,43 +906,59 @@ pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result
     let entry = devices
         .get_mut(&dev_id)
         .ok_or_else(|| Refusal::UnknownDevice(dev_id.clone()))?;
+    entry.activity += 1;
     let mut outcomes = Vec::new();
+    let starts = is_session_start(msg);
 
-    // 1. The device's credential (package #1, or its retry after a 401).
+    // 1. The device's credential: package #1 (or its retry after a 401) carries one; a later message
+    //    of the session carries none and must name the session's SessionID.
     let mut header_status =
         Status::new("1", msg.hdr.msg_id.clone(), "0", "SyncHdr", StatusCode::Ok);
     header_status.target_refs = vec![msg.hdr.target.loc_uri.clone()];
     header_status.source_refs = vec![msg.hdr.source.loc_uri.clone()];
-    let authenticated = match &msg.hdr.cred {
+    let code = match &msg.hdr.cred {
         Some(cred) => {
             let nonce = auth::decode_nonce(&entry.creds.client_nonce_b64).unwrap_or_default();
-            let ok = auth::verify_cred(
-                cred,
-                &entry.creds.client_name,
-                &entry.creds.client_secret,
-                &nonce,
-            )
-            .is_ok();
+            // Only auth-md5 authenticates (B.1, B.6): a basic credential, even a right one, gets 401
+            // with an auth-md5 Chal, and the client resends with auth-md5.
+            let ok = matches!(
+                auth::verify_cred(
+                    cred,
+                    &entry.creds.client_name,
+                    &entry.creds.client_secret,
+                    &nonce,
+                ),
+                Ok(AuthScheme::Md5)
+            );
             // Nonces are single-use: a fresh one for the device's next credential, either way.
             entry.creds.client_nonce_b64 = new_nonce();
             header_status.chal = Some(chal(&entry.creds.client_nonce_b64));
-            header_status.data = if ok {
+            if ok {
                 StatusCode::AuthenticationAccepted
             } else {
                 StatusCode::InvalidCredentials
-            };
-            ok
+            }
         }
-        None => entry.session.is_some(),
+        None => {
+            let continues = !starts
+                && entry
+                    .session
+                    .as_ref()
+                    .is_some_and(|s| s.session_id == msg.hdr.session_id);
+            if continues {
+                StatusCode::Ok
+            } else {
+                entry.creds.client_nonce_b64 = new_nonce();
+                header_status.chal = Some(chal(&entry.creds.client_nonce_b64));
+                StatusCode::MissingCredentials
+            }
+        }
     };
-    if !authenticated {
-        if msg.hdr.cred.is_none() {
-            entry.creds.client_nonce_b64 = new_nonce();
-            header_status.chal = Some(chal(&entry.creds.client_nonce_b64));
-            header_status.data = StatusCode::MissingCredentials;
-        }
-        entry.session = None;
-        let reply = answer(config, entry, msg, header_status, Vec::new(), 1);
+    header_status.data = code;
+    if !code.is_success() {
+        // Nothing the message asks is done. A session in progress stays: a stray message does not end
+        // it (the service's watchdog ends one the device has left).
+        let reply = answer(config, entry, msg, header_status, Vec::new(), 1, code);
         return Ok(Handled {
             answer: reply,
             outcomes,
@@ -810,7 +988,15 @@ pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result
                     "the device refused this server's credentials",
                 )),
             });
-            let reply = answer(config, entry, msg, header_status, Vec::new(), 1);
+            let reply = answer(
+                config,
+                entry,
+                msg,
+                header_status,
+                Vec::new(),
+                1,
+                StatusCode::Ok,
+            );
             return Ok(Handled {
                 answer: reply,
                 outcomes,
@@ -821,11 +1007,11 @@ pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result
 
     // 3. A new session takes the job at the head of the queue (a session cut off mid-way starts its job
     //    again: every job is safe to repeat, and a plan's snapshot is never retaken).
-    if is_session_start(msg) {
+    if starts {
         entry.session = entry
             .queue
             .front()
-            .map(|(id, job)| Session::new(*id, job.clone()));
+            .map(|(id, job)| Session::new(*id, job.clone(), msg.hdr.session_id.clone()));
     }
     let mut commands = Vec::new();
     let mut wake_again = None;
@@ -834,7 +1020,9 @@ pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result
         Some(session) => {
             let answers = Answers::from_message(msg);
             match session.advance(&answers, snapshots) {
-                Next::Send(round) => commands = session.number(round),
+                Next::Send(round) => {
+                    commands = session.number(round, device_commands(msg).saturating_add(2));
+                }
                 Next::Done(result) => {
                     if let (
                         Ok(JobSuccess::Rotated),
@@ -845,8 +1033,8 @@ pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result
                     ) = (&result, &session.stage)
                     {
                         // From now on the device knows this server, and itself, by the new secrets.
-                        entry.creds.server_secret = server_secret.clone();
-                        entry.creds.client_secret = client_secret.clone();
+                        entry.creds.server_secret = server_secret.expose().to_string();
+                        entry.creds.client_secret = client_secret.expose().to_string();
                     }
                     outcomes.push(JobOutcome {
                         job_id: session.job_id,
@@ -866,10 +1054,210 @@ pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result
             wake_again = Some(dev_id.clone());
         }
     }
-    let reply = answer(config, entry, msg, header_status, commands, msg_id);
+    let reply = answer(
+        config,
+        entry,
+        msg,
+        header_status,
+        commands,
+        msg_id,
+        StatusCode::Ok,
+    );
     Ok(Handled {
         answer: reply,
         outcomes,
         wake_again,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use dm_protocol::delegation::DelType;
+    use dm_protocol::dmacc::DmAccount;
+    use dm_protocol::tree::DmTree;
+
+    const D1: &str = "dms1";
+
+    fn uri(s: &str) -> DmUri {
+        s.parse().unwrap()
+    }
+
+    fn device() -> DmTree {
+        let account = dm_client::DefaultAccount {
+            server_id: D1.into(),
+            addr: "http://127.0.0.1:1/dm".into(),
+            server_secret: "s".into(),
+            server_nonce_b64: "bg==".into(),
+            client_name: "c".into(),
+            client_secret: "c".into(),
+            client_nonce_b64: "bg==".into(),
+        };
+        dm_client::Device::with_default_tree("IMEI:1", &account)
+            .unwrap()
+            .tree()
+            .clone()
+    }
+
+    fn request() -> PlanRequest {
+        let xml = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../examples/start.xml"
+        ))
+        .unwrap();
+        let dm_protocol::delegation::Body::Start(start) =
+            dm_protocol::delegation::decode(&xml).unwrap().body
+        else {
+            panic!("examples/start.xml is a DELEGATION_START")
+        };
+        PlanRequest {
+            account_key: "dms2".into(),
+            account: DmAccount::from_tnds(&start.dm_acc).unwrap(),
+            delegating: D1.into(),
+            delegated: "dms2.enterprise.example".into(),
+            del_type: DelType::Partial,
+            scope: vec![uri("./Vendor/Acme/Apps")],
+            not_after: None,
+            temp_key_b64: Secret::new("a2V5"),
+        }
+    }
+
+    /// Drives a session against `tree` with the simulated client's executor as D1; `after` may change
+    /// the tree or the answers after each round (a device that misbehaves).
+    fn drive(
+        job: Job,
+        tree: &mut DmTree,
+        snapshots: &mut HashMap<String, Snapshot>,
+        mut after: impl FnMut(usize, &mut DmTree, &mut Vec<Command>),
+    ) -> JobResult {
+        let mut session = Session::new(1, job, "1".into());
+        let mut answers = Answers::default();
+        for round in 0..200 {
+            match session.advance(&answers, snapshots) {
+                Next::Done(result) => return result,
+                Next::Send(commands) => {
+                    let commands = session.number(commands, 2);
+                    let mut responses = dm_client::execute(tree, D1, "2", &commands, 2).responses;
+                    after(round, tree, &mut responses);
+                    let msg = SyncMl {
+                        hdr: SyncHdr::new("1", "3", Location::new("s"), Location::new("d")),
+                        body: SyncBody {
+                            commands: responses,
+                            final_: true,
+                        },
+                    };
+                    answers = Answers::from_message(&msg);
+                }
+            }
+        }
+        panic!("the job never ended")
+    }
+
+    fn apply() -> Job {
+        Job::Apply {
+            plan_id: "p".into(),
+            request: Box::new(request()),
+        }
+    }
+
+    #[test]
+    fn the_plan_applies_and_reads_back_against_the_client() {
+        let mut tree = device();
+        let result = drive(apply(), &mut tree, &mut HashMap::new(), |_, _, _| {});
+        let Ok(JobSuccess::Applied { acl_results, .. }) = result else {
+            panic!("{result:?}")
+        };
+        assert!(acl_results.iter().any(|(u, _)| u == "./Vendor/Acme/Apps"));
+        assert_eq!(
+            tree.value(&uri("./DMAcc/dms2/AppAuth/srvcred/AAuthName"))
+                .unwrap(),
+            "dms2.enterprise.example"
+        );
+    }
+
+    #[test]
+    fn a_value_that_reads_back_wrong_fails_the_plan_and_the_device_is_put_back() {
+        // The device answers 200 to everything but stores another ServerID (B.6: never trust the
+        // statuses alone): the read-back of values finds it, the plan is undone.
+        let mut tree = device();
+        let before = tree.clone();
+        let mut atomic_round = None;
+        let result = drive(
+            apply(),
+            &mut tree,
+            &mut HashMap::new(),
+            |round, tree, responses| {
+                let atomic = responses
+                    .iter()
+                    .any(|c| matches!(c, Command::Status(s) if s.cmd == "Atomic"));
+                if atomic && atomic_round.is_none() {
+                    atomic_round = Some(round);
+                    tree.replace_value(&uri("./DMAcc/dms2/ServerID"), "someone-else")
+                        .unwrap();
+                }
+            },
+        );
+        let failure = result.unwrap_err();
+        assert_eq!(failure.status, 507, "{failure:?}");
+        assert!(
+            failure.reason.contains("./DMAcc/dms2/ServerID"),
+            "{failure:?}"
+        );
+        assert_eq!(tree.first_difference(&before, &[]), None);
+    }
+
+    #[test]
+    fn an_acl_the_device_reports_that_is_not_one_fails_the_plan() {
+        // It used to count as "no value" (inherit), and restore would then have emptied that ACL.
+        let mut tree = device();
+        let before = tree.clone();
+        let result = drive(
+            apply(),
+            &mut tree,
+            &mut HashMap::new(),
+            |_, _, responses| {
+                for r in responses.iter_mut() {
+                    if let Command::Results(r) = r {
+                        for item in &mut r.items {
+                            let source = item.source.as_ref().map(|s| s.loc_uri.as_str());
+                            if source == Some("./Vendor?prop=ACL") {
+                                item.data = Some("Replace dms1".into());
+                            }
+                        }
+                    }
+                }
+            },
+        );
+        let failure = result.unwrap_err();
+        assert_eq!(failure.status, 500, "{failure:?}");
+        assert_eq!(failure.command, "Get ./Vendor?prop=ACL");
+        assert_eq!(tree.first_difference(&before, &[]), None);
+    }
+
+    #[test]
+    fn debug_never_shows_the_rotated_secrets() {
+        let mut tree = device();
+        let mut session = Session::new(
+            1,
+            Job::FirstSession(Rotation {
+                account_uri: "./DMAcc/dms1".into(),
+                server_cred_key: "SRVCRED".into(),
+                client_cred_key: "CLCRED".into(),
+            }),
+            "1".into(),
+        );
+        let Next::Send(round) = session.advance(&Answers::default(), &mut HashMap::new()) else {
+            panic!("the rotation sends its commands")
+        };
+        let commands = session.number(round, 2);
+        dm_client::execute(&mut tree, D1, "2", &commands, 2);
+        let secret = tree
+            .value(&uri("./DMAcc/dms1/AppAuth/SRVCRED/AAuthSecret"))
+            .unwrap()
+            .to_string();
+        assert_ne!(secret, "s");
+        let shown = format!("{session:?} {commands:?}");
+        assert!(!shown.contains(&secret), "{shown}");
+    }
 }

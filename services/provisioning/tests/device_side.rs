@@ -3,21 +3,29 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dm_client::{DefaultAccount, Device, Fleet};
+use dm_client::{DefaultAccount, Device, Fleet, SessionConfig};
 use dm_notification::{ChannelError, HttpPushChannel, Package0Channel, ServerCredential};
 use dm_protocol::auth;
+use dm_protocol::codes::{AlertCode, StatusCode};
 use dm_protocol::delegation::{self, DelType};
 use dm_protocol::dmacc::{DmAccount, Secret};
-use dm_protocol::syncml::{Command, Item, ItemCommand, Meta};
+use dm_protocol::syncml::{
+    self, Alert, Command, Item, ItemCommand, Location, Meta, SyncBody, SyncHdr, SyncMl,
+};
 use dm_protocol::tnds;
 use dm_protocol::tree::DmTree;
 use dm_protocol::types::{DmUri, UtcTime};
 use dm_provisioning::{
     Config, DeviceCredentials, Job, JobFailure, JobOutcome, JobSuccess, Provisioning, Rotation,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 const D1: &str = "dms1.operator.example";
@@ -32,18 +40,30 @@ struct Server {
 
 impl Server {
     async fn start(server_id: &str, fleet_url: &str) -> Self {
+        let channel: Arc<dyn Package0Channel> = Arc::new(HttpPushChannel::new(fleet_url));
+        Self::with_channel(server_id, channel, dm_provisioning::DEFAULT_SESSION_TIMEOUT).await
+    }
+
+    async fn with_channel(
+        server_id: &str,
+        channel: Arc<dyn Package0Channel>,
+        session_timeout: Duration,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/dm", listener.local_addr().unwrap());
-        let channel: Arc<dyn Package0Channel> = Arc::new(HttpPushChannel::new(fleet_url));
-        let (prov, outcomes) = Provisioning::new(
-            Config {
-                server_id: server_id.into(),
-                public_url: url,
-            },
-            channel,
-        );
+        let mut config = Config::new(server_id, url);
+        config.session_timeout = session_timeout;
+        let (prov, outcomes) = Provisioning::new(config, channel);
         tokio::spawn(prov.clone().serve(listener, std::future::pending()));
         Self { prov, outcomes }
+    }
+
+    /// The next outcome, within the deadline.
+    async fn outcome(&mut self) -> JobOutcome {
+        tokio::time::timeout(DEADLINE, self.outcomes.recv())
+            .await
+            .expect("an outcome in time")
+            .expect("outcome channel open")
     }
 
     fn url(&self) -> String {
@@ -93,7 +113,10 @@ fn dms1_account(addr: &str) -> DefaultAccount {
 
 impl World {
     async fn start() -> Self {
-        let fleet = Fleet::new();
+        Self::with_fleet(Fleet::new()).await
+    }
+
+    async fn with_fleet(fleet: Fleet) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let fleet_url = format!("http://{}", listener.local_addr().unwrap());
         let serving = fleet.clone();
@@ -459,4 +482,592 @@ async fn temp_key_works_once_then_the_rotated_credentials_do() {
             .all(|s| s.outcome == dm_client::Outcome::Completed),
         "{sessions:?}"
     );
+}
+
+// ------------------------------------------------------------------------------------------------
+// A hand-written client, channels that misbehave
+// ------------------------------------------------------------------------------------------------
+
+/// Posts `body` to an `http://host:port/path` URL over one plain TCP connection (HTTP/1.1); returns the
+/// status, the `Content-Type` and the body of the answer.
+async fn post_raw(url: &str, content_type: &str, body: &str) -> (u16, String, Vec<u8>) {
+    let (host, path) = url
+        .strip_prefix("http://")
+        .unwrap()
+        .split_once('/')
+        .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+    let request = format!(
+        "POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut response))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8(response[..split].to_vec()).unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-type")
+                .then(|| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    (status, content_type, response[split + 4..].to_vec())
+}
+
+/// Package #1 of a client-initiated session, as the C client of B.6 writes it.
+fn package1(session_id: &str, msg_id: &str, target: &str, cred: Option<syncml::Cred>) -> String {
+    let mut hdr = SyncHdr::new(
+        session_id,
+        msg_id,
+        Location::new(target),
+        Location::new(DEV),
+    );
+    hdr.cred = cred;
+    let devinfo = [
+        ("DevId", DEV),
+        ("Man", "Acme"),
+        ("Mod", "X100"),
+        ("DmV", "1.0"),
+        ("Lang", "en-US"),
+    ]
+    .into_iter()
+    .map(|(n, v)| Item::source(format!("./DevInfo/{n}")).with_data(v))
+    .collect();
+    syncml::encode(&SyncMl {
+        hdr,
+        body: SyncBody {
+            commands: vec![
+                Command::Alert(Alert::new("1", AlertCode::ClientInitiatedMgmt)),
+                Command::Replace(ItemCommand::new("2", devinfo)),
+            ],
+            final_: true,
+        },
+    })
+}
+
+/// Posts a message with the DS content type the C client uses; the answer must be a 200 with SyncML
+/// of the same type.
+async fn exchange(url: &str, body: &str) -> SyncMl {
+    let (status, content_type, answer) = post_raw(url, syncml::CONTENT_TYPE_DS_XML, body).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(content_type, syncml::CONTENT_TYPE_DS_XML);
+    syncml::decode(&answer).unwrap()
+}
+
+/// The status for the device's header in a server message: (code, the Chal's type and NextNonce).
+fn header_status(msg: &SyncMl) -> (u16, Option<(String, Vec<u8>)>) {
+    let s = msg
+        .body
+        .commands
+        .iter()
+        .find_map(|c| match c {
+            Command::Status(s) if s.cmd_ref == "0" => Some(s),
+            _ => None,
+        })
+        .expect("a status for the header");
+    let chal = s.chal.as_ref().map(|c| {
+        (
+            c.meta.type_.clone().unwrap_or_default(),
+            auth::decode_nonce(c.meta.next_nonce.as_deref().unwrap_or_default()).unwrap(),
+        )
+    });
+    (s.data.code(), chal)
+}
+
+/// The codes of the statuses a server message gives the device's commands.
+fn command_statuses(msg: &SyncMl) -> Vec<u16> {
+    msg.body
+        .commands
+        .iter()
+        .filter_map(|c| match c {
+            Command::Status(s) if s.cmd_ref != "0" => Some(s.data.code()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn management(msg: &SyncMl) -> Vec<&Command> {
+    msg.body
+        .commands
+        .iter()
+        .filter(|c| !matches!(c, Command::Status(_) | Command::Results(_)))
+        .collect()
+}
+
+/// A channel that takes every package #0 and delivers none: a device that never comes.
+struct NullChannel;
+
+impl Package0Channel for NullChannel {
+    fn deliver<'a>(
+        &'a self,
+        _: &'a str,
+        _: Vec<u8>,
+    ) -> Pin<Box<dyn Future<Output = Result<(), ChannelError>> + Send + 'a>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A channel that loses the first package #0 (and says it delivered it), then delivers.
+struct LosesFirst {
+    inner: HttpPushChannel,
+    sent: AtomicUsize,
+}
+
+impl Package0Channel for LosesFirst {
+    fn deliver<'a>(
+        &'a self,
+        dev_id: &'a str,
+        package0: Vec<u8>,
+    ) -> Pin<Box<dyn Future<Output = Result<(), ChannelError>> + Send + 'a>> {
+        Box::pin(async move {
+            if self.sent.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Ok(());
+            }
+            self.inner.deliver(dev_id, package0).await
+        })
+    }
+}
+
+/// A channel whose device is gone (404); the first delivery waits until released.
+struct Gone {
+    entered: Notify,
+    release: Notify,
+    first: Mutex<bool>,
+}
+
+impl Package0Channel for Gone {
+    fn deliver<'a>(
+        &'a self,
+        _: &'a str,
+        _: Vec<u8>,
+    ) -> Pin<Box<dyn Future<Output = Result<(), ChannelError>> + Send + 'a>> {
+        Box::pin(async move {
+            let first = std::mem::replace(&mut *self.first.lock().unwrap(), false);
+            if first {
+                self.entered.notify_one();
+                self.release.notified().await;
+            }
+            Err(ChannelError::Refused(404))
+        })
+    }
+}
+
+fn raw_credentials() -> DeviceCredentials {
+    DeviceCredentials {
+        server_secret: "server-secret".into(),
+        server_nonce_b64: auth::encode_nonce(b"server-nonce-0"),
+        client_name: DEV.into(),
+        client_secret: "client-secret".into(),
+        client_nonce_b64: auth::encode_nonce(b"client-nonce-0"),
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// B.1 / B.6 authentication with a real client's behaviour
+// ------------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_basic_credential_gets_401_with_an_md5_chal_and_the_md5_retry_is_accepted() {
+    let mut server = Server::with_channel(
+        D1,
+        Arc::new(NullChannel),
+        dm_provisioning::DEFAULT_SESSION_TIMEOUT,
+    )
+    .await;
+    server.prov.register_device(DEV, raw_credentials());
+    // An operator's Add of an interior node without Data: B.6, the server sends <Data/>.
+    let job = server
+        .prov
+        .enqueue(
+            DEV,
+            Job::Commands(vec![Command::Add(ItemCommand::new(
+                "0",
+                vec![Item::target("./Vendor/Acme/New").with_meta(Meta {
+                    format: Some("node".into()),
+                    ..Meta::default()
+                })],
+            ))]),
+        )
+        .await
+        .unwrap();
+    let url = server.url();
+
+    // 1. The right password, but auth-basic: 401 and an auth-md5 Chal; the commands are not taken.
+    let reply = exchange(
+        &url,
+        &package1("7", "1", &url, Some(auth::cred_basic(DEV, "client-secret"))),
+    )
+    .await;
+    assert!(
+        auth::verify_cred(
+            reply.hdr.cred.as_ref().unwrap(),
+            D1,
+            "server-secret",
+            b"server-nonce-0"
+        )
+        .is_ok()
+    );
+    let (code, chal) = header_status(&reply);
+    assert_eq!(code, 401);
+    let (chal_type, nonce) = chal.expect("a Chal");
+    assert_eq!(chal_type, auth::AUTH_MD5);
+    assert_eq!(command_statuses(&reply), [401, 401]);
+    assert!(management(&reply).is_empty());
+
+    // 2. auth-md5 over the challenged nonce: 212 with a new Chal, and the job's command.
+    let md5 = auth::cred_md5(DEV, "client-secret", &nonce);
+    let reply = exchange(&url, &package1("7", "2", &url, Some(md5.clone()))).await;
+    let (code, chal) = header_status(&reply);
+    assert_eq!(code, 212);
+    assert_ne!(chal.unwrap().1, nonce);
+    assert_eq!(command_statuses(&reply), [200, 200]);
+    let commands = management(&reply);
+    assert_eq!(commands.len(), 1);
+    let add_id = commands[0].cmd_id().to_string();
+    assert_eq!(commands[0].items()[0].data.as_deref(), Some(""));
+    // CmdIDs are numbers, unique in the message.
+    let mut ids: Vec<u64> = reply
+        .body
+        .commands
+        .iter()
+        .map(|c| c.cmd_id().parse().unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), reply.body.commands.len());
+
+    // 3. The same md5 credential again: 401, the nonce was single-use. A package #1 without any
+    //    credential, and a message naming another session: 407. None of them ends the session.
+    let replay = exchange(&url, &package1("7", "1", &url, Some(md5))).await;
+    assert_eq!(header_status(&replay).0, 401);
+    let anonymous = exchange(&url, &package1("7", "1", &url, None)).await;
+    assert_eq!(header_status(&anonymous).0, 407);
+    assert!(management(&anonymous).is_empty());
+    let mut hdr = SyncHdr::new("8", "3", Location::new(&url), Location::new(DEV));
+    hdr.cred = None;
+    let answer = |hdr: SyncHdr| {
+        let mut status = syncml::Status::new("1", "2", &add_id, "Add", StatusCode::Ok);
+        status.target_refs.push("./Vendor/Acme/New".into());
+        syncml::encode(&SyncMl {
+            hdr,
+            body: SyncBody {
+                commands: vec![Command::Status(status)],
+                final_: true,
+            },
+        })
+    };
+    let other_session = exchange(&url, &answer(hdr)).await;
+    assert_eq!(header_status(&other_session).0, 407);
+
+    // 4. The device's answer in its own session ends the job.
+    let hdr = SyncHdr::new("7", "3", Location::new(&url), Location::new(DEV));
+    let last = exchange(&url, &answer(hdr)).await;
+    assert_eq!(header_status(&last).0, 200);
+    assert!(management(&last).is_empty());
+    let outcome = server.outcome().await;
+    assert_eq!(outcome.job_id, job);
+    let Ok(JobSuccess::Commands { statuses, .. }) = outcome.result else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(codes(&statuses), [200]);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Robustness: a device that never comes, a session cut off, a device that cannot be reached
+// ------------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_cut_off_mid_way_fails_its_job_with_408_and_the_queue_goes_on() {
+    let mut server =
+        Server::with_channel(D1, Arc::new(NullChannel), Duration::from_millis(300)).await;
+    server.prov.register_device(DEV, raw_credentials());
+    let first = server
+        .prov
+        .enqueue(DEV, Job::Commands(vec![replace("./DevInfo/Lang", "de")]))
+        .await
+        .unwrap();
+    let second = server
+        .prov
+        .enqueue(DEV, Job::Commands(vec![replace("./DevInfo/Lang", "fr")]))
+        .await
+        .unwrap();
+    assert_ne!(first, second);
+    let url = server.url();
+    let md5 = auth::cred_md5(DEV, "client-secret", b"client-nonce-0");
+    let reply = exchange(&url, &package1("9", "1", &url, Some(md5))).await;
+    assert_eq!(management(&reply).len(), 1);
+    // What comes next is not a SyncML message: refused, and nothing else happens.
+    for body in ["<SyncML><SyncHdr>", "\u{0}\u{1}", ""] {
+        let (status, _, _) = post_raw(&url, syncml::CONTENT_TYPE_XML, body).await;
+        assert_eq!(status, 400, "{body:?}");
+    }
+    let (status, _, _) = post_raw(&url, "text/plain", "hello").await;
+    assert_eq!(status, 415);
+    // The device never answers: the job fails, the next one is woken (and, its device never coming,
+    // fails in turn). Nothing waits forever.
+    let outcome = server.outcome().await;
+    assert_eq!(outcome.job_id, first);
+    let failure = outcome.result.unwrap_err();
+    assert_eq!(failure.status, 408, "{failure:?}");
+    assert!(
+        failure.reason.contains("left its DM session"),
+        "{failure:?}"
+    );
+    let outcome = server.outcome().await;
+    assert_eq!(outcome.job_id, second);
+    let failure = outcome.result.unwrap_err();
+    assert_eq!(failure.status, 408, "{failure:?}");
+    assert!(failure.reason.contains("did not open"), "{failure:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_package0_fails_its_job_with_408_and_the_next_job_runs() {
+    let fleet = Fleet::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fleet_url = format!("http://{}", listener.local_addr().unwrap());
+    let serving = fleet.clone();
+    tokio::spawn(async move { serving.serve(listener, std::future::pending()).await });
+    let channel = Arc::new(LosesFirst {
+        inner: HttpPushChannel::new(&fleet_url),
+        sent: AtomicUsize::new(0),
+    });
+    let mut dms1 = Server::with_channel(D1, channel, Duration::from_millis(300)).await;
+    let account = dms1_account(&dms1.url());
+    fleet.insert(Device::with_default_tree(DEV, &account).unwrap());
+    dms1.prov.register_device(
+        DEV,
+        DeviceCredentials {
+            server_secret: account.server_secret.clone(),
+            server_nonce_b64: account.server_nonce_b64.clone(),
+            client_name: account.client_name.clone(),
+            client_secret: account.client_secret.clone(),
+            client_nonce_b64: account.client_nonce_b64.clone(),
+        },
+    );
+    let lost = dms1
+        .prov
+        .enqueue(DEV, Job::Commands(vec![replace("./DevInfo/Lang", "de")]))
+        .await
+        .unwrap();
+    let next = dms1
+        .prov
+        .enqueue(DEV, Job::Commands(vec![replace("./DevInfo/Lang", "fr")]))
+        .await
+        .unwrap();
+    let outcome = dms1.outcome().await;
+    assert_eq!(outcome.job_id, lost);
+    assert_eq!(outcome.result.unwrap_err().status, 408);
+    let outcome = dms1.outcome().await;
+    assert_eq!(outcome.job_id, next);
+    assert!(outcome.result.is_ok(), "{outcome:?}");
+    let lang = fleet
+        .with_device(DEV, |d| {
+            d.tree()
+                .value(&"./DevInfo/Lang".parse().unwrap())
+                .map(String::from)
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(lang, "fr");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_a_package0_is_refused_the_jobs_queued_behind_it_are_tried_too() {
+    let channel = Arc::new(Gone {
+        entered: Notify::new(),
+        release: Notify::new(),
+        first: Mutex::new(true),
+    });
+    let mut server = Server::with_channel(
+        D1,
+        channel.clone(),
+        dm_provisioning::DEFAULT_SESSION_TIMEOUT,
+    )
+    .await;
+    server.prov.register_device(DEV, raw_credentials());
+    let prov = server.prov.clone();
+    let first = tokio::spawn(async move {
+        prov.enqueue(DEV, Job::Commands(vec![replace("./DevInfo/Lang", "de")]))
+            .await
+            .unwrap()
+    });
+    channel.entered.notified().await;
+    // Queued while the first package #0 is on its way: no package #0 of its own.
+    let second = server
+        .prov
+        .enqueue(DEV, Job::Commands(vec![replace("./DevInfo/Lang", "fr")]))
+        .await
+        .unwrap();
+    channel.release.notify_one();
+    let first = first.await.unwrap();
+    for id in [first, second] {
+        let outcome = server.outcome().await;
+        assert_eq!(outcome.job_id, id);
+        assert_eq!(outcome.result.unwrap_err().status, 404);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_enqueues_get_their_own_ids() {
+    let server = Server::with_channel(
+        D1,
+        Arc::new(NullChannel),
+        dm_provisioning::DEFAULT_SESSION_TIMEOUT,
+    )
+    .await;
+    server.prov.register_device(DEV, raw_credentials());
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let prov = server.prov.clone();
+            tokio::spawn(async move { prov.enqueue(DEV, Job::Commands(Vec::new())).await.unwrap() })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap());
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 64, "{ids:?}");
+}
+
+// ------------------------------------------------------------------------------------------------
+// The plan with a client like the one of B.6, and with deep explicit ACLs
+// ------------------------------------------------------------------------------------------------
+
+fn b6_fleet() -> Fleet {
+    Fleet::with_config(SessionConfig {
+        b6_client: true,
+        ..SessionConfig::default()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_atomic_that_starts_with_basic_gets_the_whole_delegation() {
+    // Basic first (401 + md5 Chal, then md5), the DS content type, no status for the Atomic: the
+    // read-back decides. Then the first session of DMS-2, its management, and the restore.
+    let mut w = World::with_fleet(b6_fleet()).await;
+    let before = w.export();
+    let account_uri = w.delegate(DelType::Partial, &["./Vendor/Acme/Apps"]).await;
+    w.first_session(&account_uri).await;
+    let statuses = w
+        .dms2
+        .commands(vec![replace("./Vendor/Acme/Apps/App1/Version", "2.0")])
+        .await;
+    assert_eq!(codes(&statuses), [200]);
+    let statuses = w
+        .dms1
+        .commands(vec![replace("./Vendor/Acme/Apps/App1/Version", "3.0")])
+        .await;
+    assert_eq!(codes(&statuses), [425]);
+    let restored = w
+        .dms1
+        .run(Job::Restore {
+            plan_id: "delegation-1".into(),
+        })
+        .await;
+    assert_eq!(restored, Ok(JobSuccess::Restored));
+    // Authority is back; the value DMS-2 set stays (A.6: authority, not data).
+    let now = w.export();
+    let mut expected = DmTree::from_tnds(&before).unwrap();
+    expected
+        .replace_value(&"./Vendor/Acme/Apps/App1/Version".parse().unwrap(), "2.0")
+        .unwrap();
+    assert_eq!(comparable(&now, &[]), comparable(&expected.to_tnds(), &[]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_client_without_atomic_a_refused_plan_is_undone_and_the_tree_is_as_before() {
+    // No Add on ./DMAcc for DMS-1: the account is refused, but this client goes on with the rest of
+    // the plan (the scope's ACLs change). The server finds the failure, puts back what the device
+    // did, and reports 507 with the refused command.
+    let mut w = World::with_fleet(b6_fleet()).await;
+    w.fleet
+        .with_device_mut(DEV, |d| {
+            let acl = format!("Get={D1}&Replace={D1}").parse().unwrap();
+            d.tree_mut()
+                .set_acl(&"./DMAcc".parse().unwrap(), acl)
+                .unwrap();
+        })
+        .unwrap();
+    let before = w.export();
+    let request = w.request(DelType::Partial, &["./Vendor/Acme/Apps"]);
+    let failed = w
+        .dms1
+        .run(Job::Apply {
+            plan_id: "refused".into(),
+            request: Box::new(request),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(failed.status, 507, "{failed:?}");
+    assert_eq!(failed.command, "Add ./DMAcc/dms2", "{failed:?}");
+    assert_eq!(
+        comparable(&w.export(), &[]),
+        comparable(&before, &[]),
+        "put back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_explicit_acls_naming_d1_move_and_come_back() {
+    // Below the scope root: App1 `Get=D1` (interior), its leaf Version `Get=D1&Replace=D1` (a leaf's
+    // own Replace does not cover its ACL), Cfg `Get=D1&Replace=D1` (interior) and its leaf Mode.
+    let mut w = World::start().await;
+    w.fleet
+        .with_device_mut(DEV, |d| {
+            let t = d.tree_mut();
+            t.add_interior(&"./Vendor/Acme/Apps/App1/Cfg".parse().unwrap())
+                .unwrap();
+            t.add_leaf(
+                &"./Vendor/Acme/Apps/App1/Cfg/Mode".parse().unwrap(),
+                "auto",
+                None,
+                None,
+            )
+            .unwrap();
+            for (at, acl) in [
+                ("./Vendor/Acme/Apps/App1", format!("Get={D1}")),
+                (
+                    "./Vendor/Acme/Apps/App1/Version",
+                    format!("Get={D1}&Replace={D1}"),
+                ),
+                (
+                    "./Vendor/Acme/Apps/App1/Cfg",
+                    format!("Get={D1}&Replace={D1}"),
+                ),
+                ("./Vendor/Acme/Apps/App1/Cfg/Mode", format!("Get={D1}")),
+            ] {
+                t.set_acl(&at.parse().unwrap(), acl.parse().unwrap())
+                    .unwrap();
+            }
+        })
+        .unwrap();
+    let before = w.export();
+    let account_uri = w.delegate(DelType::Partial, &["./Vendor/Acme/Apps"]).await;
+    w.first_session(&account_uri).await;
+    let version = "./Vendor/Acme/Apps/App1/Version";
+    let statuses = w
+        .dms2
+        .commands(vec![replace(version, "2.0"), replace(version, "1.0.0")])
+        .await;
+    assert_eq!(codes(&statuses), [200, 200]);
+    let statuses = w.dms1.commands(vec![replace(version, "x")]).await;
+    assert_eq!(codes(&statuses), [425]);
+    let restored = w
+        .dms1
+        .run(Job::Restore {
+            plan_id: "delegation-1".into(),
+        })
+        .await;
+    assert_eq!(restored, Ok(JobSuccess::Restored));
+    assert_eq!(comparable(&w.export(), &[]), comparable(&before, &[]));
 }
