@@ -15,6 +15,7 @@
 //! with 408 and the device's next job goes on.
 
 mod plan;
+pub mod service;
 mod session;
 
 use std::collections::{HashMap, VecDeque};

@@ -1,0 +1,359 @@
+//! The provisioning service on the bus (docs/bus.md): turns the saga's device commands into jobs for the
+//! devices and their outcomes into events. A command is acknowledged once its job is queued (a device
+//! session can outlast an ack deadline); its outcome is published when the device is done, with the msg-id
+//! `<outbox_id>:result`. A command delivered again while its job is queued or running is not queued twice.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dm_bus::{Area, Bus, BusError, ConsumerConfig, Headers, Names};
+use dm_proto::bus::v1::{CommandEnvelope, DelegationRef, EventEnvelope, Fetch, FetchAnswer, fetch};
+use dm_protocol::delegation::DelType as WireDelType;
+use dm_protocol::dmacc::{AuthLevel, DmAccount, Secret};
+use dm_protocol::types::{DmUri, UtcTime};
+use dm_saga::pb::{self, DelType, Event, Work, WorkResult, command, event};
+use prost::Message as _;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::{DeviceCredentials, Job, JobOutcome, JobSuccess, PlanRequest, Provisioning, Rotation};
+
+/// How long a request to auth may take.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+struct Pending {
+    outbox_id: String,
+    delegation: DelegationRef,
+    work: Work,
+}
+
+fn wire_type(t: DelType) -> Option<WireDelType> {
+    match t {
+        DelType::Partial => Some(WireDelType::Partial),
+        DelType::Full => Some(WireDelType::Full),
+        DelType::Final => Some(WireDelType::Final),
+        DelType::Temporary => Some(WireDelType::Temporary),
+        DelType::Unspecified => None,
+    }
+}
+
+/// `<x>` of `./DMAcc/<x>` for a delegated server: its ServerID with every character a node name should not
+/// have replaced by `_`.
+pub fn account_key(server_id: &str) -> String {
+    server_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The delegation's plan id: the same for its apply and its restore.
+fn plan_id(d: &DelegationRef) -> String {
+    format!("{}/{}", d.peer_server_id, d.session_id)
+}
+
+async fn fetch_secret(
+    bus: &Bus,
+    names: &Names,
+    d: &DelegationRef,
+    what: fetch::What,
+) -> Result<Vec<u8>, String> {
+    let mut request = Fetch {
+        delegation: Some(d.clone()),
+        ..Default::default()
+    };
+    request.set_what(what);
+    let answer = bus
+        .request(
+            &names
+                .subject(Area::Req, "auth.fetch")
+                .map_err(|e| e.to_string())?,
+            Headers::new(),
+            Bytes::from(request.encode_to_vec()),
+            AUTH_TIMEOUT,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let answer = FetchAnswer::decode(answer.payload).map_err(|e| e.to_string())?;
+    if answer.found {
+        Ok(answer.value)
+    } else {
+        Err(format!("auth has no such secret: {}", answer.reason))
+    }
+}
+
+fn account_from_tnds(bytes: &[u8]) -> Result<DmAccount, String> {
+    let tree = dm_protocol::tnds::decode(bytes).map_err(|e| e.to_string())?;
+    DmAccount::from_tnds(&tree).map_err(|e| e.to_string())
+}
+
+/// Serves `cmd.provisioning.*` until `shutdown`, publishing outcomes as they come.
+pub async fn run(
+    provisioning: Provisioning,
+    mut outcomes: UnboundedReceiver<JobOutcome>,
+    bus: Bus,
+    names: Names,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), BusError> {
+    let pending: Arc<Mutex<HashMap<u64, Pending>>> = Arc::default();
+    let mut commands = bus
+        .consumer(&ConsumerConfig {
+            stream: names.stream(Area::Cmd),
+            durable: names.consumer("provisioning")?,
+            filter: names.commands_for("provisioning")?,
+            ack_wait: Duration::from_secs(60),
+        })
+        .await?;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            outcome = outcomes.recv() => {
+                let Some(outcome) = outcome else { return Ok(()) };
+                let done = pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&outcome.job_id);
+                if let Some(p) = done {
+                    publish_outcome(&bus, &names, &p, outcome).await?;
+                }
+            }
+            delivery = commands.next() => {
+                let Some(delivery) = delivery? else { return Ok(()) };
+                let Ok(env) = CommandEnvelope::decode(delivery.message.payload.clone()) else {
+                    delivery.term().await?;
+                    continue;
+                };
+                let already = pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .values()
+                    .any(|p| p.outbox_id == env.outbox_id);
+                if !already {
+                    match job_for(&provisioning, &bus, &names, &env).await {
+                        Ok(Some((work, job))) => {
+                            let d = env.delegation.clone().unwrap_or_default();
+                            match provisioning.enqueue(&d.dev_id, job).await {
+                                Ok(id) => {
+                                    pending.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                                        id,
+                                        Pending { outbox_id: env.outbox_id.clone(), delegation: d, work },
+                                    );
+                                }
+                                Err(e) => {
+                                    let p = Pending { outbox_id: env.outbox_id.clone(), delegation: d, work };
+                                    let failed = JobOutcome {
+                                        job_id: 0,
+                                        dev_id: p.delegation.dev_id.clone(),
+                                        result: Err(crate::JobFailure { status: 404, command: String::new(), reason: e.to_string() }),
+                                    };
+                                    publish_outcome(&bus, &names, &p, failed).await?;
+                                }
+                            }
+                        }
+                        // Done at once (nothing to do on the device).
+                        Ok(None) => {
+                            if let Some(p) = immediate(&env) {
+                                let ok = JobOutcome { job_id: 0, dev_id: p.delegation.dev_id.clone(), result: Ok(JobSuccess::Restored) };
+                                publish_outcome(&bus, &names, &p, ok).await?;
+                            }
+                        }
+                        Err((work, status, reason)) => {
+                            let p = Pending { outbox_id: env.outbox_id.clone(), delegation: env.delegation.clone().unwrap_or_default(), work };
+                            let failed = JobOutcome {
+                                job_id: 0,
+                                dev_id: p.delegation.dev_id.clone(),
+                                result: Err(crate::JobFailure { status, command: String::new(), reason }),
+                            };
+                            publish_outcome(&bus, &names, &p, failed).await?;
+                        }
+                    }
+                }
+                delivery.ack().await?;
+            }
+        }
+    }
+}
+
+/// Commands that complete without a device session: Final's finalize. DMS-1 holds `Replace` on the scope
+/// roots' parents independently of the delegation (the plan required it beforehand), so no right is held
+/// only for this delegation and nothing is removed; Final is kept by refusing revocation (A.6).
+fn immediate(env: &CommandEnvelope) -> Option<Pending> {
+    match env.command.as_ref()?.kind.as_ref()? {
+        command::Kind::FinalizeDevice(_) => Some(Pending {
+            outbox_id: env.outbox_id.clone(),
+            delegation: env.delegation.clone().unwrap_or_default(),
+            work: Work::Finalize,
+        }),
+        _ => None,
+    }
+}
+
+type JobError = (Work, u32, String);
+
+/// The job a command asks for, with the secrets it needs fetched from auth.
+async fn job_for(
+    provisioning: &Provisioning,
+    bus: &Bus,
+    names: &Names,
+    env: &CommandEnvelope,
+) -> Result<Option<(Work, Job)>, JobError> {
+    let d = env.delegation.clone().unwrap_or_default();
+    let Some(kind) = env.command.as_ref().and_then(|c| c.kind.as_ref()) else {
+        return Ok(None);
+    };
+    match kind {
+        command::Kind::ApplyPlan(plan) => {
+            let fail = |status, reason: String| (Work::ApplyPlan, status, reason);
+            let account = fetch_secret(bus, names, &d, fetch::What::PeerAccount)
+                .await
+                .and_then(|b| account_from_tnds(&b))
+                .map_err(|e| fail(500, e))?;
+            let temp_key = fetch_secret(bus, names, &d, fetch::What::TempKey)
+                .await
+                .and_then(|b| String::from_utf8(b).map_err(|e| e.to_string()))
+                .map_err(|e| fail(500, e))?;
+            let del_type =
+                wire_type(plan.del_type()).ok_or_else(|| fail(400, "no delegation type".into()))?;
+            let scope = plan
+                .scope
+                .iter()
+                .map(|s| {
+                    s.parse::<DmUri>()
+                        .map_err(|e| fail(400, format!("scope: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let not_after = plan.not_after_ms.map(|ms| UtcTime {
+                unix_seconds: ms.div_euclid(1000),
+                nanos: 0,
+            });
+            let request = PlanRequest {
+                account_key: account_key(&d.peer_server_id),
+                account,
+                delegating: provisioning.config().server_id.clone(),
+                delegated: d.peer_server_id.clone(),
+                del_type,
+                scope,
+                not_after,
+                temp_key_b64: Secret::new(temp_key),
+            };
+            Ok(Some((
+                Work::ApplyPlan,
+                Job::Apply {
+                    plan_id: plan_id(&d),
+                    request: Box::new(request),
+                },
+            )))
+        }
+        command::Kind::RestoreDevice(_) => Ok(Some((
+            Work::Restore,
+            Job::Restore {
+                plan_id: plan_id(&d),
+            },
+        ))),
+        command::Kind::RunFirstSession(first) => {
+            let fail = |status, reason: String| (Work::FirstSession, status, reason);
+            let plan = first.plan.clone().unwrap_or_default();
+            let temp_key = fetch_secret(bus, names, &d, fetch::What::TempKey)
+                .await
+                .and_then(|b| String::from_utf8(b).map_err(|e| e.to_string()))
+                .map_err(|e| fail(500, e))?;
+            let own = fetch_secret(bus, names, &d, fetch::What::OwnAccount)
+                .await
+                .and_then(|b| account_from_tnds(&b))
+                .map_err(|e| fail(500, e))?;
+            let server_key = own
+                .credential(AuthLevel::Srvcred)
+                .map(|c| c.key.clone())
+                .unwrap_or_else(|| "srvcred".into());
+            let client = own
+                .credential(AuthLevel::Clcred)
+                .ok_or_else(|| fail(500, "own account has no client credential".into()))?;
+            provisioning.register_device(
+                &d.dev_id,
+                DeviceCredentials {
+                    server_secret: temp_key,
+                    server_nonce_b64: plan.server_nonce_b64.clone(),
+                    client_name: client.name.clone().unwrap_or_else(|| d.dev_id.clone()),
+                    client_secret: client
+                        .secret
+                        .as_ref()
+                        .map(|s| s.expose().to_string())
+                        .unwrap_or_default(),
+                    client_nonce_b64: client.data.clone().unwrap_or_default(),
+                },
+            );
+            Ok(Some((
+                Work::FirstSession,
+                Job::FirstSession(Rotation {
+                    account_uri: plan.account_uri.clone(),
+                    server_cred_key: server_key,
+                    client_cred_key: client.key.clone(),
+                }),
+            )))
+        }
+        _ => Ok(None),
+    }
+}
+
+async fn publish_outcome(
+    bus: &Bus,
+    names: &Names,
+    p: &Pending,
+    outcome: JobOutcome,
+) -> Result<(), BusError> {
+    let mut result = match outcome.result {
+        Ok(success) => {
+            let plan = match success {
+                JobSuccess::Applied {
+                    account_uri,
+                    acl_results,
+                    server_nonce_b64,
+                } => Some(pb::PlanOutcome {
+                    account_uri,
+                    acl_results: acl_results
+                        .into_iter()
+                        .map(|(uri, value)| pb::AclResult { uri, value })
+                        .collect(),
+                    server_nonce_b64,
+                }),
+                _ => None,
+            };
+            WorkResult {
+                ok: true,
+                plan,
+                ..Default::default()
+            }
+        }
+        Err(f) => WorkResult {
+            ok: false,
+            status_code: f.status,
+            failed_command: f.command,
+            reason: f.reason,
+            ..Default::default()
+        },
+    };
+    result.set_work(p.work);
+    let envelope = EventEnvelope {
+        delegation: Some(p.delegation.clone()),
+        event: Some(Event {
+            kind: Some(event::Kind::Work(result)),
+        }),
+    };
+    let mut headers = Headers::new();
+    headers.insert("dmd-type", "dmd.bus.v1.EventEnvelope");
+    bus.publish(
+        &names.subject(Area::Evt, "provisioning.done")?,
+        headers,
+        Bytes::from(envelope.encode_to_vec()),
+        &format!("{}:result", p.outbox_id),
+    )
+    .await
+}

@@ -1,0 +1,197 @@
+//! The provisioning service driven over the bus as the orchestrator drives it: an ApplyPlan command (the
+//! peer's account and the TEMP key fetched from auth — here a stand-in answering on `req.auth.fetch`), the
+//! device woken by package #0 and provisioned over HTTP, the outcome published as an event; then a restore.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dm_bus::{Area, Bus, ConsumerConfig, Headers, Names, WorkQueue};
+use dm_client::{DefaultAccount, Device, Fleet};
+use dm_notification::{HttpPushChannel, Package0Channel};
+use dm_proto::bus::v1::{CommandEnvelope, DelegationRef, EventEnvelope, Fetch, FetchAnswer, fetch};
+use dm_protocol::auth;
+use dm_provisioning::{Config, DeviceCredentials, Provisioning};
+use dm_saga::pb::{self, Command, DelType, Role, Work, command, event};
+use prost::Message as _;
+
+const D1: &str = "dms1.operator.example";
+const D2: &str = "dms2.enterprise.example";
+const DEV: &str = "IMEI:490154203237518";
+const TEMP_KEY: &str = "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=";
+
+fn start_xml_account_tnds() -> Vec<u8> {
+    let xml = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/start.xml"
+    ))
+    .unwrap();
+    let dm_protocol::delegation::Body::Start(start) =
+        dm_protocol::delegation::decode(&xml).unwrap().body
+    else {
+        panic!("examples/start.xml is a DELEGATION_START");
+    };
+    dm_protocol::tnds::encode(&start.dm_acc).into_bytes()
+}
+
+fn command(outbox_id: &str, kind: command::Kind) -> CommandEnvelope {
+    let mut d = DelegationRef {
+        peer_server_id: D2.into(),
+        session_id: "9d2f0f7e-2b8a-4d6e-8a51-2a7e6b0c4d11".into(),
+        dev_id: DEV.into(),
+        ..Default::default()
+    };
+    d.set_role(Role::Delegating);
+    CommandEnvelope {
+        delegation: Some(d),
+        command: Some(Command { kind: Some(kind) }),
+        outbox_id: outbox_id.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_and_restore_over_the_bus() {
+    let bus = Bus::in_process();
+    let names = Names::new("dms1").unwrap();
+    for area in [Area::Cmd, Area::Evt] {
+        bus.ensure_work_queue(&WorkQueue {
+            stream: names.stream(area),
+            subjects: vec![names.area_wildcard(area)],
+            duplicate_window: Duration::from_secs(120),
+        })
+        .await
+        .unwrap();
+    }
+    // Auth's part: the secrets of the delegation.
+    let mut fetches = bus
+        .serve(&names.subject(Area::Req, "auth.fetch").unwrap(), "auth")
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Some(r) = fetches.next().await {
+            let f = Fetch::decode(r.message.payload.clone()).unwrap();
+            let value = match f.what() {
+                fetch::What::PeerAccount => start_xml_account_tnds(),
+                fetch::What::TempKey => TEMP_KEY.as_bytes().to_vec(),
+                _ => Vec::new(),
+            };
+            let answer = FetchAnswer {
+                found: !value.is_empty(),
+                value,
+                reason: String::new(),
+            };
+            r.respond(Headers::new(), Bytes::from(answer.encode_to_vec()))
+                .await
+                .unwrap();
+        }
+    });
+    // The device and DMS-1's provisioning.
+    let fleet = Fleet::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fleet_url = format!("http://{}", listener.local_addr().unwrap());
+    let serving = fleet.clone();
+    tokio::spawn(async move { serving.serve(listener, std::future::pending()).await });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/dm", listener.local_addr().unwrap());
+    let channel: Arc<dyn Package0Channel> = Arc::new(HttpPushChannel::new(&fleet_url));
+    let (p1, outcomes) = Provisioning::new(Config::new(D1, url.clone()), channel);
+    tokio::spawn(p1.clone().serve(listener, std::future::pending()));
+    let account = DefaultAccount {
+        server_id: D1.into(),
+        addr: url,
+        server_secret: "s".into(),
+        server_nonce_b64: auth::encode_nonce(b"sn"),
+        client_name: DEV.into(),
+        client_secret: "c".into(),
+        client_nonce_b64: auth::encode_nonce(b"cn"),
+    };
+    fleet.insert(Device::with_default_tree(DEV, &account).unwrap());
+    p1.register_device(
+        DEV,
+        DeviceCredentials {
+            server_secret: "s".into(),
+            server_nonce_b64: account.server_nonce_b64.clone(),
+            client_name: DEV.into(),
+            client_secret: "c".into(),
+            client_nonce_b64: account.client_nonce_b64.clone(),
+        },
+    );
+    tokio::spawn(dm_provisioning::service::run(
+        p1,
+        outcomes,
+        bus.clone(),
+        names.clone(),
+        std::future::pending(),
+    ));
+    let mut events = bus
+        .consumer(&ConsumerConfig {
+            stream: names.stream(Area::Evt),
+            durable: names.consumer("test").unwrap(),
+            filter: names.area_wildcard(Area::Evt),
+            ack_wait: Duration::from_secs(30),
+        })
+        .await
+        .unwrap();
+    let before = fleet.export(DEV).unwrap();
+
+    let mut apply = pb::ApplyPlan {
+        scope: vec!["./Vendor/Acme/Apps".into()],
+        ..Default::default()
+    };
+    apply.set_del_type(DelType::Partial);
+    for (outbox_id, kind, work) in [
+        ("k:1:0", command::Kind::ApplyPlan(apply), Work::ApplyPlan),
+        (
+            "k:2:0",
+            command::Kind::RestoreDevice(pb::RestoreDevice {
+                authority_only: true,
+            }),
+            Work::Restore,
+        ),
+    ] {
+        let env = command(outbox_id, kind);
+        bus.publish(
+            &names.subject(Area::Cmd, "provisioning.x").unwrap(),
+            Headers::new(),
+            Bytes::from(env.encode_to_vec()),
+            outbox_id,
+        )
+        .await
+        .unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(20), events.next())
+            .await
+            .expect("an outcome in time")
+            .unwrap()
+            .unwrap();
+        let outcome = EventEnvelope::decode(d.message.payload.clone()).unwrap();
+        let Some(event::Kind::Work(w)) = outcome.event.unwrap().kind else {
+            panic!("not a work result")
+        };
+        assert_eq!(w.work(), work);
+        assert!(w.ok, "{work:?}: {} {}", w.status_code, w.reason);
+        if work == Work::ApplyPlan {
+            let plan = w.plan.unwrap();
+            assert_eq!(plan.account_uri, "./DMAcc/dms2_enterprise_example");
+            assert!(
+                plan.acl_results
+                    .iter()
+                    .any(|a| a.uri == "./Vendor/Acme/Apps")
+            );
+            assert!(!plan.server_nonce_b64.is_empty());
+            let has_account = fleet
+                .with_device(DEV, |dv| dv.account_uri(D2).is_some())
+                .unwrap();
+            assert!(has_account, "DMS-2's account is on the device");
+        }
+        d.ack().await.unwrap();
+    }
+    let has_account = fleet
+        .with_device(DEV, |dv| dv.account_uri(D2).is_some())
+        .unwrap();
+    assert!(!has_account, "restored: DMS-2's account is gone");
+    let after = fleet.export(DEV).unwrap();
+    assert_eq!(after.nodes.len(), before.nodes.len());
+}
