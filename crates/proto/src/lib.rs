@@ -16,3 +16,11 @@ pub mod bus {
         include!(concat!(env!("OUT_DIR"), "/dmd.bus.v1.rs"));
     }
 }
+
+/// `dmd.admin.v1`: the operator API (gRPC).
+pub mod admin {
+    pub mod v1 {
+        #![allow(clippy::all, clippy::pedantic, missing_debug_implementations)]
+        include!(concat!(env!("OUT_DIR"), "/dmd.admin.v1.rs"));
+    }
+}

@@ -12,6 +12,7 @@
 //! [`Orchestrator`]). Outputs: commands to the services (work queue `cmd.<service>.<verb>`) and the audit
 //! trail.
 
+pub mod admin;
 mod route;
 mod timers;
 
@@ -78,6 +79,8 @@ struct Inner {
     timers: timers::Timers,
     /// Serializes this replica's own decisions per process (CAS still guards across replicas).
     lock: Mutex<()>,
+    /// Every state this replica stored, for watchers.
+    changes: tokio::sync::broadcast::Sender<DelegationState>,
 }
 
 /// The key of a delegation in the bucket: (peer ServerID, SessionID), encoded for key syntax (rule 8:
@@ -144,6 +147,7 @@ impl Orchestrator {
                 decider,
                 timers: timers::Timers::default(),
                 lock: Mutex::new(()),
+                changes: tokio::sync::broadcast::channel(1024).0,
             }),
         };
         o.recover().await?;
@@ -152,6 +156,44 @@ impl Orchestrator {
 
     pub fn names(&self) -> &Names {
         &self.inner.config.names
+    }
+
+    /// Every state this replica stores from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<DelegationState> {
+        self.inner.changes.subscribe()
+    }
+
+    /// Records an operator request in the audit trail (ARCHITECTURE rule 12).
+    pub async fn audit_operator(
+        &self,
+        what: &str,
+        peer_server_id: &str,
+        session_id: &str,
+    ) -> Result<(), OrchestratorError> {
+        let audit = AuditEvent {
+            delegation: Some(DelegationRef {
+                peer_server_id: peer_server_id.to_string(),
+                session_id: session_id.to_string(),
+                ..Default::default()
+            }),
+            record: Some(pb::AuditRecord {
+                what: format!("operator: {what}"),
+                ..Default::default()
+            }),
+            at_ms: now_ms(),
+            revision: 0,
+        };
+        let id = format!("op:{}:{}", now_ms(), rand::random::<u64>());
+        self.inner
+            .bus
+            .publish(
+                &self.inner.config.names.subject(Area::Audit, "operator")?,
+                typed_headers("dmd.bus.v1.AuditEvent"),
+                Bytes::from(audit.encode_to_vec()),
+                &id,
+            )
+            .await?;
+        Ok(())
     }
 
     /// After a restart: publish what outboxes hold, and index every armed timer.
