@@ -1,0 +1,243 @@
+//! Encryption at rest (ARCHITECTURE rule 7): every delegation has its own random 256-bit data key; the
+//! data key is stored wrapped (encrypted) with the deployment's master key, the secrets encrypted with the
+//! data key. XChaCha20-Poly1305 with a random 192-bit nonce per encryption; the associated data binds each
+//! ciphertext to its delegation and to its purpose, so a ciphertext moved to another key or field does not
+//! open. Destroying a delegation's wrapped data key makes its secrets unreadable.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+
+const NONCE_LEN: usize = 24;
+/// Versions the layout of what is sealed (nonce ‖ ciphertext ‖ tag).
+const AAD_PREFIX: &str = "dmd-auth/v1";
+
+/// Encryption failed (only possible for absurdly long inputs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a secret could not be encrypted")]
+pub struct SealError;
+
+/// A ciphertext that does not open: another master key, another delegation, or tampering. Carries no
+/// detail on purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a ciphertext does not open with this key (another master key, or tampered)")]
+pub struct OpenError;
+
+/// The deployment's master key (32 bytes). `Debug` never shows it.
+#[derive(Clone)]
+pub struct MasterKey {
+    key: [u8; 32],
+    ephemeral: bool,
+}
+
+impl MasterKey {
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self {
+            key: bytes,
+            ephemeral: false,
+        }
+    }
+
+    /// A fresh random key from a CSPRNG (the embedded default: nothing sealed with it can be read by
+    /// another process, or after a restart).
+    pub fn random() -> Self {
+        Self {
+            key: rand::random::<[u8; 32]>(),
+            ephemeral: true,
+        }
+    }
+
+    /// Made by [`MasterKey::random`], not configured.
+    pub fn is_ephemeral(&self) -> bool {
+        self.ephemeral
+    }
+
+    /// Reads padded standard base64 of exactly 32 bytes. The error names the rule, not the value.
+    pub fn from_base64(text: &str) -> Result<Self, &'static str> {
+        let bytes = B64
+            .decode(text.trim())
+            .map_err(|_| "must be padded standard base64 of exactly 32 bytes")?;
+        let key: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| "must be base64 of exactly 32 bytes")?;
+        Ok(Self::from_bytes(key))
+    }
+
+    /// Encrypts a fresh data key for the delegation stored under `record_key`.
+    pub(crate) fn wrap(&self, record_key: &str, data_key: &DataKey) -> Result<Vec<u8>, SealError> {
+        seal(&self.key, &aad("data-key", record_key), &data_key.0)
+    }
+
+    pub(crate) fn unwrap_key(
+        &self,
+        record_key: &str,
+        wrapped: &[u8],
+    ) -> Result<DataKey, OpenError> {
+        let bytes = open(&self.key, &aad("data-key", record_key), wrapped)?;
+        let key: [u8; 32] = bytes.try_into().map_err(|_| OpenError)?;
+        Ok(DataKey(key))
+    }
+}
+
+/// Compared in constant time.
+impl PartialEq for MasterKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.key
+            .iter()
+            .zip(other.key.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+}
+
+impl Eq for MasterKey {}
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKey(<redacted>)")
+    }
+}
+
+impl Drop for MasterKey {
+    fn drop(&mut self) {
+        self.key = [0; 32];
+    }
+}
+
+/// One delegation's data key.
+pub(crate) struct DataKey([u8; 32]);
+
+impl DataKey {
+    pub(crate) fn random() -> Self {
+        Self(rand::random::<[u8; 32]>())
+    }
+
+    /// Encrypts one secret of the delegation under `record_key`, for the purpose `field`.
+    pub(crate) fn seal(
+        &self,
+        record_key: &str,
+        field: &str,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, SealError> {
+        seal(&self.0, &aad(field, record_key), plaintext)
+    }
+
+    pub(crate) fn open(
+        &self,
+        record_key: &str,
+        field: &str,
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, OpenError> {
+        open(&self.0, &aad(field, record_key), sealed)
+    }
+}
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataKey(<redacted>)")
+    }
+}
+
+impl Drop for DataKey {
+    fn drop(&mut self) {
+        self.0 = [0; 32];
+    }
+}
+
+fn aad(purpose: &str, record_key: &str) -> Vec<u8> {
+    format!("{AAD_PREFIX}/{purpose}/{record_key}").into_bytes()
+}
+
+fn seal(key: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
+    let cipher = XChaCha20Poly1305::new(key.into());
+    let nonce_bytes = rand::random::<[u8; NONCE_LEN]>();
+    let nonce = XNonce::from(nonce_bytes);
+    let sealed = cipher
+        .encrypt(
+            &nonce,
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
+        .map_err(|_| SealError)?;
+    let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
+    out.extend_from_slice(&nonce_bytes);
+    out.extend_from_slice(&sealed);
+    Ok(out)
+}
+
+fn open(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, OpenError> {
+    let (nonce_bytes, ciphertext) = sealed.split_at_checked(NONCE_LEN).ok_or(OpenError)?;
+    let nonce_bytes: [u8; NONCE_LEN] = nonce_bytes.try_into().map_err(|_| OpenError)?;
+    let cipher = XChaCha20Poly1305::new(key.into());
+    cipher
+        .decrypt(
+            &XNonce::from(nonce_bytes),
+            Payload {
+                msg: ciphertext,
+                aad,
+            },
+        )
+        .map_err(|_| OpenError)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_secrets_open_only_with_their_keys_and_context() {
+        let master = MasterKey::random();
+        let data = DataKey::random();
+        let wrapped = master.wrap("dms2/abc", &data).unwrap();
+        let sealed = data
+            .seal("dms2/abc", "temp-key", b"the secret value")
+            .unwrap();
+        assert!(
+            !sealed
+                .windows(b"the secret value".len())
+                .any(|w| w == b"the secret value")
+        );
+        let again = master.unwrap_key("dms2/abc", &wrapped).unwrap();
+        assert_eq!(
+            again.open("dms2/abc", "temp-key", &sealed).unwrap(),
+            b"the secret value"
+        );
+        // Another master key, another delegation, another field, a flipped bit: nothing opens.
+        assert_eq!(
+            MasterKey::random()
+                .unwrap_key("dms2/abc", &wrapped)
+                .unwrap_err(),
+            OpenError
+        );
+        assert!(master.unwrap_key("dms2/abd", &wrapped).is_err());
+        assert!(again.open("dms2/abc", "peer-account", &sealed).is_err());
+        let mut flipped = sealed.clone();
+        if let Some(b) = flipped.last_mut() {
+            *b ^= 1;
+        }
+        assert!(again.open("dms2/abc", "temp-key", &flipped).is_err());
+        assert!(again.open("dms2/abc", "temp-key", &sealed[..10]).is_err());
+        // Two seals of one value differ (fresh nonces).
+        assert_ne!(
+            data.seal("k", "f", b"x").unwrap(),
+            data.seal("k", "f", b"x").unwrap()
+        );
+    }
+
+    #[test]
+    fn master_key_from_base64() {
+        let k = MasterKey::from_base64("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap();
+        let mut expected = [0u8; 32];
+        for (i, b) in expected.iter_mut().enumerate() {
+            *b = u8::try_from(i).unwrap();
+        }
+        assert_eq!(k, MasterKey::from_bytes(expected));
+        assert_eq!(format!("{k:?}"), "MasterKey(<redacted>)");
+        assert!(MasterKey::from_base64("AAEC").is_err());
+        assert!(MasterKey::from_base64("not base64").is_err());
+    }
+}

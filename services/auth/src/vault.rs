@@ -1,0 +1,689 @@
+//! The secrets of the delegations, one record per delegation in the key-value bucket `secrets` (history 1),
+//! keyed by (peer ServerID, SessionID). A record holds the delegation's data key wrapped with the master
+//! key, the secrets sealed with the data key, when the TEMP key was made, and the commands already carried
+//! out (by `outbox_id`, with their outcome) so that a redelivered command has no second effect.
+//!
+//! Every change is one compare-and-set write of the whole record, retried on a lost race, so replicas of
+//! the service can share the bucket.
+//!
+//! Purge leaves a tombstone: no data key, no secrets, `purged` set, so that a late retry of a peer message
+//! cannot lodge secrets again for a delegation that ended.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use bytes::Bytes;
+use dm_bus::{BusError, Kv};
+use dm_proto::saga::v1::{Work, WorkResult};
+use prost::Message as _;
+
+use crate::crypto::{DataKey, MasterKey, SealError};
+
+/// How many handled commands a record remembers.
+const DONE_KEPT: usize = 32;
+/// Compare-and-set attempts before giving up (another replica keeps winning).
+const CAS_ATTEMPTS: usize = 16;
+
+/// The stored form of one delegation's secrets. Only ciphertext and bookkeeping: its `Debug` shows
+/// nothing readable.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct Record {
+    /// The data key, sealed with the master key; empty before the first secret and after a purge.
+    #[prost(bytes = "vec", tag = "1")]
+    pub wrapped_key: Vec<u8>,
+    #[prost(bool, tag = "2")]
+    pub purged: bool,
+    /// The peer's DM Account from DELEGATION_START (TNDS), sealed.
+    #[prost(bytes = "vec", tag = "3")]
+    pub peer_account: Vec<u8>,
+    /// This server's DM Account for DELEGATION_START (TNDS), sealed.
+    #[prost(bytes = "vec", tag = "4")]
+    pub own_account: Vec<u8>,
+    /// The TEMP_DELEGATION_KEY (base64 text), sealed.
+    #[prost(bytes = "vec", tag = "5")]
+    pub temp_key: Vec<u8>,
+    #[prost(int64, tag = "6")]
+    pub temp_key_at_ms: i64,
+    /// The key was forgotten or expired: a late lodge of it is not kept again.
+    #[prost(bool, tag = "7")]
+    pub temp_key_retired: bool,
+    /// When the peer was verified (step 2); 0 when not.
+    #[prost(int64, tag = "8")]
+    pub verified_at_ms: i64,
+    #[prost(message, repeated, tag = "9")]
+    pub done: Vec<Done>,
+    #[prost(int64, tag = "10")]
+    pub purged_at_ms: i64,
+}
+
+/// A command carried out, and its outcome (none for commands without one).
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct Done {
+    #[prost(string, tag = "1")]
+    pub outbox_id: String,
+    #[prost(message, optional, tag = "2")]
+    pub result: Option<WorkResult>,
+}
+
+/// Which secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    PeerAccount,
+    OwnAccount,
+    TempKey,
+}
+
+impl Kind {
+    /// The purpose bound into the ciphertext.
+    fn field(self) -> &'static str {
+        match self {
+            Kind::PeerAccount => "peer-account",
+            Kind::OwnAccount => "own-account",
+            Kind::TempKey => "temp-key",
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Kind::PeerAccount => "the peer's DM Account",
+            Kind::OwnAccount => "this server's DM Account",
+            Kind::TempKey => "the TEMP_DELEGATION_KEY",
+        }
+    }
+
+    fn slot(self, r: &mut Record) -> &mut Vec<u8> {
+        match self {
+            Kind::PeerAccount => &mut r.peer_account,
+            Kind::OwnAccount => &mut r.own_account,
+            Kind::TempKey => &mut r.temp_key,
+        }
+    }
+}
+
+/// What went wrong with the bucket or the ciphertext. Messages name the delegation's record key (a
+/// ServerID and a SessionID), never a secret.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum VaultError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("the stored record {0} cannot be read")]
+    Corrupt(String),
+    #[error(
+        "the secrets of {0} do not open with this master key (another master key, or tampered)"
+    )]
+    Open(String),
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    #[error("gave up on {0} after repeated write conflicts")]
+    Contention(String),
+}
+
+/// The outcome of a lodge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Lodged {
+    Stored,
+    /// The same secret was there already (a retried message).
+    AlreadyStored,
+    /// Accepted but not kept (the delegation was purged, or its key already retired).
+    NotKept(&'static str),
+    /// A different secret is there already.
+    Conflict(&'static str),
+}
+
+/// The outcome of a fetch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Fetched {
+    Found(Vec<u8>),
+    Missing(String),
+}
+
+enum Step<T> {
+    Keep(T),
+    Write(Record, T),
+}
+
+/// The secrets bucket.
+#[derive(Debug, Clone)]
+pub(crate) struct Vault {
+    kv: Kv,
+    master: MasterKey,
+    temp_key_ttl_ms: i64,
+}
+
+fn result(work: Work, ok: bool, status_code: u32, reason: impl Into<String>) -> WorkResult {
+    let mut r = WorkResult {
+        ok,
+        status_code,
+        reason: reason.into(),
+        ..Default::default()
+    };
+    r.set_work(work);
+    r
+}
+
+impl Record {
+    fn done(&self, outbox_id: &str) -> Option<&Done> {
+        self.done.iter().find(|d| d.outbox_id == outbox_id)
+    }
+
+    fn remember(&mut self, outbox_id: &str, result: Option<WorkResult>) {
+        self.done.push(Done {
+            outbox_id: outbox_id.to_string(),
+            result,
+        });
+        if self.done.len() > DONE_KEPT {
+            let extra = self.done.len() - DONE_KEPT;
+            self.done.drain(..extra);
+        }
+    }
+}
+
+impl Vault {
+    pub(crate) fn new(kv: Kv, master: MasterKey, temp_key_ttl: Duration) -> Self {
+        Self {
+            kv,
+            master,
+            temp_key_ttl_ms: i64::try_from(temp_key_ttl.as_millis()).unwrap_or(i64::MAX),
+        }
+    }
+
+    fn expired(&self, r: &Record, now_ms: i64) -> bool {
+        !r.temp_key.is_empty() && now_ms.saturating_sub(r.temp_key_at_ms) >= self.temp_key_ttl_ms
+    }
+
+    /// Reads the record (if any), lets `f` decide, writes with compare-and-set; retries on a lost race.
+    async fn modify<T>(
+        &self,
+        key: &str,
+        mut f: impl FnMut(Option<Record>) -> Result<Step<T>, VaultError>,
+    ) -> Result<T, VaultError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let entry = self.kv.get(key).await?;
+            let (record, revision) = match entry {
+                Some(e) => (
+                    Some(
+                        Record::decode(e.value)
+                            .map_err(|_| VaultError::Corrupt(key.to_string()))?,
+                    ),
+                    Some(e.revision),
+                ),
+                None => (None, None),
+            };
+            let (record, out) = match f(record)? {
+                Step::Keep(out) => return Ok(out),
+                Step::Write(record, out) => (record, out),
+            };
+            let bytes = Bytes::from(record.encode_to_vec());
+            let written = match revision {
+                Some(rev) => self.kv.update(key, bytes, rev).await,
+                None => self.kv.create(key, bytes).await,
+            };
+            match written {
+                Ok(_) => return Ok(out),
+                Err(BusError::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(VaultError::Contention(key.to_string()))
+    }
+
+    /// The record's data key; a new one (wrapped into the record) when it has none.
+    fn data_key(&self, key: &str, r: &mut Record) -> Result<DataKey, VaultError> {
+        if r.wrapped_key.is_empty() {
+            let data_key = DataKey::random();
+            r.wrapped_key = self.master.wrap(key, &data_key)?;
+            Ok(data_key)
+        } else {
+            self.master
+                .unwrap_key(key, &r.wrapped_key)
+                .map_err(|_| VaultError::Open(key.to_string()))
+        }
+    }
+
+    fn open(&self, key: &str, r: &mut Record, kind: Kind) -> Result<Vec<u8>, VaultError> {
+        let data_key = self.data_key(key, r)?;
+        let sealed = kind.slot(r).clone();
+        data_key
+            .open(key, kind.field(), &sealed)
+            .map_err(|_| VaultError::Open(key.to_string()))
+    }
+
+    fn put(
+        &self,
+        key: &str,
+        r: &mut Record,
+        kind: Kind,
+        plaintext: &[u8],
+    ) -> Result<(), VaultError> {
+        let data_key = self.data_key(key, r)?;
+        *kind.slot(r) = data_key.seal(key, kind.field(), plaintext)?;
+        Ok(())
+    }
+
+    /// Keeps a secret received from the peer (the gateway's lodge). Set once: the same value again is
+    /// fine, a different one is a conflict.
+    pub(crate) async fn lodge(
+        &self,
+        key: &str,
+        kind: Kind,
+        secret: &[u8],
+        now_ms: i64,
+    ) -> Result<Lodged, VaultError> {
+        self.modify(key, |record| {
+            let mut r = record.unwrap_or_default();
+            if r.purged {
+                return Ok(Step::Keep(Lodged::NotKept(
+                    "the delegation's secrets were purged; nothing was kept",
+                )));
+            }
+            if kind == Kind::TempKey && r.temp_key_retired {
+                return Ok(Step::Keep(Lodged::NotKept(
+                    "the delegation's key was already used or expired; it is not kept again",
+                )));
+            }
+            if !kind.slot(&mut r).is_empty() {
+                let present = self.open(key, &mut r, kind)?;
+                return Ok(Step::Keep(if present == secret {
+                    Lodged::AlreadyStored
+                } else {
+                    Lodged::Conflict(match kind {
+                        Kind::TempKey => "a different TEMP_DELEGATION_KEY was already lodged",
+                        _ => "a different DM Account was already lodged",
+                    })
+                }));
+            }
+            self.put(key, &mut r, kind, secret)?;
+            if kind == Kind::TempKey {
+                r.temp_key_at_ms = now_ms;
+            }
+            Ok(Step::Write(r, Lodged::Stored))
+        })
+        .await
+    }
+
+    /// A secret, decrypted. An expired TEMP key is deleted and refused. `make_own` builds this server's
+    /// account the first time it is asked for (then it is kept, so every fetch gives the same).
+    pub(crate) async fn fetch(
+        &self,
+        key: &str,
+        kind: Kind,
+        now_ms: i64,
+        make_own: Option<&(dyn Fn() -> Vec<u8> + Sync)>,
+    ) -> Result<Fetched, VaultError> {
+        self.modify(key, |record| {
+            let Some(mut r) = record else {
+                if let (Kind::OwnAccount, Some(make)) = (kind, make_own) {
+                    let mut r = Record::default();
+                    let account = make();
+                    self.put(key, &mut r, kind, &account)?;
+                    return Ok(Step::Write(r, Fetched::Found(account)));
+                }
+                return Ok(Step::Keep(Fetched::Missing(format!(
+                    "{} is not known for this delegation",
+                    kind.what()
+                ))));
+            };
+            if r.purged {
+                return Ok(Step::Keep(Fetched::Missing(
+                    "the delegation's secrets were purged".into(),
+                )));
+            }
+            if kind == Kind::TempKey && self.expired(&r, now_ms) {
+                r.temp_key.clear();
+                r.temp_key_retired = true;
+                return Ok(Step::Write(
+                    r,
+                    Fetched::Missing("the TEMP_DELEGATION_KEY expired unused".into()),
+                ));
+            }
+            if kind.slot(&mut r).is_empty() {
+                if let (Kind::OwnAccount, Some(make)) = (kind, make_own) {
+                    let account = make();
+                    self.put(key, &mut r, kind, &account)?;
+                    return Ok(Step::Write(r, Fetched::Found(account)));
+                }
+                return Ok(Step::Keep(Fetched::Missing(format!(
+                    "{} is not known for this delegation",
+                    kind.what()
+                ))));
+            }
+            Ok(Step::Keep(Fetched::Found(self.open(key, &mut r, kind)?)))
+        })
+        .await
+    }
+
+    /// `create_key`: 32 random bytes, base64; a delegation that has a live key keeps it.
+    pub(crate) async fn create_key(
+        &self,
+        key: &str,
+        outbox_id: &str,
+        now_ms: i64,
+    ) -> Result<WorkResult, VaultError> {
+        self.modify(key, |record| {
+            let mut r = record.unwrap_or_default();
+            if let Some(done) = r.done(outbox_id) {
+                return Ok(Step::Keep(done.result.clone().unwrap_or_default()));
+            }
+            let outcome = if r.purged {
+                result(
+                    Work::CreateKey,
+                    false,
+                    410,
+                    "the delegation's secrets were purged",
+                )
+            } else {
+                if r.temp_key.is_empty() || self.expired(&r, now_ms) {
+                    let text = B64.encode(rand::random::<[u8; 32]>());
+                    self.put(key, &mut r, Kind::TempKey, text.as_bytes())?;
+                    r.temp_key_at_ms = now_ms;
+                    r.temp_key_retired = false;
+                }
+                result(Work::CreateKey, true, 0, "")
+            };
+            r.remember(outbox_id, Some(outcome.clone()));
+            Ok(Step::Write(r, outcome))
+        })
+        .await
+    }
+
+    /// `verify_peer`: keeps the verdict (decided from the registry by the caller) under the command.
+    pub(crate) async fn record_verification(
+        &self,
+        key: &str,
+        outbox_id: &str,
+        verdict: WorkResult,
+        now_ms: i64,
+    ) -> Result<WorkResult, VaultError> {
+        self.modify(key, |record| {
+            let mut r = record.unwrap_or_default();
+            if let Some(done) = r.done(outbox_id) {
+                return Ok(Step::Keep(done.result.clone().unwrap_or_default()));
+            }
+            if verdict.ok {
+                r.verified_at_ms = now_ms;
+            }
+            r.remember(outbox_id, Some(verdict.clone()));
+            Ok(Step::Write(r, verdict.clone()))
+        })
+        .await
+    }
+
+    /// `forget_key`: the TEMP key is deleted (it was used, or the delegation moved on).
+    pub(crate) async fn forget_key(&self, key: &str, outbox_id: &str) -> Result<(), VaultError> {
+        self.modify(key, |record| {
+            let mut r = record.unwrap_or_default();
+            if r.done(outbox_id).is_some() {
+                return Ok(Step::Keep(()));
+            }
+            r.temp_key.clear();
+            r.temp_key_retired = true;
+            r.remember(outbox_id, None);
+            Ok(Step::Write(r, ()))
+        })
+        .await
+    }
+
+    /// `purge`: the data key and every secret are destroyed; a tombstone stays.
+    pub(crate) async fn purge(
+        &self,
+        key: &str,
+        outbox_id: &str,
+        now_ms: i64,
+    ) -> Result<(), VaultError> {
+        self.modify(key, |record| {
+            let r = record.unwrap_or_default();
+            if r.done(outbox_id).is_some() || r.purged {
+                return Ok(Step::Keep(()));
+            }
+            let mut tomb = Record {
+                purged: true,
+                purged_at_ms: now_ms,
+                temp_key_retired: true,
+                verified_at_ms: r.verified_at_ms,
+                done: r.done,
+                ..Record::default()
+            };
+            tomb.remember(outbox_id, None);
+            Ok(Step::Write(tomb, ()))
+        })
+        .await
+    }
+
+    /// Deletes every TEMP key that expired unused; returns how many.
+    pub(crate) async fn sweep(&self, now_ms: i64) -> Result<usize, VaultError> {
+        let mut removed = 0;
+        for key in self.kv.keys().await? {
+            let swept = self
+                .modify(&key, |record| match record {
+                    Some(mut r) if self.expired(&r, now_ms) => {
+                        r.temp_key.clear();
+                        r.temp_key_retired = true;
+                        Ok(Step::Write(r, true))
+                    }
+                    _ => Ok(Step::Keep(false)),
+                })
+                .await;
+            match swept {
+                Ok(true) => removed += 1,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "an expired key could not be swept"),
+            }
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use dm_bus::Bus;
+
+    const KEY: &str = "dms2.example/9d2f";
+    const TTL: Duration = Duration::from_secs(3600);
+
+    async fn vault(master: MasterKey) -> (Vault, Kv) {
+        let bus = Bus::in_process();
+        let kv = bus.kv("dmd_test_secrets", 1).await.unwrap();
+        (Vault::new(kv.clone(), master, TTL), kv)
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[tokio::test]
+    async fn the_bucket_holds_only_ciphertext() {
+        let (v, kv) = vault(MasterKey::random()).await;
+        let account = b"<MgmtTree><AAuthSecret>client-password-123</AAuthSecret></MgmtTree>";
+        assert_eq!(
+            v.lodge(KEY, Kind::PeerAccount, account, 0).await.unwrap(),
+            Lodged::Stored
+        );
+        let key_text = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        assert_eq!(
+            v.lodge(KEY, Kind::TempKey, key_text.as_bytes(), 0)
+                .await
+                .unwrap(),
+            Lodged::Stored
+        );
+        let stored = kv.get(KEY).await.unwrap().unwrap().value;
+        assert!(!contains(&stored, b"client-password-123"));
+        assert!(!contains(&stored, key_text.as_bytes()));
+        assert!(!contains(&stored, b"AAECAwQF"));
+        // …and reads back.
+        assert_eq!(
+            v.fetch(KEY, Kind::PeerAccount, 0, None).await.unwrap(),
+            Fetched::Found(account.to_vec())
+        );
+        assert_eq!(
+            v.fetch(KEY, Kind::TempKey, 1, None).await.unwrap(),
+            Fetched::Found(key_text.as_bytes().to_vec())
+        );
+        // Lodged again: the same is fine, a different one is refused and the first stays.
+        assert_eq!(
+            v.lodge(KEY, Kind::PeerAccount, account, 0).await.unwrap(),
+            Lodged::AlreadyStored
+        );
+        assert!(matches!(
+            v.lodge(KEY, Kind::PeerAccount, b"other", 0).await.unwrap(),
+            Lodged::Conflict(_)
+        ));
+        assert_eq!(
+            v.fetch(KEY, Kind::PeerAccount, 0, None).await.unwrap(),
+            Fetched::Found(account.to_vec())
+        );
+        // A created key is base64 of 32 bytes and not in the bucket either.
+        let created = "dms2.example/other";
+        assert!(v.create_key(created, "o:1:0", 0).await.unwrap().ok);
+        let Fetched::Found(text) = v.fetch(created, Kind::TempKey, 0, None).await.unwrap() else {
+            panic!("no key");
+        };
+        assert_eq!(B64.decode(&text).unwrap().len(), 32);
+        let stored = kv.get(created).await.unwrap().unwrap().value;
+        assert!(!contains(&stored, &text));
+    }
+
+    #[tokio::test]
+    async fn purge_makes_fetch_fail_and_leaves_a_tombstone() {
+        let (v, kv) = vault(MasterKey::random()).await;
+        v.lodge(KEY, Kind::PeerAccount, b"account", 0)
+            .await
+            .unwrap();
+        assert!(v.create_key(KEY, "o:1:0", 0).await.unwrap().ok);
+        v.purge(KEY, "o:2:0", 0).await.unwrap();
+        for kind in [Kind::PeerAccount, Kind::TempKey, Kind::OwnAccount] {
+            assert!(matches!(
+                v.fetch(KEY, kind, 0, Some(&|| b"own".to_vec()))
+                    .await
+                    .unwrap(),
+                Fetched::Missing(_)
+            ));
+        }
+        let tomb = Record::decode(kv.get(KEY).await.unwrap().unwrap().value).unwrap();
+        assert!(tomb.purged && tomb.wrapped_key.is_empty());
+        assert!(tomb.peer_account.is_empty() && tomb.temp_key.is_empty());
+        // A late lodge is not kept; a late create_key fails.
+        assert!(matches!(
+            v.lodge(KEY, Kind::PeerAccount, b"account", 0)
+                .await
+                .unwrap(),
+            Lodged::NotKept(_)
+        ));
+        let late = v.create_key(KEY, "o:3:0", 0).await.unwrap();
+        assert!(!late.ok);
+        assert_eq!(late.status_code, 410);
+        // A redelivered create_key from before the purge gets its first answer, nothing more.
+        assert!(v.create_key(KEY, "o:1:0", 0).await.unwrap().ok);
+        assert!(matches!(
+            v.fetch(KEY, Kind::TempKey, 0, None).await.unwrap(),
+            Fetched::Missing(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn another_master_key_cannot_decrypt() {
+        let (v, kv) = vault(MasterKey::random()).await;
+        v.lodge(KEY, Kind::PeerAccount, b"account", 0)
+            .await
+            .unwrap();
+        let other = Vault::new(kv.clone(), MasterKey::random(), TTL);
+        let e = other
+            .fetch(KEY, Kind::PeerAccount, 0, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, VaultError::Open(_)), "{e}");
+        assert!(!e.to_string().contains("account"));
+        // The same master key (another replica) can.
+        let master = MasterKey::from_bytes([7; 32]);
+        let (a, kv) = vault(master.clone()).await;
+        a.lodge(KEY, Kind::PeerAccount, b"account", 0)
+            .await
+            .unwrap();
+        let b = Vault::new(kv, master, TTL);
+        assert_eq!(
+            b.fetch(KEY, Kind::PeerAccount, 0, None).await.unwrap(),
+            Fetched::Found(b"account".to_vec())
+        );
+    }
+
+    #[tokio::test]
+    async fn create_key_is_idempotent_and_keys_expire() {
+        let (v, kv) = vault(MasterKey::random()).await;
+        assert!(v.create_key(KEY, "o:1:0", 0).await.unwrap().ok);
+        let Fetched::Found(first) = v.fetch(KEY, Kind::TempKey, 10, None).await.unwrap() else {
+            panic!("no key");
+        };
+        // The same command again, and another create_key: the first key stays.
+        assert!(v.create_key(KEY, "o:1:0", 20).await.unwrap().ok);
+        assert!(v.create_key(KEY, "o:5:0", 20).await.unwrap().ok);
+        assert_eq!(
+            v.fetch(KEY, Kind::TempKey, 30, None).await.unwrap(),
+            Fetched::Found(first.clone())
+        );
+        // forget_key, and its redelivery after a new key was made, leaves the new key alone.
+        v.forget_key(KEY, "o:6:0").await.unwrap();
+        assert!(matches!(
+            v.fetch(KEY, Kind::TempKey, 30, None).await.unwrap(),
+            Fetched::Missing(_)
+        ));
+        assert!(v.create_key(KEY, "o:7:0", 40).await.unwrap().ok);
+        v.forget_key(KEY, "o:6:0").await.unwrap();
+        let Fetched::Found(second) = v.fetch(KEY, Kind::TempKey, 50, None).await.unwrap() else {
+            panic!("no key");
+        };
+        assert_ne!(first, second);
+        // Unused for the whole TTL: refused and deleted.
+        let ttl_ms = i64::try_from(TTL.as_millis()).unwrap();
+        let Fetched::Missing(reason) = v
+            .fetch(KEY, Kind::TempKey, 40 + ttl_ms, None)
+            .await
+            .unwrap()
+        else {
+            panic!("an expired key was handed out");
+        };
+        assert!(reason.contains("expired"), "{reason}");
+        let r = Record::decode(kv.get(KEY).await.unwrap().unwrap().value).unwrap();
+        assert!(r.temp_key.is_empty());
+        // The sweep deletes expired keys of other delegations.
+        v.lodge("p/2", Kind::TempKey, b"k2", 0).await.unwrap();
+        v.lodge("p/3", Kind::TempKey, b"k3", ttl_ms).await.unwrap();
+        assert_eq!(v.sweep(ttl_ms + 1).await.unwrap(), 1);
+        assert!(matches!(
+            v.fetch("p/2", Kind::TempKey, 0, None).await.unwrap(),
+            Fetched::Missing(_)
+        ));
+        assert_eq!(
+            v.fetch("p/3", Kind::TempKey, ttl_ms + 1, None)
+                .await
+                .unwrap(),
+            Fetched::Found(b"k3".to_vec())
+        );
+        // A retired key lodged again (a late retry) is not kept.
+        assert!(matches!(
+            v.lodge("p/2", Kind::TempKey, b"k2", 0).await.unwrap(),
+            Lodged::NotKept(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_own_account_is_made_once() {
+        let (v, _) = vault(MasterKey::random()).await;
+        let counter = std::sync::atomic::AtomicUsize::new(0);
+        let make = || {
+            let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            format!("account {n}").into_bytes()
+        };
+        let a = v
+            .fetch(KEY, Kind::OwnAccount, 0, Some(&make))
+            .await
+            .unwrap();
+        let b = v
+            .fetch(KEY, Kind::OwnAccount, 0, Some(&make))
+            .await
+            .unwrap();
+        assert_eq!(a, Fetched::Found(b"account 0".to_vec()));
+        assert_eq!(a, b);
+    }
+}
