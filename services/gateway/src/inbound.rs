@@ -1,0 +1,490 @@
+//! The peer-facing endpoint: one mutually authenticated TLS connection at a time, one HTTP/1.1 exchange
+//! per request, checked in the order of PROTOCOL.md A.2:
+//! 415 content type, 405 method, 413 size, 400 decoding, 403 identity (auth), then lodge secrets with auth
+//! and hand the message to the orchestrator, whose answer (duplicate → same answer, 404, 409, 202) is
+//! passed on; 503 when auth or the orchestrator do not answer in time.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use dm_bus::{Area, Bus, Names};
+use dm_proto::bus::v1::{
+    DelegationRef, IdentityAnswer, IdentityCheck, InboundAnswer, InboundPeerMessage, Lodge,
+    LodgeAnswer, lodge,
+};
+use dm_protocol::delegation::{self, Body, DelegationError, Limits, Message};
+use dm_saga::pb;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::ask::{AskError, TRACE_HEADERS, ask};
+use crate::config::Timeouts;
+use crate::convert::peer_message;
+use crate::tls::{PeerIdentity, TrustVerifier};
+
+pub(crate) struct Inbound {
+    pub bus: Bus,
+    pub path: String,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    pub identity_subject: String,
+    pub lodge_subject: String,
+    pub peer_subject: String,
+}
+
+impl Inbound {
+    pub(crate) fn new(
+        bus: Bus,
+        names: &Names,
+        path: String,
+        max_body_bytes: usize,
+        timeouts: Timeouts,
+    ) -> Result<Self, dm_bus::BusError> {
+        Ok(Self {
+            bus,
+            path,
+            limits: Limits {
+                max_bytes: max_body_bytes,
+                ..Limits::default()
+            },
+            timeouts,
+            identity_subject: names.subject(Area::Req, "auth.identity")?,
+            lodge_subject: names.subject(Area::Req, "auth.lodge")?,
+            peer_subject: names.subject(Area::Req, "orchestrator.peer")?,
+        })
+    }
+}
+
+type HttpResponse = Response<Full<Bytes>>;
+
+/// An error answer with a `<DelegationError>` body.
+pub(crate) fn error_response(status: u16, reason: &str) -> HttpResponse {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let reason = if reason.is_empty() {
+        status.canonical_reason().unwrap_or("error")
+    } else {
+        reason
+    };
+    let body = delegation::encode_error(&DelegationError {
+        status_code: status.as_u16(),
+        reason: reason.to_string(),
+    });
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(v) = format!("{}; charset=utf-8", delegation::CONTENT_TYPE).parse() {
+        response.headers_mut().insert(CONTENT_TYPE, v);
+    }
+    response
+}
+
+fn unavailable(reason: &str) -> HttpResponse {
+    let mut response = error_response(503, reason);
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
+    response
+}
+
+/// `application/vnd.dm.delegation+xml`, any case, with optional parameters; a `charset` must be UTF-8.
+pub(crate) fn content_type_ok(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let mut parts = value.split(';');
+    let media = parts.next().unwrap_or_default().trim();
+    if !media.eq_ignore_ascii_case(delegation::CONTENT_TYPE) {
+        return false;
+    }
+    parts.all(|param| match param.split_once('=') {
+        Some((name, value)) if name.trim().eq_ignore_ascii_case("charset") => {
+            let v = value.trim().trim_matches('"');
+            v.eq_ignore_ascii_case("utf-8") || v.eq_ignore_ascii_case("utf8")
+        }
+        Some(_) => true,
+        None => param.trim().is_empty(),
+    })
+}
+
+enum BodyError {
+    TooLarge,
+    Broken,
+}
+
+/// Reads the body, keeping at most `limit` bytes: one byte more and it stops with `TooLarge`.
+async fn read_limited(mut body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| BodyError::Broken)?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len().saturating_add(data.len()) > limit {
+                return Err(BodyError::TooLarge);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn trace_of(headers: &HeaderMap) -> Vec<(String, String)> {
+    TRACE_HEADERS
+        .iter()
+        .filter_map(|name| {
+            let v = headers.get(*name)?.to_str().ok()?;
+            Some((name.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+fn bus_trouble(what: &str, e: &AskError) -> HttpResponse {
+    tracing::warn!(error = %e, "{what} did not answer; answering 503");
+    unavailable("the system cannot take messages now; retry later")
+}
+
+impl Inbound {
+    /// One request, answered in the order of A.2.
+    pub(crate) async fn handle(&self, req: Request<Incoming>, peer: &PeerIdentity) -> HttpResponse {
+        if req.uri().path() != self.path {
+            return error_response(404, "no delegation endpoint at this path");
+        }
+        if !content_type_ok(req.headers()) {
+            return error_response(
+                415,
+                &format!("Content-Type must be {} (UTF-8)", delegation::CONTENT_TYPE),
+            );
+        }
+        if req.method() != Method::POST {
+            let mut response = error_response(405, "only POST is allowed");
+            response
+                .headers_mut()
+                .insert(ALLOW, hyper::header::HeaderValue::from_static("POST"));
+            return response;
+        }
+        let limit = self.limits.max_bytes;
+        let too_large = || {
+            error_response(
+                413,
+                &format!("the body is larger than the limit of {limit} bytes"),
+            )
+        };
+        if declared_length(req.headers()).is_some_and(|n| n > limit as u64) {
+            return too_large();
+        }
+        let trace = trace_of(req.headers());
+        let body =
+            match tokio::time::timeout(self.timeouts.read, read_limited(req.into_body(), limit))
+                .await
+            {
+                Ok(Ok(body)) => body,
+                Ok(Err(BodyError::TooLarge)) => return too_large(),
+                Ok(Err(BodyError::Broken)) => {
+                    return error_response(400, "the body could not be read");
+                }
+                Err(_) => return error_response(408, "the body did not arrive in time"),
+            };
+        let message = match delegation::decode_with_limits(&body, &self.limits) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::info!(error = %e, "inbound message refused");
+                let answer = DelegationError::from_decode_error(&e);
+                return error_response(answer.status_code, &answer.reason);
+            }
+        };
+        let response = self.take(&message, peer, &trace).await;
+        tracing::info!(
+            msg_id = %message.msg_id,
+            session_id = %message.session_id,
+            sender = %message.dm_server_id,
+            message = message.body.name(),
+            status = response.status().as_u16(),
+            "inbound message answered"
+        );
+        response
+    }
+
+    /// From a decoded message to the answer: identity, secrets, decision.
+    async fn take(
+        &self,
+        message: &Message,
+        peer: &PeerIdentity,
+        trace: &[(String, String)],
+    ) -> HttpResponse {
+        let check = IdentityCheck {
+            spki_sha256: peer.spki_sha256.clone(),
+            subject_alt_names: peer.subject_alt_names.clone(),
+            issuer_ca: peer.issuer_ca.clone(),
+            dm_server_id: message.dm_server_id.clone(),
+        };
+        let identity: IdentityAnswer = match ask(
+            &self.bus,
+            &self.identity_subject,
+            &check,
+            "dmd.bus.v1.IdentityCheck",
+            "IdentityAnswer",
+            trace,
+            self.timeouts.auth,
+        )
+        .await
+        {
+            Ok(a) => a,
+            Err(e) => return bus_trouble("auth (identity)", &e),
+        };
+        if !identity.allowed {
+            tracing::warn!(
+                sender = %message.dm_server_id,
+                spki_sha256 = %peer.spki_sha256,
+                reason = %identity.reason,
+                "certificate may not speak as this DMServerID"
+            );
+            let reason = if identity.reason.is_empty() {
+                "the client certificate does not belong to this DMServerID".to_string()
+            } else {
+                identity.reason
+            };
+            return error_response(403, &reason);
+        }
+        if let Some(response) = self.lodge(message, trace).await {
+            return response;
+        }
+        let inbound = InboundPeerMessage {
+            message: Some(peer_message(message)),
+        };
+        let answer: InboundAnswer = match ask(
+            &self.bus,
+            &self.peer_subject,
+            &inbound,
+            "dmd.bus.v1.InboundPeerMessage",
+            "InboundAnswer",
+            trace,
+            self.timeouts.orchestrator,
+        )
+        .await
+        {
+            Ok(a) => a,
+            Err(e) => return bus_trouble("the orchestrator", &e),
+        };
+        match answer.http_status {
+            202 => {
+                let mut response = Response::new(Full::new(Bytes::new()));
+                *response.status_mut() = StatusCode::ACCEPTED;
+                response
+            }
+            503 => unavailable(&answer.reason),
+            status @ 400..=599 => {
+                error_response(u16::try_from(status).unwrap_or(500), &answer.reason)
+            }
+            other => {
+                tracing::error!(
+                    status = other,
+                    "the orchestrator answered an unknown status"
+                );
+                error_response(500, "internal failure")
+            }
+        }
+    }
+
+    /// Hands the secret part of START (the account) and PREPARED (the key) to auth. `Some` is the answer
+    /// to give when that failed.
+    async fn lodge(&self, message: &Message, trace: &[(String, String)]) -> Option<HttpResponse> {
+        // The receiver of START is the delegating server, the receiver of PREPARED the delegated one.
+        let (role, secret) = match &message.body {
+            Body::Start(start) => (
+                pb::Role::Delegating,
+                lodge::Secret::StartAccountTnds(
+                    dm_protocol::tnds::encode(&start.dm_acc).into_bytes(),
+                ),
+            ),
+            Body::Prepared(p) => (
+                pb::Role::Delegated,
+                lodge::Secret::TempDelegationKey(p.temp_delegation_key.to_base64()),
+            ),
+            _ => return None,
+        };
+        let mut delegation = DelegationRef {
+            peer_server_id: message.dm_server_id.clone(),
+            session_id: message.session_id.to_string(),
+            ..Default::default()
+        };
+        delegation.set_role(role);
+        let request = Lodge {
+            delegation: Some(delegation),
+            secret: Some(secret),
+        };
+        match ask::<LodgeAnswer>(
+            &self.bus,
+            &self.lodge_subject,
+            &request,
+            "dmd.bus.v1.Lodge",
+            "LodgeAnswer",
+            trace,
+            self.timeouts.auth,
+        )
+        .await
+        {
+            Ok(a) if a.ok => None,
+            Ok(a) => {
+                tracing::warn!(reason = %a.reason, "auth did not keep the message's secret; answering 503");
+                Some(unavailable(
+                    "the message's secret could not be stored; retry later",
+                ))
+            }
+            Err(e) => Some(bus_trouble("auth (lodge)", &e)),
+        }
+    }
+
+    /// Serves one accepted TCP connection: the mutual-TLS handshake, then HTTP/1.1 until the peer closes
+    /// or `shutdown` turns true.
+    pub(crate) async fn connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        acceptor: TlsAcceptor,
+        verifier: Arc<TrustVerifier>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let tls = match tokio::time::timeout(self.timeouts.handshake, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::info!(%remote, error = %e, "TLS handshake refused");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(%remote, "TLS handshake timed out");
+                return;
+            }
+        };
+        let identity = match tls.get_ref().1.peer_certificates() {
+            Some(chain) => verifier.identify(chain),
+            None => Err("no client certificate".to_string()),
+        };
+        let identity = match identity {
+            Ok(identity) => Arc::new(identity),
+            Err(e) => {
+                tracing::info!(%remote, error = %e, "client certificate not usable");
+                return;
+            }
+        };
+        let this = self.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let this = this.clone();
+            let identity = identity.clone();
+            // Boxed so that the connection can be polled without shutting its IO down (see below).
+            Box::pin(async move { Ok::<_, Infallible>(this.handle(req, &identity).await) })
+                as Pin<Box<dyn Future<Output = Result<HttpResponse, Infallible>> + Send>>
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.timeouts.read);
+        let mut conn = builder.serve_connection(TokioIo::new(tls), service);
+        let mut draining = false;
+        let result = loop {
+            tokio::select! {
+                result = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => break result,
+                _ = crate::stopped(&mut shutdown), if !draining => {
+                    Pin::new(&mut conn).graceful_shutdown();
+                    draining = true;
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(%remote, error = %e, "connection ended with an error");
+            return;
+        }
+        let tls = conn.into_parts().io.into_inner();
+        lingering_close(tls).await;
+    }
+}
+
+/// How long, and how much, a closing connection may still be read and discarded.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1024 * 1024;
+
+/// Closes a connection whose client may still be sending a body we answered without reading (415, 405,
+/// 413): the answer and close_notify go out first, then what still arrives is read and discarded for a
+/// short while. Closing a socket with unread input makes the kernel send a reset, which can destroy the
+/// answer before the client reads it (the "lingering close" of HTTP servers).
+async fn lingering_close(mut tls: tokio_rustls::server::TlsStream<TcpStream>) {
+    if tls.shutdown().await.is_err() {
+        return;
+    }
+    let (mut tcp, _) = tls.into_inner();
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut total = 0usize;
+        while total < LINGER_BYTES {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn headers(ct: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_TYPE, ct.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn content_types() {
+        for ok in [
+            "application/vnd.dm.delegation+xml",
+            "application/vnd.dm.delegation+xml; charset=UTF-8",
+            "Application/VND.DM.Delegation+XML;charset=\"utf-8\"",
+            "application/vnd.dm.delegation+xml; profile=x",
+        ] {
+            assert!(content_type_ok(&headers(ok)), "{ok}");
+        }
+        for bad in [
+            "application/xml",
+            "text/xml; charset=utf-8",
+            "application/vnd.dm.delegation+xml; charset=iso-8859-1",
+            "application/vnd.dm.delegation+xmlx",
+        ] {
+            assert!(!content_type_ok(&headers(bad)), "{bad}");
+        }
+        assert!(!content_type_ok(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn error_bodies_decode() {
+        let r = error_response(409, "not now");
+        assert_eq!(r.status(), 409);
+        let _ = r;
+        let body = delegation::encode_error(&DelegationError {
+            status_code: 409,
+            reason: "not now".into(),
+        });
+        let back = delegation::decode_error(body.as_bytes()).unwrap();
+        assert_eq!(back.status_code, 409);
+    }
+}

@@ -1,0 +1,520 @@
+//! Outbound: the saga's `Send` commands (`cmd.gateway.send`) become delegation messages POSTed to the
+//! peer over mutual TLS.
+//!
+//! Per delegation the commands run one after the other, each until its final answer (A.2: a message is
+//! sent only after the previous one was answered); different delegations run side by side. A message is
+//! retried with exponential back-off and the same MsgID on network errors and 503 until the send deadline.
+//! The command is acknowledged once the message was answered, whatever the status, or given up; there is
+//! no outcome event (a delivery that outlasts the step is the saga's deadline).
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use dm_bus::{Area, Bus, BusError, ConsumerConfig, Delivery, Names};
+use dm_proto::bus::v1::{CommandEnvelope, DelegationRef, Fetch, FetchAnswer, fetch};
+use dm_protocol::delegation::{self, TempDelegationKey};
+use dm_protocol::types::UtcTime;
+use dm_saga::pb::command;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use prost::Message as _;
+use rustls::pki_types::ServerName;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsConnector;
+
+use crate::ask::{AskError, TRACE_HEADERS, ask};
+use crate::config::{Endpoint, Timeouts};
+use crate::convert::{Secret, outbound_message, secret_needed};
+
+/// Largest answer body read from a peer (a `<DelegationError>` is small).
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// Where and how to reach one peer.
+pub(crate) struct PeerTarget {
+    pub endpoint: Endpoint,
+    pub server_name: ServerName<'static>,
+    pub connector: TlsConnector,
+}
+
+impl std::fmt::Debug for PeerTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerTarget")
+            .field("endpoint", &self.endpoint.uri)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Outbound {
+    pub bus: Bus,
+    pub names: Names,
+    pub server_id: String,
+    pub peers: HashMap<String, PeerTarget>,
+    pub timeouts: Timeouts,
+    pub fetch_subject: String,
+}
+
+/// The encoded message: it may hold a secret, so it never shows in `Debug`.
+struct Wire(Bytes);
+
+impl std::fmt::Debug for Wire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Wire(<{} bytes>)", self.0.len())
+    }
+}
+
+/// Why one attempt did not get a final answer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AttemptError {
+    #[error("cannot resolve {0}")]
+    Resolve(String),
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("HTTP: {0}")]
+    Http(String),
+    #[error("timed out")]
+    TimedOut,
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The peer answered with this status (final).
+    Answered(u16),
+    /// Not sent and never will be: acknowledge and forget (the saga's deadline handles the delegation).
+    GaveUp(String),
+    /// Cannot ever be handled (malformed command, unknown peer): terminated.
+    Invalid(String),
+}
+
+fn now_utc() -> UtcTime {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or_default();
+    UtcTime::from_unix(secs)
+}
+
+/// The back-off before retry number `n` (0-based): `min · 2ⁿ`, at most `max`, with jitter in its upper
+/// half so that many senders do not retry in step.
+pub(crate) fn backoff(n: u32, min: Duration, max: Duration) -> Duration {
+    let base = min
+        .checked_mul(2u32.saturating_pow(n.min(20)))
+        .unwrap_or(max)
+        .min(max);
+    let half = base / 2;
+    let jitter_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);
+    half + Duration::from_millis(if jitter_ms == 0 {
+        0
+    } else {
+        rand::random_range(0..=jitter_ms)
+    })
+}
+
+fn lane_key(d: &DelegationRef) -> String {
+    format!("{}/{}", d.peer_server_id, d.session_id.to_ascii_lowercase())
+}
+
+impl Outbound {
+    /// Consumes `cmd.gateway.send` until `stop` turns true. Commands of one delegation go through one lane,
+    /// in order.
+    pub(crate) async fn run(
+        self: Arc<Self>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), BusError> {
+        let mut consumer = self
+            .bus
+            .consumer(&ConsumerConfig {
+                stream: self.names.stream(Area::Cmd),
+                durable: self.names.consumer("gateway")?,
+                filter: self.names.commands_for("gateway")?,
+                ack_wait: self.timeouts.ack_wait,
+            })
+            .await?;
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
+        // Per lane: the queue into its worker and how many commands it holds.
+        let mut lanes: HashMap<
+            String,
+            (mpsc::UnboundedSender<(Delivery, CommandEnvelope)>, usize),
+        > = HashMap::new();
+        let mut workers = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = crate::stopped(&mut stop) => break,
+                Some(key) = done_rx.recv() => {
+                    if let Some((_, pending)) = lanes.get_mut(&key) {
+                        *pending = pending.saturating_sub(1);
+                        if *pending == 0 {
+                            // Nothing queued: dropping the sender ends the worker.
+                            lanes.remove(&key);
+                        }
+                    }
+                }
+                Some(_) = workers.join_next(), if !workers.is_empty() => {}
+                delivery = consumer.next() => {
+                    let Some(delivery) = delivery? else { break };
+                    let envelope = match CommandEnvelope::decode(delivery.message.payload.clone()) {
+                        Ok(e) => e,
+                        Err(_) => {
+                            tracing::error!("undecodable gateway command dropped");
+                            delivery.term().await?;
+                            continue;
+                        }
+                    };
+                    let Some(delegation) = envelope.delegation.clone() else {
+                        tracing::error!(outbox_id = %envelope.outbox_id, "gateway command without delegation dropped");
+                        delivery.term().await?;
+                        continue;
+                    };
+                    let key = lane_key(&delegation);
+                    let lane = lanes.entry(key.clone()).or_insert_with(|| {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        workers.spawn(self.clone().lane(key.clone(), rx, done_tx.clone(), stop.clone()));
+                        (tx, 0)
+                    });
+                    lane.1 += 1;
+                    if lane.0.send((delivery, envelope)).is_err() {
+                        // The worker is gone (it panicked): the delivery was dropped with it and comes back.
+                        lanes.remove(&key);
+                    }
+                }
+            }
+        }
+        // The lanes hand back what they hold (nak): it is delivered again, to another replica or to this one
+        // after a restart, and sent with the same MsgID. A lane that does not finish in time is dropped;
+        // its commands come back after the ack wait.
+        drop(lanes);
+        let drained = tokio::time::timeout(Duration::from_secs(2), async {
+            while workers.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            workers.abort_all();
+        }
+        Ok(())
+    }
+
+    async fn lane(
+        self: Arc<Self>,
+        key: String,
+        mut rx: mpsc::UnboundedReceiver<(Delivery, CommandEnvelope)>,
+        done: mpsc::UnboundedSender<String>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            let next = tokio::select! {
+                next = rx.recv() => next,
+                _ = crate::stopped(&mut stop) => None,
+            };
+            let Some((delivery, envelope)) = next else {
+                break;
+            };
+            let trace: Vec<(String, String)> = TRACE_HEADERS
+                .iter()
+                .filter_map(|h| {
+                    delivery
+                        .message
+                        .headers
+                        .get(h)
+                        .map(|v| (h.to_string(), v.to_string()))
+                })
+                .collect();
+            let outcome = tokio::select! {
+                outcome = self.execute(&envelope, &trace) => outcome,
+                _ = crate::stopped(&mut stop) => {
+                    // Stopping: hand the command back at once, to be sent (same MsgID) by whoever gets it.
+                    let _ = delivery.nak(Duration::ZERO).await;
+                    break;
+                }
+            };
+            let settled = match &outcome {
+                Outcome::Answered(status) => {
+                    tracing::info!(outbox_id = %envelope.outbox_id, status, "message answered by the peer");
+                    delivery.ack().await
+                }
+                Outcome::GaveUp(reason) => {
+                    tracing::warn!(outbox_id = %envelope.outbox_id, %reason, "message given up");
+                    delivery.ack().await
+                }
+                Outcome::Invalid(reason) => {
+                    tracing::error!(outbox_id = %envelope.outbox_id, %reason, "gateway command cannot be carried out");
+                    delivery.term().await
+                }
+            };
+            if let Err(e) = settled {
+                tracing::warn!(outbox_id = %envelope.outbox_id, error = %e, "command not acknowledged; it will be delivered again");
+            }
+            let _ = done.send(key.clone());
+        }
+        // What is still queued here goes back too.
+        rx.close();
+        while let Ok((delivery, _)) = rx.try_recv() {
+            let _ = delivery.nak(Duration::ZERO).await;
+        }
+    }
+
+    /// Carries out one command until its final answer or its deadline.
+    pub(crate) async fn execute(
+        &self,
+        envelope: &CommandEnvelope,
+        trace: &[(String, String)],
+    ) -> Outcome {
+        let deadline = tokio::time::Instant::now() + self.timeouts.send_deadline;
+        let Some(delegation) = envelope.delegation.as_ref() else {
+            return Outcome::Invalid("no delegation".into());
+        };
+        let Some(command::Kind::Send(send)) =
+            envelope.command.as_ref().and_then(|c| c.kind.as_ref())
+        else {
+            return Outcome::Invalid("not a Send command".into());
+        };
+        let Some(target) = self.peers.get(&delegation.peer_server_id) else {
+            return Outcome::Invalid(format!(
+                "peer '{}' has no endpoint in the gateway configuration",
+                delegation.peer_server_id
+            ));
+        };
+        let Some(body) = send.body.as_ref() else {
+            return Outcome::Invalid("the send command has no message body".into());
+        };
+        // The secret, fetched at send time; auth being away is retried like the network.
+        let mut attempt = 0u32;
+        let secret = match secret_needed(body) {
+            None => None,
+            Some(what) => loop {
+                match self.fetch(delegation, what, trace).await {
+                    Ok(secret) => break Some(secret),
+                    Err(FetchError::Permanent(reason)) => return Outcome::GaveUp(reason),
+                    Err(FetchError::Transient(reason)) => {
+                        let pause =
+                            backoff(attempt, self.timeouts.retry_min, self.timeouts.retry_max);
+                        if tokio::time::Instant::now() + pause >= deadline {
+                            return Outcome::GaveUp(format!(
+                                "auth did not hand out the secret in time: {reason}"
+                            ));
+                        }
+                        tracing::info!(%reason, "secret not fetched yet; retrying");
+                        tokio::time::sleep(pause).await;
+                        attempt += 1;
+                    }
+                }
+            },
+        };
+        let message = match outbound_message(
+            &self.server_id,
+            &delegation.peer_server_id,
+            &delegation.session_id,
+            send,
+            secret,
+            now_utc(),
+        ) {
+            Ok(m) => m,
+            Err(reason) => return Outcome::Invalid(reason),
+        };
+        let text = delegation::encode(&message);
+        // What the peer would refuse as a 400 is not worth sending: check it as the peer will.
+        if let Err(e) = delegation::decode(text.as_bytes()) {
+            return Outcome::Invalid(format!("the message would not be valid: {e}"));
+        }
+        let wire = Wire(Bytes::from(text));
+        let msg_id = message.msg_id.to_string();
+        drop(message);
+        let mut attempt = 0u32;
+        loop {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let limit = remaining.min(self.timeouts.request);
+            let result = match tokio::time::timeout(limit, self.post(target, &wire, trace)).await {
+                Ok(r) => r,
+                Err(_) => Err(AttemptError::TimedOut),
+            };
+            let retry_reason = match result {
+                Ok((status, _)) if status == StatusCode::SERVICE_UNAVAILABLE => "503".to_string(),
+                Ok((status, body)) => {
+                    if status != StatusCode::ACCEPTED {
+                        let reason = delegation::decode_error(&body)
+                            .map(|e| e.reason)
+                            .unwrap_or_default();
+                        tracing::warn!(%msg_id, status = status.as_u16(), %reason, "peer refused the message");
+                    }
+                    return Outcome::Answered(status.as_u16());
+                }
+                Err(e) => e.to_string(),
+            };
+            let pause = backoff(attempt, self.timeouts.retry_min, self.timeouts.retry_max);
+            if tokio::time::Instant::now() + pause >= deadline {
+                return Outcome::GaveUp(format!(
+                    "no final answer before the send deadline (last: {retry_reason})"
+                ));
+            }
+            tracing::info!(%msg_id, attempt, reason = %retry_reason, "retrying with the same MsgID");
+            tokio::time::sleep(pause).await;
+            attempt += 1;
+        }
+    }
+
+    async fn fetch(
+        &self,
+        delegation: &DelegationRef,
+        what: fetch::What,
+        trace: &[(String, String)],
+    ) -> Result<Secret, FetchError> {
+        let mut request = Fetch {
+            delegation: Some(delegation.clone()),
+            ..Default::default()
+        };
+        request.set_what(what);
+        let answer: FetchAnswer = ask(
+            &self.bus,
+            &self.fetch_subject,
+            &request,
+            "dmd.bus.v1.Fetch",
+            "FetchAnswer",
+            trace,
+            self.timeouts.auth,
+        )
+        .await
+        .map_err(|e: AskError| FetchError::Transient(e.to_string()))?;
+        if !answer.found {
+            return Err(FetchError::Permanent(format!(
+                "auth has no {} for this delegation: {}",
+                what.as_str_name(),
+                answer.reason
+            )));
+        }
+        match what {
+            fetch::What::OwnAccount => dm_protocol::tnds::decode(&answer.value)
+                .map(Secret::OwnAccount)
+                .map_err(|e| {
+                    FetchError::Permanent(format!("the account from auth is not TNDS: {e}"))
+                }),
+            fetch::What::TempKey => std::str::from_utf8(&answer.value)
+                .ok()
+                .and_then(|s| TempDelegationKey::from_str(s.trim()).ok())
+                .map(Secret::TempKey)
+                .ok_or_else(|| {
+                    FetchError::Permanent(
+                        "the TEMP_DELEGATION_KEY from auth is not 32 bytes of base64".into(),
+                    )
+                }),
+            _ => Err(FetchError::Permanent("unexpected secret kind".into())),
+        }
+    }
+
+    /// One POST: connect, handshake, send, read the answer.
+    async fn post(
+        &self,
+        target: &PeerTarget,
+        wire: &Wire,
+        trace: &[(String, String)],
+    ) -> Result<(StatusCode, Bytes), AttemptError> {
+        let endpoint = &target.endpoint;
+        let addrs: Vec<_> = tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port))
+            .await
+            .map_err(|e| AttemptError::Resolve(format!("{}: {e}", endpoint.host)))?
+            .collect();
+        let mut last = AttemptError::Resolve(format!("{}: no address", endpoint.host));
+        let mut tcp = None;
+        for addr in addrs {
+            match tokio::time::timeout(self.timeouts.connect, tokio::net::TcpStream::connect(addr))
+                .await
+            {
+                Ok(Ok(s)) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Ok(Err(e)) => last = AttemptError::Connect(format!("{addr}: {e}")),
+                Err(_) => last = AttemptError::Connect(format!("{addr}: timed out")),
+            }
+        }
+        let tcp = tcp.ok_or(last)?;
+        let _ = tcp.set_nodelay(true);
+        let tls = target
+            .connector
+            .connect(target.server_name.clone(), tcp)
+            .await
+            .map_err(|e| AttemptError::Tls(e.to_string()))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| AttemptError::Http(e.to_string()))?;
+        let driver = tokio::spawn(conn);
+        let mut builder = Request::builder()
+            .method(Method::POST)
+            .uri(endpoint.uri.clone())
+            .header(HOST, endpoint.authority.as_str())
+            .header(
+                CONTENT_TYPE,
+                format!("{}; charset=utf-8", delegation::CONTENT_TYPE),
+            );
+        for (name, value) in trace {
+            builder = builder.header(name.as_str(), value.as_str());
+        }
+        let request = builder
+            .body(Full::new(wire.0.clone()))
+            .map_err(|e| AttemptError::Http(e.to_string()))?;
+        let result = async {
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| AttemptError::Http(e.to_string()))?;
+            let status = response.status();
+            let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            Ok((status, body))
+        }
+        .await;
+        // Done with this connection: let it close cleanly, briefly.
+        drop(sender);
+        let abort = driver.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(1), driver)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
+        result
+    }
+}
+
+enum FetchError {
+    /// Auth is away or slow: try again.
+    Transient(String),
+    /// Auth has no such secret (purged, never created): sending is pointless.
+    Permanent(String),
+}
+
+impl std::fmt::Debug for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FetchError::Transient(r) => write!(f, "Transient({r})"),
+            FetchError::Permanent(r) => write!(f, "Permanent({r})"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(2));
+        for n in 0..30 {
+            let d = backoff(n, min, max);
+            let base = (min * 2u32.pow(n.min(20))).min(max);
+            assert!(
+                d >= base / 2 && d <= base,
+                "retry {n}: {d:?} outside {base:?}"
+            );
+        }
+    }
+}
