@@ -32,6 +32,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Two DM Servers and a simulated fleet in one process: a delegation of every type with both
+    /// initiators, a revocation, an expiry and a refused request. Exits 0 only if every outcome is the
+    /// expected one. Always ephemeral.
+    Demo,
 }
 
 fn validate(file: &PathBuf, json: bool) -> anyhow::Result<ExitCode> {
@@ -56,10 +60,28 @@ fn validate(file: &PathBuf, json: bool) -> anyhow::Result<ExitCode> {
     }
 }
 
+fn demo() -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(dmd::demo::run(dmd::demo::DemoOptions::default()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
+    // Logs go to stderr, filtered by RUST_LOG (default: warnings).
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Validate { file, json } => validate(file, *json),
+        Command::Demo => demo(),
     };
     match result {
         Ok(code) => code,

@@ -94,6 +94,24 @@ impl std::fmt::Debug for Gateway {
 impl Gateway {
     /// Checks the configuration and every file it names, prepares the bus, then binds the listener.
     pub async fn bind(config: Config, bus: Bus) -> Result<Gateway, GatewayError> {
+        Self::bind_with(config, bus, None).await
+    }
+
+    /// Like [`Gateway::bind`], on a listener the caller bound already: `dmd demo` and tests bind port 0
+    /// first, to write the peers' endpoints into each other's configuration.
+    pub async fn bind_on(
+        config: Config,
+        bus: Bus,
+        listener: TcpListener,
+    ) -> Result<Gateway, GatewayError> {
+        Self::bind_with(config, bus, Some(listener)).await
+    }
+
+    async fn bind_with(
+        config: Config,
+        bus: Bus,
+        bound: Option<TcpListener>,
+    ) -> Result<Gateway, GatewayError> {
         install_crypto_provider();
         config.validate()?;
         let names = Names::new(&config.deployment)
@@ -147,13 +165,17 @@ impl Gateway {
             peers,
             timeouts: config.timeouts,
         };
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| GatewayError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listener = match bound {
+            Some(listener) => listener,
+            None => {
+                TcpListener::bind(config.listen)
+                    .await
+                    .map_err(|source| GatewayError::Bind {
+                        addr: config.listen,
+                        source,
+                    })?
+            }
+        };
         let local_addr = listener.local_addr().map_err(|source| GatewayError::Bind {
             addr: config.listen,
             source,

@@ -300,6 +300,8 @@ impl Orchestrator {
                 Err(e) => return Err(e.into()),
             };
             self.inner.timers.track(&key, new_state.timer.as_ref());
+            // Watchers (the admin API, the demo) see every stored state.
+            let _ = self.inner.changes.send(new_state.clone());
             self.flush(&key, &new_state, &decision.commands, revision)
                 .await?;
             return Ok(Applied {

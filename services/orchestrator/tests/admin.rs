@@ -59,7 +59,7 @@ fn start_request() -> StartDelegationRequest {
 
 #[tokio::test]
 async fn the_api_needs_the_token_and_maps_the_contract() {
-    let (url, _o) = serve().await;
+    let (url, o) = serve().await;
     let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
     let mut client = AdminClient::new(channel);
     // No token, wrong token: refused.
