@@ -20,7 +20,7 @@ use dm_provisioning::DeviceCredentials;
 use dm_saga::pb::{self, DelType, Phase, Role, event};
 use tokio::net::TcpListener;
 
-use crate::deployment::{self, DeploymentSpec, Running};
+use crate::deployment::{self, DeploymentSpec, ProvisioningSpec, Running};
 use crate::pki;
 
 pub const D1: &str = "dms1.operator.example";
@@ -173,15 +173,17 @@ fn spec(side: SideSpec<'_>, pki: &pki::Pki, push_url: &str) -> anyhow::Result<De
     Ok(DeploymentSpec {
         name: name.to_string(),
         server_id: me.to_string(),
-        auth,
-        gateway: gateway_config,
-        gateway_listener: Some(gateway_listener),
-        acceptance,
-        provisioning: dm_provisioning::Config::new(me, provisioning_url),
-        provisioning_listener,
-        push_url: push_url.to_string(),
-        saga: dm_saga::Config::default(),
+        saga: Some(dm_saga::Config::default()),
         admin: None,
+        auth: Some(auth),
+        gateway: Some((gateway_config, Some(gateway_listener))),
+        acceptance: Some(acceptance),
+        provisioning: Some(ProvisioningSpec {
+            config: dm_provisioning::Config::new(me, provisioning_url),
+            listener: provisioning_listener,
+            push_url: push_url.to_string(),
+            devices: Vec::new(),
+        }),
     })
 }
 
@@ -245,7 +247,7 @@ impl World {
                 client_nonce_b64: auth::encode_nonce(format!("cn-{i}").as_bytes()),
             };
             fleet.insert(Device::with_default_tree(&dev_id, &account)?);
-            dms1.provisioning.register_device(
+            dms1.provisioning()?.register_device(
                 &dev_id,
                 DeviceCredentials {
                     server_secret: account.server_secret.clone(),
@@ -302,7 +304,7 @@ impl World {
         start.set_del_type(t);
         let applied = self
             .side(initiator)
-            .orchestrator
+            .orchestrator()?
             .apply(
                 peer,
                 &session,
@@ -327,10 +329,10 @@ impl World {
     ) -> anyhow::Result<pb::DelegationState> {
         let running = self.side(side);
         let peer = if side == D1 { D2 } else { D1 };
-        let mut changes = running.orchestrator.subscribe();
+        let mut changes = running.orchestrator()?.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if let Some(s) = running.orchestrator.get(peer, session).await? {
+            if let Some(s) = running.orchestrator()?.get(peer, session).await? {
                 if s.phase() == phase {
                     return Ok(s);
                 }
@@ -354,7 +356,7 @@ impl World {
                 Ok(_) => {}
                 Err(_) => {
                     let seen: Vec<String> = running
-                        .orchestrator
+                        .orchestrator()?
                         .list()
                         .await?
                         .iter()
@@ -385,7 +387,10 @@ pub fn device_id(i: usize) -> String {
 /// Prints every phase change of both deployments as it happens.
 fn print_timeline(world: &World) {
     for (label, running) in [("DMS-1", &world.dms1), ("DMS-2", &world.dms2)] {
-        let mut changes = running.orchestrator.subscribe();
+        let Some(orchestrator) = running.orchestrator.as_ref() else {
+            continue;
+        };
+        let mut changes = orchestrator.subscribe();
         let started = world.started;
         tokio::spawn(async move {
             let mut last: BTreeMap<String, i32> = BTreeMap::new();
@@ -486,7 +491,7 @@ async fn run_in(dir: &Path, options: DemoOptions) -> anyhow::Result<()> {
         let r = async {
             let applied = world
                 .dms1
-                .orchestrator
+                .orchestrator()?
                 .apply(
                     D2,
                     session,
@@ -516,7 +521,7 @@ async fn run_in(dir: &Path, options: DemoOptions) -> anyhow::Result<()> {
     if let Some((_, _, _, session)) = active.iter().find(|(t, _, _, _)| *t == DelType::Final) {
         let applied = world
             .dms1
-            .orchestrator
+            .orchestrator()?
             .apply(
                 D2,
                 session,

@@ -14,23 +14,32 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-/// Everything one deployment needs.
+/// Everything one deployment needs; a service whose part is `None` is not started here (it runs in
+/// another process on the same NATS bus).
 #[derive(Debug)]
 pub struct DeploymentSpec {
     pub name: String,
     pub server_id: String,
-    pub auth: dm_auth::Config,
-    pub gateway: dm_gateway::Config,
-    /// Bound by the caller (port 0 in demos and tests), or `None` to bind the configured address.
-    pub gateway_listener: Option<TcpListener>,
-    pub acceptance: AcceptancePolicy,
-    pub provisioning: dm_provisioning::Config,
-    pub provisioning_listener: TcpListener,
+    /// The orchestrator's deadlines; `None`: no orchestrator here.
+    pub saga: Option<dm_saga::Config>,
+    /// The operator API (needs the orchestrator): where it listens and the token it requires.
+    pub admin: Option<(TcpListener, String)>,
+    pub auth: Option<dm_auth::Config>,
+    /// The gateway, on a listener the caller bound (port 0 in demos and tests) or on its configured address.
+    pub gateway: Option<(dm_gateway::Config, Option<TcpListener>)>,
+    pub acceptance: Option<AcceptancePolicy>,
+    pub provisioning: Option<ProvisioningSpec>,
+}
+
+/// The provisioning service's part.
+#[derive(Debug)]
+pub struct ProvisioningSpec {
+    pub config: dm_provisioning::Config,
+    pub listener: TcpListener,
     /// Where package #0 notifications are pushed (the simulated fleet, or a push gateway).
     pub push_url: String,
-    pub saga: dm_saga::Config,
-    /// The operator API: where it listens and the token it requires.
-    pub admin: Option<(TcpListener, String)>,
+    /// The devices this server manages and their credentials.
+    pub devices: Vec<(String, dm_provisioning::DeviceCredentials)>,
 }
 
 /// A running deployment. Dropping it does not stop it; call [`Running::stop`].
@@ -38,9 +47,9 @@ pub struct DeploymentSpec {
 pub struct Running {
     pub name: String,
     pub server_id: String,
-    pub orchestrator: Orchestrator,
-    pub provisioning: Provisioning,
-    pub gateway_addr: std::net::SocketAddr,
+    pub orchestrator: Option<Orchestrator>,
+    pub provisioning: Option<Provisioning>,
+    pub gateway_addr: Option<std::net::SocketAddr>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<anyhow::Result<()>>,
 }
@@ -59,48 +68,48 @@ pub async fn start(spec: DeploymentSpec, bus: Bus) -> anyhow::Result<Running> {
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
 
-    let orchestrator = Orchestrator::new(
-        dm_orchestrator::Config {
-            names: names.clone(),
-            server_id: spec.server_id.clone(),
-            saga: spec.saga.clone(),
-            ack_wait: Duration::from_secs(30),
-        },
-        bus.clone(),
-    )
-    .await
-    .context("orchestrator")?;
-    {
-        let o = orchestrator.clone();
+    let mut orchestrator = None;
+    if let Some(saga) = spec.saga {
+        let o = Orchestrator::new(
+            dm_orchestrator::Config {
+                names: names.clone(),
+                server_id: spec.server_id.clone(),
+                saga,
+                ack_wait: Duration::from_secs(30),
+            },
+            bus.clone(),
+        )
+        .await
+        .context("orchestrator")?;
+        let runner = o.clone();
         let s = stopped(stop_rx.clone());
-        tasks.spawn(async move { o.run(s).await.context("orchestrator") });
-    }
-    if let Some((listener, token)) = spec.admin {
-        let svc = dm_orchestrator::admin::server(orchestrator.clone(), token);
-        let s = stopped(stop_rx.clone());
-        tasks.spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    s,
-                )
-                .await
-                .context("admin API")
-        });
+        tasks.spawn(async move { runner.run(s).await.context("orchestrator") });
+        if let Some((listener, token)) = spec.admin {
+            let svc = dm_orchestrator::admin::server(o.clone(), token);
+            let s = stopped(stop_rx.clone());
+            tasks.spawn(async move {
+                tonic::transport::Server::builder()
+                    .add_service(svc)
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        s,
+                    )
+                    .await
+                    .context("admin API")
+            });
+        }
+        orchestrator = Some(o);
     }
 
-    {
+    if let Some(auth) = spec.auth {
         let b = bus.clone();
         let s = stopped(stop_rx.clone());
-        let auth = spec.auth;
         tasks.spawn(async move { dm_auth::run(auth, b, s).await.context("auth") });
     }
-    {
+    if let Some(policy) = spec.acceptance {
         let b = bus.clone();
         let n = names.clone();
         let s = stopped(stop_rx.clone());
-        let policy = spec.acceptance;
         tasks.spawn(async move {
             dm_notification::acceptance::run(policy, b, n, s)
                 .await
@@ -108,33 +117,46 @@ pub async fn start(spec: DeploymentSpec, bus: Bus) -> anyhow::Result<Running> {
         });
     }
 
-    let channel: Arc<dyn Package0Channel> = Arc::new(HttpPushChannel::new(spec.push_url));
-    let (provisioning, outcomes) = Provisioning::new(spec.provisioning, channel);
-    {
-        let p = provisioning.clone();
-        let s = stopped(stop_rx.clone());
-        let listener = spec.provisioning_listener;
-        tasks.spawn(async move { p.serve(listener, s).await.context("provisioning endpoint") });
-    }
-    {
-        let p = provisioning.clone();
-        let b = bus.clone();
-        let n = names.clone();
-        let s = stopped(stop_rx.clone());
-        tasks.spawn(async move {
-            dm_provisioning::service::run(p, outcomes, b, n, s)
-                .await
-                .context("provisioning")
-        });
+    let mut provisioning = None;
+    if let Some(p) = spec.provisioning {
+        let channel: Arc<dyn Package0Channel> = Arc::new(HttpPushChannel::new(p.push_url));
+        let (service, outcomes) = Provisioning::new(p.config, channel);
+        for (dev_id, creds) in p.devices {
+            service.register_device(&dev_id, creds);
+        }
+        {
+            let endpoint = service.clone();
+            let s = stopped(stop_rx.clone());
+            let listener = p.listener;
+            tasks.spawn(async move {
+                endpoint
+                    .serve(listener, s)
+                    .await
+                    .context("provisioning endpoint")
+            });
+        }
+        {
+            let worker = service.clone();
+            let b = bus.clone();
+            let n = names.clone();
+            let s = stopped(stop_rx.clone());
+            tasks.spawn(async move {
+                dm_provisioning::service::run(worker, outcomes, b, n, s)
+                    .await
+                    .context("provisioning")
+            });
+        }
+        provisioning = Some(service);
     }
 
-    let gateway = match spec.gateway_listener {
-        Some(listener) => dm_gateway::Gateway::bind_on(spec.gateway, bus.clone(), listener).await,
-        None => dm_gateway::Gateway::bind(spec.gateway, bus.clone()).await,
-    }
-    .context("gateway")?;
-    let gateway_addr = gateway.local_addr();
-    {
+    let mut gateway_addr = None;
+    if let Some((config, listener)) = spec.gateway {
+        let gateway = match listener {
+            Some(listener) => dm_gateway::Gateway::bind_on(config, bus.clone(), listener).await,
+            None => dm_gateway::Gateway::bind(config, bus.clone()).await,
+        }
+        .context("gateway")?;
+        gateway_addr = Some(gateway.local_addr());
         let s = stopped(stop_rx.clone());
         tasks.spawn(async move { gateway.serve(s).await.context("gateway") });
     }
@@ -151,6 +173,20 @@ pub async fn start(spec: DeploymentSpec, bus: Bus) -> anyhow::Result<Running> {
 }
 
 impl Running {
+    /// The orchestrator, when this process runs it.
+    pub fn orchestrator(&self) -> anyhow::Result<&Orchestrator> {
+        self.orchestrator
+            .as_ref()
+            .context("the orchestrator does not run in this process")
+    }
+
+    /// The provisioning service, when this process runs it.
+    pub fn provisioning(&self) -> anyhow::Result<&Provisioning> {
+        self.provisioning
+            .as_ref()
+            .context("the provisioning service does not run in this process")
+    }
+
     /// Asks every service to stop and waits for them; the first error, if any.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);

@@ -36,6 +36,37 @@ enum Command {
     /// initiators, a revocation, an expiry and a refused request. Exits 0 only if every outcome is the
     /// expected one. Always ephemeral.
     Demo,
+    /// Every service of a deployment in this process: on NATS when `[deployment] nats_url` is set,
+    /// otherwise on the in-process bus (nothing is kept across a restart).
+    All {
+        #[arg(long, env = "DMD_CONFIG")]
+        config: PathBuf,
+    },
+    /// The orchestrator (and the admin API when `[admin]` is set), on NATS.
+    Orchestrator {
+        #[arg(long, env = "DMD_CONFIG")]
+        config: PathBuf,
+    },
+    /// The auth service, on NATS.
+    Auth {
+        #[arg(long, env = "DMD_CONFIG")]
+        config: PathBuf,
+    },
+    /// The gateway, on NATS.
+    Gateway {
+        #[arg(long, env = "DMD_CONFIG")]
+        config: PathBuf,
+    },
+    /// The notification service (acceptance policy), on NATS.
+    Notification {
+        #[arg(long, env = "DMD_CONFIG")]
+        config: PathBuf,
+    },
+    /// The provisioning service (the DM endpoint devices connect to), on NATS.
+    Provisioning {
+        #[arg(long, env = "DMD_CONFIG")]
+        config: PathBuf,
+    },
 }
 
 fn validate(file: &PathBuf, json: bool) -> anyhow::Result<ExitCode> {
@@ -61,11 +92,21 @@ fn validate(file: &PathBuf, json: bool) -> anyhow::Result<ExitCode> {
 }
 
 fn demo() -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    runtime()?.block_on(dmd::demo::run(dmd::demo::DemoOptions::default()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(dmd::demo::run(dmd::demo::DemoOptions::default()))?;
+        .context("cannot start the async runtime")
+}
+
+fn serve(only: Option<dmd::serve::Service>, config: &PathBuf) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(config)
+        .with_context(|| format!("cannot read the configuration {}", config.display()))?;
+    runtime()?.block_on(dmd::serve::run(only, &text))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -82,6 +123,12 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Validate { file, json } => validate(file, *json),
         Command::Demo => demo(),
+        Command::All { config } => serve(None, config),
+        Command::Orchestrator { config } => serve(Some(dmd::serve::Service::Orchestrator), config),
+        Command::Auth { config } => serve(Some(dmd::serve::Service::Auth), config),
+        Command::Gateway { config } => serve(Some(dmd::serve::Service::Gateway), config),
+        Command::Notification { config } => serve(Some(dmd::serve::Service::Notification), config),
+        Command::Provisioning { config } => serve(Some(dmd::serve::Service::Provisioning), config),
     };
     match result {
         Ok(code) => code,

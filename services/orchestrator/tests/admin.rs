@@ -141,4 +141,30 @@ async fn the_api_needs_the_token_and_maps_the_contract() {
         .unwrap()
         .unwrap();
     assert_eq!(first.state.unwrap().phase(), Phase::NotifSent);
+    // Then every change: the peer says no, the delegation ends, and so does the stream.
+    let nack = dm_saga::pb::Event {
+        kind: Some(dm_saga::pb::event::Kind::Peer(dm_saga::pb::PeerMessage {
+            msg_id: "0b6a7e0c-5d1e-4c41-9b0e-3d3f3c2b1a10".into(),
+            sender: started.peer_server_id.clone(),
+            session_id: started.session_id.clone(),
+            body: Some(dm_saga::pb::peer_message::Body::Res(dm_saga::pb::ResBody {
+                ack: false,
+                status_code: 403,
+                reason: "not offered".into(),
+            })),
+        })),
+    };
+    o.apply(&started.peer_server_id, &started.session_id, &nack)
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.state.unwrap().phase(), Phase::Declined);
+    let end = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .unwrap();
+    assert!(end.is_none(), "the stream ends with the delegation");
 }

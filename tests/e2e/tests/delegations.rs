@@ -136,7 +136,13 @@ async fn revocation_expiry_final_and_a_refused_request() {
         .with_device(&device_id(0), |d| d.account_uri(D2).is_some())
         .unwrap();
     assert!(before_revoke);
-    let applied = w.dms1.orchestrator.apply(D2, &s, &revoke()).await.unwrap();
+    let applied = w
+        .dms1
+        .orchestrator()
+        .unwrap()
+        .apply(D2, &s, &revoke())
+        .await
+        .unwrap();
     assert_eq!(applied.answer, dm_saga::Answer::Accepted);
     w.wait_for(D1, &s, Phase::Revoked, STEP).await.unwrap();
     w.wait_for(D2, &s, Phase::Revoked, STEP).await.unwrap();
@@ -151,7 +157,13 @@ async fn revocation_expiry_final_and_a_refused_request() {
         .await
         .unwrap();
     w.wait_for(D1, &f, Phase::Active, STEP).await.unwrap();
-    let refused = w.dms1.orchestrator.apply(D2, &f, &revoke()).await.unwrap();
+    let refused = w
+        .dms1
+        .orchestrator()
+        .unwrap()
+        .apply(D2, &f, &revoke())
+        .await
+        .unwrap();
     assert_eq!(refused.answer.http_status(), 405);
     // Temporary expires by itself, on both sides, and the device's authority returns to DMS-1.
     let t = w

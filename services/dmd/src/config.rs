@@ -1,0 +1,292 @@
+//! The configuration of a deployment: one TOML file, one table per service. Each service's table has that
+//! service's own format (see its crate); `deployment` and `server_id` are given once, in `[deployment]`,
+//! and passed to every service. Secrets that must not sit in the file are named by environment variables.
+//!
+//! ```toml
+//! [deployment]
+//! name = "dms1"
+//! server_id = "dms1.operator.example"
+//! nats_url = "nats://nats:4222"        # absent: `dmd all` runs on the in-process bus (nothing is kept)
+//!
+//! [admin]
+//! listen = "0.0.0.0:7443"
+//! token_env = "DMD_ADMIN_TOKEN"        # the operator token is read from this variable
+//!
+//! [auth]                               # dm-auth's format
+//! dm_address = "https://dm.dms1.operator.example/dm"
+//! [[auth.peer]]
+//! server_id = "dms2.enterprise.example"
+//! ...
+//!
+//! [gateway]                            # dm-gateway's format
+//! listen = "0.0.0.0:8443"
+//! [gateway.tls]
+//! ...
+//!
+//! [acceptance]                         # dm-notification's policy
+//! offered_types = ["Partial", "Temporary"]
+//!
+//! [provisioning]
+//! listen = "0.0.0.0:8080"
+//! public_url = "https://dm.dms1.operator.example/dm"
+//! push_url = "http://push-gateway:8700"
+//! [[provisioning.device]]
+//! dev_id = "IMEI:490154203237518"
+//! ...
+//! ```
+
+use std::net::SocketAddr;
+
+use anyhow::{Context, bail};
+use dm_notification::policy::AcceptancePolicy;
+use dm_provisioning::DeviceCredentials;
+use serde::Deserialize;
+use toml::Table;
+
+/// What `dmd` read from the file, each service's part checked by that service's parser.
+#[derive(Debug)]
+pub struct FileConfig {
+    pub name: String,
+    pub server_id: String,
+    pub nats_url: Option<String>,
+    pub admin: Option<AdminConfig>,
+    pub auth: Option<dm_auth::Config>,
+    pub gateway: Option<dm_gateway::Config>,
+    pub acceptance: Option<AcceptancePolicy>,
+    pub provisioning: Option<ProvisioningConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProvisioningConfig {
+    pub listen: SocketAddr,
+    pub public_url: String,
+    pub push_url: String,
+    pub devices: Vec<(String, DeviceCredentials)>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Deployment {
+    name: String,
+    server_id: String,
+    #[serde(default)]
+    nats_url: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Admin {
+    listen: String,
+    token_env: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Provisioning {
+    listen: String,
+    public_url: String,
+    push_url: String,
+    #[serde(default)]
+    device: Vec<Device>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Device {
+    dev_id: String,
+    server_secret: String,
+    server_nonce_b64: String,
+    client_name: String,
+    client_secret: String,
+    client_nonce_b64: String,
+}
+
+/// A service's table as the text its own parser reads, with the deployment's name and ServerID in it.
+fn service_text(table: &Table, section: &str, d: &Deployment) -> anyhow::Result<Option<String>> {
+    let Some(value) = table.get(section) else {
+        return Ok(None);
+    };
+    let Some(mut t) = value.as_table().cloned() else {
+        bail!("[{section}] must be a table");
+    };
+    t.insert("deployment".into(), d.name.clone().into());
+    t.insert("server_id".into(), d.server_id.clone().into());
+    Ok(Some(
+        toml::to_string(&t).with_context(|| format!("[{section}]"))?,
+    ))
+}
+
+fn part<T: serde::de::DeserializeOwned>(table: &Table, section: &str) -> anyhow::Result<Option<T>> {
+    table
+        .get(section)
+        .map(|v| {
+            v.clone()
+                .try_into::<T>()
+                .with_context(|| format!("[{section}]"))
+        })
+        .transpose()
+}
+
+/// Reads the whole file. `env` gives environment variables (injected, so tests never set any).
+pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<FileConfig> {
+    let table: Table = text
+        .parse()
+        .context("the configuration is not valid TOML")?;
+    for key in table.keys() {
+        if ![
+            "deployment",
+            "admin",
+            "auth",
+            "gateway",
+            "acceptance",
+            "provisioning",
+        ]
+        .contains(&key.as_str())
+        {
+            bail!(
+                "unknown table [{key}]: expected deployment, admin, auth, gateway, acceptance, provisioning"
+            );
+        }
+    }
+    let deployment: Deployment = part(&table, "deployment")?.context("[deployment] is required")?;
+    let admin = match part::<Admin>(&table, "admin")? {
+        None => None,
+        Some(a) => {
+            let token = env(&a.token_env)
+                .filter(|t| !t.is_empty())
+                .with_context(|| {
+                    format!("[admin] token_env: the variable {} is not set", a.token_env)
+                })?;
+            Some(AdminConfig {
+                listen: a
+                    .listen
+                    .parse()
+                    .context("[admin] listen: not an address:port")?,
+                token,
+            })
+        }
+    };
+    let auth = service_text(&table, "auth", &deployment)?
+        .map(|t| dm_auth::Config::from_toml(&t))
+        .transpose()
+        .context("[auth]")?;
+    let gateway = service_text(&table, "gateway", &deployment)?
+        .map(|t| dm_gateway::Config::from_toml(&t))
+        .transpose()
+        .context("[gateway]")?;
+    let acceptance = match table.get("acceptance") {
+        None => None,
+        Some(v) => Some(
+            AcceptancePolicy::from_toml(&toml::to_string(v).context("[acceptance]")?)
+                .context("[acceptance]")?,
+        ),
+    };
+    let provisioning = part::<Provisioning>(&table, "provisioning")?
+        .map(|p| -> anyhow::Result<ProvisioningConfig> {
+            Ok(ProvisioningConfig {
+                listen: p
+                    .listen
+                    .parse()
+                    .context("[provisioning] listen: not an address:port")?,
+                public_url: p.public_url,
+                push_url: p.push_url,
+                devices: p
+                    .device
+                    .into_iter()
+                    .map(|d| {
+                        (
+                            d.dev_id,
+                            DeviceCredentials {
+                                server_secret: d.server_secret,
+                                server_nonce_b64: d.server_nonce_b64,
+                                client_name: d.client_name,
+                                client_secret: d.client_secret,
+                                client_nonce_b64: d.client_nonce_b64,
+                            },
+                        )
+                    })
+                    .collect(),
+            })
+        })
+        .transpose()?;
+    Ok(FileConfig {
+        name: deployment.name,
+        server_id: deployment.server_id,
+        nats_url: deployment.nats_url,
+        admin,
+        auth,
+        gateway,
+        acceptance,
+        provisioning,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"
+[deployment]
+name = "dms1"
+server_id = "dms1.operator.example"
+
+[admin]
+listen = "127.0.0.1:7443"
+token_env = "TOKEN"
+
+[auth]
+dm_address = "https://dm.dms1.operator.example/dm"
+
+[[auth.peer]]
+server_id = "dms2.enterprise.example"
+endpoint = "https://dms2.enterprise.example/delegation"
+spki_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+allowed_types = ["Partial"]
+allowed_scopes = ["./Vendor"]
+
+[acceptance]
+offered_types = ["Partial"]
+
+[provisioning]
+listen = "0.0.0.0:8080"
+public_url = "http://dm.example/dm"
+push_url = "http://push:8700"
+"#;
+
+    #[test]
+    fn every_service_reads_its_table() {
+        let c = parse(FILE, |k| (k == "TOKEN").then(|| "t0k3n".to_string())).unwrap();
+        assert_eq!(c.name, "dms1");
+        assert!(c.nats_url.is_none());
+        assert_eq!(c.admin.unwrap().token, "t0k3n");
+        assert!(c.auth.is_some());
+        assert!(c.gateway.is_none());
+        assert_eq!(c.acceptance.unwrap().offered_types, ["Partial"]);
+        assert_eq!(c.provisioning.unwrap().push_url, "http://push:8700");
+    }
+
+    #[test]
+    fn errors_name_the_place() {
+        let e = parse(FILE, |_| None).unwrap_err();
+        assert!(format!("{e:#}").contains("TOKEN"), "{e:#}");
+        let e = parse(
+            "[deployment]\nname = \"x\"\nserver_id = \"y\"\n[oops]\n",
+            |_| None,
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("oops"));
+        let bad = FILE.replace(
+            "allowed_types = [\"Partial\"]",
+            "allowed_types = [\"Whole\"]",
+        );
+        let e = parse(&bad, |_| Some("t".into())).unwrap_err();
+        assert!(format!("{e:#}").contains("[auth]"), "{e:#}");
+    }
+}

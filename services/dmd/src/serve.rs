@@ -1,0 +1,143 @@
+//! `dmd all` and `dmd <service>`: a deployment's services from its configuration file, until SIGTERM or
+//! Ctrl-C (then they drain and stop).
+
+use anyhow::{Context, bail};
+use dm_bus::Bus;
+use tokio::net::TcpListener;
+
+use crate::config::{self, FileConfig};
+use crate::deployment::{self, DeploymentSpec, ProvisioningSpec};
+
+/// One service of a deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Orchestrator,
+    Auth,
+    Gateway,
+    Notification,
+    Provisioning,
+}
+
+impl Service {
+    fn name(self) -> &'static str {
+        match self {
+            Service::Orchestrator => "orchestrator",
+            Service::Auth => "auth",
+            Service::Gateway => "gateway",
+            Service::Notification => "notification",
+            Service::Provisioning => "provisioning",
+        }
+    }
+}
+
+fn wanted(only: Option<Service>, s: Service) -> bool {
+    only.is_none_or(|o| o == s)
+}
+
+/// Builds what `only` (or every service) needs from the file; a missing table is an error only for a
+/// service asked for by name.
+pub async fn spec(only: Option<Service>, c: FileConfig) -> anyhow::Result<DeploymentSpec> {
+    let required = |present: bool, s: Service, table: &str| -> anyhow::Result<()> {
+        if !present && only == Some(s) {
+            bail!(
+                "`dmd {}` needs the [{table}] table in the configuration",
+                s.name()
+            );
+        }
+        Ok(())
+    };
+    required(c.auth.is_some(), Service::Auth, "auth")?;
+    required(c.gateway.is_some(), Service::Gateway, "gateway")?;
+    required(c.acceptance.is_some(), Service::Notification, "acceptance")?;
+    required(
+        c.provisioning.is_some(),
+        Service::Provisioning,
+        "provisioning",
+    )?;
+    let admin = match (&c.admin, wanted(only, Service::Orchestrator)) {
+        (Some(a), true) => Some((
+            TcpListener::bind(a.listen)
+                .await
+                .with_context(|| format!("[admin] listen {}", a.listen))?,
+            a.token.clone(),
+        )),
+        _ => None,
+    };
+    let provisioning = match (c.provisioning, wanted(only, Service::Provisioning)) {
+        (Some(p), true) => Some(ProvisioningSpec {
+            config: dm_provisioning::Config::new(&c.server_id, p.public_url),
+            listener: TcpListener::bind(p.listen)
+                .await
+                .with_context(|| format!("[provisioning] listen {}", p.listen))?,
+            push_url: p.push_url,
+            devices: p.devices,
+        }),
+        _ => None,
+    };
+    Ok(DeploymentSpec {
+        name: c.name,
+        server_id: c.server_id,
+        saga: wanted(only, Service::Orchestrator).then(dm_saga::Config::default),
+        admin,
+        auth: c.auth.filter(|_| wanted(only, Service::Auth)),
+        gateway: c
+            .gateway
+            .filter(|_| wanted(only, Service::Gateway))
+            .map(|g| (g, None)),
+        acceptance: c.acceptance.filter(|_| wanted(only, Service::Notification)),
+        provisioning,
+    })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Runs until a signal (then drains) or until a service fails.
+pub async fn run(only: Option<Service>, text: &str) -> anyhow::Result<()> {
+    let c = config::parse(text, |k| std::env::var(k).ok())?;
+    let bus = match (&c.nats_url, only) {
+        (Some(url), _) => Bus::connect(url)
+            .await
+            .with_context(|| format!("cannot connect to NATS at {url}"))?,
+        (None, None) => {
+            eprintln!(
+                "WARNING: no [deployment] nats_url: running on the in-process bus. Nothing is kept across a \\
+                 restart; devices changed by a delegation in flight would be left as they are. For trying, not for keeping."
+            );
+            Bus::in_process()
+        }
+        (None, Some(s)) => bail!(
+            "`dmd {}` alone needs [deployment] nats_url; `dmd all` runs every service in one process",
+            s.name()
+        ),
+    };
+    let spec = spec(only, c).await?;
+    let mut running = deployment::start(spec, bus).await?;
+    tracing::info!(deployment = %running.name, server_id = %running.server_id, "started");
+    tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!("stopping");
+            running.stop().await
+        }
+        failed = running.failed() => failed,
+    }
+}

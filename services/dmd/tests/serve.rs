@@ -1,0 +1,134 @@
+//! `dmd all` and `dmd <service>` as operators run them: a configuration file, the embedded default's
+//! warning, a clear refusal for a lone service without NATS, and a clean stop on SIGTERM.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const CONFIG: &str = r#"
+[deployment]
+name = "dms1"
+server_id = "dms1.operator.example"
+
+[admin]
+listen = "127.0.0.1:0"
+token_env = "DMD_TEST_TOKEN"
+
+[auth]
+dm_address = "http://127.0.0.1:9/dm"
+
+[[auth.peer]]
+server_id = "dms2.enterprise.example"
+endpoint = "https://dms2.enterprise.example/delegation"
+spki_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+allowed_types = ["Partial"]
+allowed_scopes = ["./Vendor"]
+
+[acceptance]
+offered_types = ["Partial"]
+
+[provisioning]
+listen = "127.0.0.1:0"
+public_url = "http://127.0.0.1:9/dm"
+push_url = "http://127.0.0.1:9"
+"#;
+
+fn write_config(tag: &str, text: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("dmd-serve-{tag}-{}.toml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn all_runs_in_process_with_a_warning_and_stops_on_sigterm() {
+    let path = write_config("all", CONFIG);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dmd"))
+        .args(["all", "--config"])
+        .arg(&path)
+        .env("DMD_TEST_TOKEN", "t0k3n")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Wait until it says it started (or fails), with a deadline.
+    let mut warned = false;
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("dmd all to report its start");
+        warned |= line.contains("in-process bus");
+        if line.contains("started") {
+            break;
+        }
+    }
+    assert!(
+        warned,
+        "the embedded default must say loudly that nothing is kept"
+    );
+    // SIGTERM: it drains and exits 0.
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dmd all did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(code.success(), "{code:?}");
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn a_lone_service_needs_nats_and_says_so() {
+    let path = write_config("lone", CONFIG);
+    let out = Command::new(env!("CARGO_BIN_EXE_dmd"))
+        .args(["auth", "--config"])
+        .arg(&path)
+        .env("DMD_TEST_TOKEN", "t0k3n")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("nats_url"), "{err}");
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn a_bad_configuration_is_refused_before_anything_starts() {
+    let path = write_config(
+        "bad",
+        &CONFIG.replace(
+            "offered_types = [\"Partial\"]",
+            "offered_types = [\"Whole\"]",
+        ),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_dmd"))
+        .args(["all", "--config"])
+        .arg(&path)
+        .env("DMD_TEST_TOKEN", "t0k3n")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("[acceptance]"), "{err}");
+    let _ = std::fs::remove_file(path);
+}
