@@ -87,6 +87,12 @@ pub async fn run(
         };
         let mut headers = Headers::new();
         headers.insert("dmd-type", "dmd.bus.v1.EventEnvelope");
+        // The delegation's trace goes on with the outcome.
+        for name in ["traceparent", "tracestate"] {
+            if let Some(v) = delivery.message.headers.get(name) {
+                headers.insert(name, v);
+            }
+        }
         bus.publish(
             &names.subject(Area::Evt, "notification.decided")?,
             headers,

@@ -106,6 +106,31 @@ fn typed_headers(type_name: &str) -> Headers {
     h
 }
 
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if it is a valid one.
+pub fn trace_id_of(traceparent: &str) -> Option<String> {
+    let mut parts = traceparent.trim().split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let valid = hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && hex(span, 16)
+        && hex(flags, 2);
+    valid.then(|| trace.to_ascii_lowercase())
+}
+
+/// A `traceparent` for one message of the delegation: its trace, a fresh span.
+fn traceparent(trace_id: &str) -> Option<String> {
+    trace_id_of(&format!("00-{trace_id}-0000000000000001-01"))
+        .map(|t| format!("00-{t}-{:016x}-01", rand::random::<u64>() | 1))
+}
+
+fn new_trace_id() -> String {
+    format!("{:032x}", rand::random::<u128>() | 1)
+}
+
 fn reference(state: &DelegationState) -> DelegationRef {
     DelegationRef {
         peer_server_id: state.peer_server_id.clone(),
@@ -251,6 +276,19 @@ impl Orchestrator {
         session_id: &str,
         event: &Event,
     ) -> Result<Applied, OrchestratorError> {
+        self.apply_traced(peer_server_id, session_id, event, None)
+            .await
+    }
+
+    /// [`Orchestrator::apply`], with the `traceparent` the event came with: a delegation created by a
+    /// peer's message continues the peer's trace, so that one delegation is one trace on both sides.
+    pub async fn apply_traced(
+        &self,
+        peer_server_id: &str,
+        session_id: &str,
+        event: &Event,
+        traceparent: Option<&str>,
+    ) -> Result<Applied, OrchestratorError> {
         let key = delegation_key(peer_server_id, session_id);
         let _guard = self.inner.lock.lock().await;
         for _ in 0..16 {
@@ -279,12 +317,17 @@ impl Orchestrator {
                     state,
                 });
             }
-            let Some(new_state) = decision.state else {
+            let Some(mut new_state) = decision.state else {
                 return Ok(Applied {
                     answer: decision.answer,
                     state: None,
                 });
             };
+            if new_state.trace_id.is_empty() {
+                new_state.trace_id = traceparent
+                    .and_then(trace_id_of)
+                    .unwrap_or_else(new_trace_id);
+            }
             let stored = StoredDelegation {
                 state: Some(new_state.clone()),
                 outbox: decision.commands.clone(),
@@ -347,6 +390,13 @@ impl Orchestrator {
     ) -> Result<(), OrchestratorError> {
         let names = &self.inner.config.names;
         let delegation = reference(state);
+        let headers = |type_name: &str| {
+            let mut h = typed_headers(type_name);
+            if let Some(tp) = traceparent(&state.trace_id) {
+                h.insert("traceparent", tp);
+            }
+            h
+        };
         for (index, cmd) in commands.iter().enumerate() {
             let outbox_id = format!("{key}:{revision}:{index}");
             match &cmd.kind {
@@ -361,7 +411,7 @@ impl Orchestrator {
                         .bus
                         .publish(
                             &names.subject(Area::Audit, "delegation")?,
-                            typed_headers("dmd.bus.v1.AuditEvent"),
+                            headers("dmd.bus.v1.AuditEvent"),
                             Bytes::from(audit.encode_to_vec()),
                             &outbox_id,
                         )
@@ -385,7 +435,7 @@ impl Orchestrator {
                         .bus
                         .publish(
                             &names.subject(Area::Cmd, &format!("{service}.{verb}"))?,
-                            typed_headers("dmd.bus.v1.CommandEnvelope"),
+                            headers("dmd.bus.v1.CommandEnvelope"),
                             Bytes::from(envelope.encode_to_vec()),
                             &outbox_id,
                         )
@@ -468,7 +518,8 @@ impl Orchestrator {
                     let answer = match InboundPeerMessage::decode(request.message.payload.clone()) {
                         Ok(InboundPeerMessage { message: Some(m) }) => {
                             let event = Event { kind: Some(event::Kind::Peer(m.clone())) };
-                            match self.apply(&m.sender, &m.session_id, &event).await {
+                            let tp = request.message.headers.get("traceparent").map(str::to_string);
+                            match self.apply_traced(&m.sender, &m.session_id, &event, tp.as_deref()).await {
                                 Ok(applied) => InboundAnswer {
                                     http_status: applied.answer.http_status(),
                                     reason: match applied.answer {
@@ -501,5 +552,31 @@ impl Orchestrator {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_ids_come_only_from_valid_traceparents() {
+        let tp = "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01";
+        assert_eq!(
+            trace_id_of(tp).as_deref(),
+            Some("0af7651916cd43dd8448eb211c80319c")
+        );
+        for bad in [
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b716920333-01",
+            "garbage",
+        ] {
+            assert_eq!(trace_id_of(bad), None, "{bad}");
+        }
+        let id = new_trace_id();
+        let made = traceparent(&id).unwrap_or_default();
+        assert_eq!(trace_id_of(&made), Some(id));
     }
 }

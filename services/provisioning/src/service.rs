@@ -27,6 +27,8 @@ struct Pending {
     outbox_id: String,
     delegation: DelegationRef,
     work: Work,
+    /// The delegation's trace context, carried over to the outcome.
+    trace: Vec<(String, String)>,
 }
 
 fn wire_type(t: DelType) -> Option<WireDelType> {
@@ -131,6 +133,10 @@ pub async fn run(
                     delivery.term().await?;
                     continue;
                 };
+                let trace: Vec<(String, String)> = ["traceparent", "tracestate"]
+                    .into_iter()
+                    .filter_map(|n| delivery.message.headers.get(n).map(|v| (n.to_string(), v.to_string())))
+                    .collect();
                 let already = pending
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -144,11 +150,11 @@ pub async fn run(
                                 Ok(id) => {
                                     pending.lock().unwrap_or_else(|e| e.into_inner()).insert(
                                         id,
-                                        Pending { outbox_id: env.outbox_id.clone(), delegation: d, work },
+                                        Pending { outbox_id: env.outbox_id.clone(), delegation: d, work, trace: trace.clone() },
                                     );
                                 }
                                 Err(e) => {
-                                    let p = Pending { outbox_id: env.outbox_id.clone(), delegation: d, work };
+                                    let p = Pending { outbox_id: env.outbox_id.clone(), delegation: d, work, trace: trace.clone() };
                                     let failed = JobOutcome {
                                         job_id: 0,
                                         dev_id: p.delegation.dev_id.clone(),
@@ -160,13 +166,13 @@ pub async fn run(
                         }
                         // Done at once (nothing to do on the device).
                         Ok(None) => {
-                            if let Some(p) = immediate(&env) {
+                            if let Some(p) = immediate(&env, &trace) {
                                 let ok = JobOutcome { job_id: 0, dev_id: p.delegation.dev_id.clone(), result: Ok(JobSuccess::Restored) };
                                 publish_outcome(&bus, &names, &p, ok).await?;
                             }
                         }
                         Err((work, status, reason)) => {
-                            let p = Pending { outbox_id: env.outbox_id.clone(), delegation: env.delegation.clone().unwrap_or_default(), work };
+                            let p = Pending { outbox_id: env.outbox_id.clone(), delegation: env.delegation.clone().unwrap_or_default(), work, trace: trace.clone() };
                             let failed = JobOutcome {
                                 job_id: 0,
                                 dev_id: p.delegation.dev_id.clone(),
@@ -185,12 +191,13 @@ pub async fn run(
 /// Commands that complete without a device session: Final's finalize. DMS-1 holds `Replace` on the scope
 /// roots' parents independently of the delegation (the plan required it beforehand), so no right is held
 /// only for this delegation and nothing is removed; Final is kept by refusing revocation (A.6).
-fn immediate(env: &CommandEnvelope) -> Option<Pending> {
+fn immediate(env: &CommandEnvelope, trace: &[(String, String)]) -> Option<Pending> {
     match env.command.as_ref()?.kind.as_ref()? {
         command::Kind::FinalizeDevice(_) => Some(Pending {
             outbox_id: env.outbox_id.clone(),
             delegation: env.delegation.clone().unwrap_or_default(),
             work: Work::Finalize,
+            trace: trace.to_vec(),
         }),
         _ => None,
     }
@@ -349,6 +356,9 @@ async fn publish_outcome(
     };
     let mut headers = Headers::new();
     headers.insert("dmd-type", "dmd.bus.v1.EventEnvelope");
+    for (name, value) in &p.trace {
+        headers.insert(name, value.clone());
+    }
     bus.publish(
         &names.subject(Area::Evt, "provisioning.done")?,
         headers,

@@ -76,9 +76,12 @@ async fn every_type_with_both_initiators_moves_authority_on_the_device() {
                 .start_delegation(initiator, &device, del_type, scope, not_after)
                 .await
                 .unwrap();
-            w.wait_for(D1, &session, Phase::Active, STEP).await.unwrap();
+            let d1 = w.wait_for(D1, &session, Phase::Active, STEP).await.unwrap();
             let d2 = w.wait_for(D2, &session, Phase::Active, STEP).await.unwrap();
             assert_eq!(d2.role(), pb::Role::Delegated);
+            // One delegation is one trace, across both deployments (traceparent over the bus and HTTP).
+            assert_eq!(d1.trace_id.len(), 32);
+            assert_eq!(d1.trace_id, d2.trace_id, "{del_type:?} by {initiator}");
             // On the device: DMS-2 has an account, and authority over the scope moved to it.
             let root = if del_type == DelType::Full {
                 "./Vendor"

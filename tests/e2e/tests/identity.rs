@@ -14,9 +14,28 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Like a peer does (A.2): POSTs, and while the answer is 503 (the services are not ready yet), tries again
+/// until a deadline.
+async fn post(
+    addr: std::net::SocketAddr,
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    body: &str,
+) -> Result<u16, String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = post_once(addr, ca, cert, key, body).await;
+        if answer != Ok(503) || tokio::time::Instant::now() > deadline {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// POSTs `body` to DMS-2's gateway with the client certificate `cert`/`key`; the HTTP status, or the
 /// TLS/IO error.
-async fn post(
+async fn post_once(
     addr: std::net::SocketAddr,
     ca: &std::path::Path,
     cert: &std::path::Path,
