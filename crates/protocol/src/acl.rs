@@ -7,7 +7,9 @@ use std::fmt;
 use std::str::FromStr;
 
 /// The commands an ACL can grant. There is no entry for Copy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum AclCommand {
     Add,
     Delete,
@@ -71,14 +73,14 @@ pub enum AclError {
 }
 
 /// One `command=server+server…` entry. `*` is kept as a server name: it grants everyone.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct AclEntry {
     pub command: AclCommand,
     pub servers: Vec<String>,
 }
 
 /// An ACL value. An empty ACL is "no value": the node inherits its nearest ancestor's ACL, whole.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Acl {
     pub entries: Vec<AclEntry>,
 }

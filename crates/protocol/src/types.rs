@@ -306,6 +306,14 @@ impl serde::Serialize for DmUri {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for DmUri {
+    /// Read back with the same rules as [`FromStr`]: what was stored must still be a valid URI.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -121,6 +121,12 @@ pub async fn start(spec: DeploymentSpec, bus: Bus) -> anyhow::Result<Running> {
     if let Some(p) = spec.provisioning {
         let channel: Arc<dyn Package0Channel> = Arc::new(HttpPushChannel::new(p.push_url));
         let (service, outcomes) = Provisioning::new(p.config, channel);
+        // Snapshots outlive this process (ARCHITECTURE rule 1).
+        let store = bus
+            .kv(&names.bucket("snapshots")?, 1)
+            .await
+            .context("snapshot bucket")?;
+        let service = service.with_snapshot_store(store);
         for (dev_id, creds) in p.devices {
             service.register_device(&dev_id, creds);
         }

@@ -138,6 +138,8 @@ pub struct Provisioning {
     inner: Arc<Mutex<Inner>>,
     channel: Arc<dyn Package0Channel>,
     outcomes: mpsc::UnboundedSender<JobOutcome>,
+    /// Where snapshots are kept across restarts (ARCHITECTURE rule 1); `None`: in memory only.
+    store: Option<dm_bus::Kv>,
 }
 
 impl std::fmt::Debug for Provisioning {
@@ -168,9 +170,61 @@ impl Provisioning {
                 inner: Arc::default(),
                 channel,
                 outcomes,
+                store: None,
             },
             rx,
         )
+    }
+
+    /// Keeps every snapshot in `store` (a key-value bucket) before the plan it belongs to reaches the
+    /// device, so that a restore works after a restart of this service.
+    pub fn with_snapshot_store(mut self, store: dm_bus::Kv) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Loads the snapshots kept in the store (at start). Returns how many there are.
+    pub async fn load_snapshots(&self) -> Result<usize, dm_bus::BusError> {
+        let Some(store) = &self.store else {
+            return Ok(0);
+        };
+        let mut loaded = 0;
+        for key in store.keys().await? {
+            let Some(entry) = store.get(&key).await? else {
+                continue;
+            };
+            let (Some(plan_id), Ok(snapshot)) = (
+                dm_bus::subjects::decode_key(&key),
+                serde_json::from_slice::<Snapshot>(&entry.value),
+            ) else {
+                tracing::warn!(key, "a stored snapshot cannot be read; skipped");
+                continue;
+            };
+            self.lock().snapshots.insert(plan_id, snapshot);
+            loaded += 1;
+        }
+        Ok(loaded)
+    }
+
+    /// Writes the snapshots `handle` just took; on failure forgets them (their plans were not sent yet).
+    async fn persist(&self, created: Vec<(String, Snapshot)>) -> Result<(), String> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        for (plan_id, snapshot) in created {
+            let key = dm_bus::subjects::encode_key(&plan_id);
+            let bytes = serde_json::to_vec(&snapshot).map_err(|e| e.to_string())?;
+            let written = match store.get(&key).await {
+                Ok(Some(entry)) => store.update(&key, bytes.into(), entry.revision).await,
+                Ok(None) => store.create(&key, bytes.into()).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
+                self.lock().snapshots.remove(&plan_id);
+                return Err(e.to_string());
+            }
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &Config {
@@ -360,9 +414,21 @@ impl Provisioning {
 
     /// Handles one message of a device; returns the answer and, when a job ended, its outcome, and
     /// whether the device must be woken again for queued work.
-    fn handle(&self, msg: &syncml::SyncMl) -> Result<session::Handled, session::Refusal> {
+    fn handle(
+        &self,
+        msg: &syncml::SyncMl,
+    ) -> Result<(session::Handled, Vec<(String, Snapshot)>), session::Refusal> {
         let mut inner = self.lock();
-        session::handle(&self.config, &mut inner, msg)
+        let known: std::collections::HashSet<String> = inner.snapshots.keys().cloned().collect();
+        let handled = session::handle(&self.config, &mut inner, msg)?;
+        // A snapshot taken in this message goes to the store before its plan goes to the device.
+        let created = inner
+            .snapshots
+            .iter()
+            .filter(|(id, _)| !known.contains(*id))
+            .map(|(id, s)| (id.clone(), s.clone()))
+            .collect();
+        Ok((handled, created))
     }
 }
 
@@ -404,10 +470,15 @@ async fn dm_message(State(p): State<Provisioning>, headers: HeaderMap, body: Byt
         Ok(m) => m,
         Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
     };
-    let handled = match p.handle(&msg) {
+    let (handled, created) = match p.handle(&msg) {
         Ok(h) => h,
         Err(refusal) => return (refusal.http_status(), refusal.to_string()).into_response(),
     };
+    if let Err(e) = p.persist(created).await {
+        // The plan is not sent: the device's session breaks off and the job fails after the timeout.
+        tracing::warn!(error = %e, "a snapshot could not be stored; the plan is held back");
+        return (StatusCode::SERVICE_UNAVAILABLE, "try again later").into_response();
+    }
     for outcome in handled.outcomes {
         let _ = p.outcomes.send(outcome);
     }

@@ -70,7 +70,7 @@ impl PlanError {
 }
 
 /// What was read from the device before changing it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Observed {
     /// Own ACLs (empty: inherited) of the nodes read.
     pub acls: BTreeMap<DmUri, Acl>,
@@ -145,7 +145,7 @@ fn add_model_node(tree: &mut DmTree, uri: &DmUri, interior: bool) {
 }
 
 /// One ACL the plan changes: its own ACL before (empty when inherited) and after.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AclChange {
     pub uri: DmUri,
     pub before: Acl,
@@ -154,7 +154,7 @@ pub struct AclChange {
 
 /// What restore needs: the account added and every ACL changed, with its value before, top-down, and
 /// everything read before the change.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Snapshot {
     pub account_uri: DmUri,
     pub acls: Vec<AclChange>,

@@ -105,6 +105,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), BusError> {
     let pending: Arc<Mutex<HashMap<u64, Pending>>> = Arc::default();
+    let loaded = provisioning.load_snapshots().await?;
+    tracing::info!(snapshots = loaded, "provisioning serving");
     let mut commands = bus
         .consumer(&ConsumerConfig {
             stream: names.stream(Area::Cmd),

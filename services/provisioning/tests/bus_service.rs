@@ -195,3 +195,123 @@ async fn apply_and_restore_over_the_bus() {
     let after = fleet.export(DEV).unwrap();
     assert_eq!(after.nodes.len(), before.nodes.len());
 }
+
+/// ARCHITECTURE rule 1: the snapshot is stored before the plan reaches the device, so a provisioning
+/// service started again (a new process, here a new instance on a new address) still restores the device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_service_restores_from_the_stored_snapshot() {
+    use dm_provisioning::{Job, JobSuccess, PlanRequest};
+    let bus = Bus::in_process();
+    let store = bus.kv("dmd_dms1_snapshots", 1).await.unwrap();
+    let fleet = Fleet::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fleet_url = format!("http://{}", listener.local_addr().unwrap());
+    let serving = fleet.clone();
+    tokio::spawn(async move { serving.serve(listener, std::future::pending()).await });
+    let start = |store: dm_bus::Kv| {
+        let fleet_url = fleet_url.clone();
+        async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}/dm", listener.local_addr().unwrap());
+            let channel: Arc<dyn Package0Channel> = Arc::new(HttpPushChannel::new(&fleet_url));
+            let (p, outcomes) = Provisioning::new(Config::new(D1, url.clone()), channel);
+            let p = p.with_snapshot_store(store);
+            tokio::spawn(p.clone().serve(listener, std::future::pending()));
+            (p, outcomes, url)
+        }
+    };
+    let (p1, mut outcomes1, url1) = start(store.clone()).await;
+    let account = DefaultAccount {
+        server_id: D1.into(),
+        addr: url1,
+        server_secret: "s".into(),
+        server_nonce_b64: auth::encode_nonce(b"sn"),
+        client_name: DEV.into(),
+        client_secret: "c".into(),
+        client_nonce_b64: auth::encode_nonce(b"cn"),
+    };
+    fleet.insert(Device::with_default_tree(DEV, &account).unwrap());
+    p1.register_device(
+        DEV,
+        DeviceCredentials {
+            server_secret: "s".into(),
+            server_nonce_b64: account.server_nonce_b64.clone(),
+            client_name: DEV.into(),
+            client_secret: "c".into(),
+            client_nonce_b64: account.client_nonce_b64.clone(),
+        },
+    );
+    let before = fleet.export(DEV).unwrap();
+    let tnds = start_xml_account_tnds();
+    let request = PlanRequest {
+        account_key: "dms2".into(),
+        account: dm_protocol::dmacc::DmAccount::from_tnds(
+            &dm_protocol::tnds::decode(&tnds).unwrap(),
+        )
+        .unwrap(),
+        delegating: D1.into(),
+        delegated: D2.into(),
+        del_type: dm_protocol::delegation::DelType::Partial,
+        scope: vec!["./Vendor/Acme/Apps".parse().unwrap()],
+        not_after: None,
+        temp_key_b64: dm_protocol::dmacc::Secret::new(TEMP_KEY),
+    };
+    let id = p1
+        .enqueue(
+            DEV,
+            Job::Apply {
+                plan_id: "plan-1".into(),
+                request: Box::new(request),
+            },
+        )
+        .await
+        .unwrap();
+    let applied = tokio::time::timeout(Duration::from_secs(20), outcomes1.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(applied.job_id, id);
+    assert!(
+        matches!(applied.result, Ok(JobSuccess::Applied { .. })),
+        "{:?}",
+        applied.result
+    );
+    assert_eq!(
+        store.keys().await.unwrap().len(),
+        1,
+        "the snapshot is in the store"
+    );
+
+    // A new instance: it knows the snapshot from the store (the device's credentials come from where
+    // the server keeps them; here, from the first instance).
+    let (p2, mut outcomes2, url2) = start(store.clone()).await;
+    assert_eq!(p2.load_snapshots().await.unwrap(), 1);
+    p2.register_device(DEV, p1.credentials(DEV).unwrap());
+    let key = account.account_key();
+    fleet
+        .with_device_mut(DEV, |d| {
+            let addr = format!("./DMAcc/{key}/AppAddr/1/Addr").parse().unwrap();
+            d.tree_mut().replace_value(&addr, &url2).unwrap();
+        })
+        .unwrap();
+    p2.enqueue(
+        DEV,
+        Job::Restore {
+            plan_id: "plan-1".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let restored = tokio::time::timeout(Duration::from_secs(20), outcomes2.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(restored.result, Ok(JobSuccess::Restored));
+    assert!(
+        !fleet
+            .with_device(DEV, |d| d.account_uri(D2).is_some())
+            .unwrap()
+    );
+    let after = fleet.export(DEV).unwrap();
+    assert_eq!(after.nodes.len(), before.nodes.len());
+}
