@@ -287,3 +287,31 @@ async fn an_orchestrator_restarted_mid_way_finishes_from_the_stored_state() {
     d1.task.abort();
     d2.task.abort();
 }
+
+/// Timers live in the stored state: a deadline armed by one orchestrator fires in the next one, after a
+/// restart, and the delegation fails with 408 as the saga says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_armed_before_a_restart_fires_after_it() {
+    let server = NatsServer::start().unwrap();
+    let bus = Bus::connect(server.url()).await.unwrap();
+    let mut cfg = config("dms1", "dms1.example");
+    cfg.saga.await_res_ms = 500;
+    let first = Orchestrator::new(cfg.clone(), bus.clone()).await.unwrap();
+    first
+        .apply(
+            "dms2.example",
+            SESSION,
+            &start(Role::Delegating, DelType::Partial, "dms2.example"),
+        )
+        .await
+        .unwrap();
+    drop(first);
+    // A new orchestrator on the same bus: it finds the armed timer in the stored state.
+    let second = Orchestrator::new(cfg, bus.clone()).await.unwrap();
+    let runner = second.clone();
+    let task = tokio::spawn(async move { runner.run(std::future::pending()).await.unwrap() });
+    let failed = wait_for(&second, "dms2.example", Phase::Failed).await;
+    let fault = failed.fault.unwrap();
+    assert_eq!((fault.status_code, fault.step), (408, 1));
+    task.abort();
+}
