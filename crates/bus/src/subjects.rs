@@ -140,6 +140,16 @@ pub fn encode_key(raw: &str) -> String {
     out
 }
 
+/// The key of a delegation in every bucket that keeps something per delegation (its state, its secrets):
+/// (peer ServerID, SessionID), the SessionID in lower case (UUIDs are case-insensitive), encoded for key
+/// syntax. SessionIDs are chosen by peers, so they are scoped by the peer's ServerID (ARCHITECTURE rule 8).
+pub fn delegation_key(peer_server_id: &str, session_id: &str) -> String {
+    encode_key(&format!(
+        "{peer_server_id}/{}",
+        session_id.to_ascii_lowercase()
+    ))
+}
+
 /// The inverse of [`encode_key`].
 pub fn decode_key(key: &str) -> Option<String> {
     let bytes = key.as_bytes();

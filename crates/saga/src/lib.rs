@@ -18,6 +18,23 @@ pub use decide::{Answer, Decider, Decision};
 pub use dm_proto::saga::v1 as pb;
 pub use msgid::message_id;
 
+/// A message as one side sends it (a command's body) is the message the other side receives: the two
+/// oneofs of the proto carry the same bodies.
+pub fn as_received(body: pb::send_message::Body) -> pb::peer_message::Body {
+    use pb::peer_message::Body as In;
+    use pb::send_message::Body as Out;
+    match body {
+        Out::Notif(x) => In::Notif(x),
+        Out::Res(x) => In::Res(x),
+        Out::Start(x) => In::Start(x),
+        Out::Prepared(x) => In::Prepared(x),
+        Out::Confirm(x) => In::Confirm(x),
+        Out::Failure(x) => In::Failure(x),
+        Out::Revoke(x) => In::Revoke(x),
+        Out::Release(x) => In::Release(x),
+    }
+}
+
 /// How long each waiting phase may last before the delegation fails with 408, and how device work that
 /// must not give up (restores, Final's last session) is retried.
 #[derive(Debug, Clone, PartialEq, Eq)]

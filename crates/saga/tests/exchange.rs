@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use common::*;
 use dm_saga::pb::{
     self, DelType, DelegationState, Phase, Role, Timer, Work, WorkResult, command, event,
-    peer_message, send_message,
+    send_message,
 };
 use dm_saga::{Answer, Decider};
 
@@ -77,19 +77,6 @@ fn body_name(b: &send_message::Body) -> &'static str {
         send_message::Body::Failure(_) => "FAILURE",
         send_message::Body::Revoke(_) => "REVOKE",
         send_message::Body::Release(_) => "RELEASE",
-    }
-}
-
-fn to_peer_body(b: send_message::Body) -> peer_message::Body {
-    match b {
-        send_message::Body::Notif(x) => peer_message::Body::Notif(x),
-        send_message::Body::Res(x) => peer_message::Body::Res(x),
-        send_message::Body::Start(x) => peer_message::Body::Start(x),
-        send_message::Body::Prepared(x) => peer_message::Body::Prepared(x),
-        send_message::Body::Confirm(x) => peer_message::Body::Confirm(x),
-        send_message::Body::Failure(x) => peer_message::Body::Failure(x),
-        send_message::Body::Revoke(x) => peer_message::Body::Revoke(x),
-        send_message::Body::Release(x) => peer_message::Body::Release(x),
     }
 }
 
@@ -159,7 +146,7 @@ impl World {
                         msg_id: m.msg_id,
                         sender: self.sides[side].server_id.into(),
                         session_id,
-                        body: Some(to_peer_body(body)),
+                        body: Some(dm_saga::as_received(body)),
                     }));
                     self.queue.push_back((1 - side, event));
                 }

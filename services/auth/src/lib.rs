@@ -29,7 +29,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use dm_bus::subjects::encode_key;
 use dm_bus::{Area, Bus, BusError, ConsumerConfig, Delivery, Headers, Request, WorkQueue};
 use dm_proto::bus::v1::{
     CommandEnvelope, EventEnvelope, Fetch, FetchAnswer, IdentityAnswer, IdentityCheck, Lodge,
@@ -73,15 +72,8 @@ pub enum AuthError {
     Bus(#[from] BusError),
 }
 
-/// The key of a delegation's secrets in the bucket: (peer ServerID, SessionID), the SessionID in lower
-/// case (UUIDs are case-insensitive), encoded for key syntax — the same key the orchestrator uses for the
-/// delegation's state (rule 8: SessionIDs are scoped by the peer that chose them).
-pub fn delegation_key(peer_server_id: &str, session_id: &str) -> String {
-    encode_key(&format!(
-        "{peer_server_id}/{}",
-        session_id.to_ascii_lowercase()
-    ))
-}
+/// The key of a delegation's secrets in the bucket: the same key the orchestrator uses for its state.
+pub use dm_bus::subjects::delegation_key;
 
 fn now_ms() -> i64 {
     SystemTime::now()

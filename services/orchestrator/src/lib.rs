@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use dm_bus::subjects::encode_key;
 use dm_bus::{Area, Bus, BusError, ConsumerConfig, Headers, Kv, Names, WorkQueue};
 use dm_proto::bus::v1::{
     AuditEvent, CommandEnvelope, DelegationRef, EventEnvelope, InboundAnswer, InboundPeerMessage,
@@ -83,14 +82,7 @@ struct Inner {
     changes: tokio::sync::broadcast::Sender<DelegationState>,
 }
 
-/// The key of a delegation in the bucket: (peer ServerID, SessionID), encoded for key syntax (rule 8:
-/// SessionIDs are scoped by the peer that chose them).
-pub fn delegation_key(peer_server_id: &str, session_id: &str) -> String {
-    encode_key(&format!(
-        "{peer_server_id}/{}",
-        session_id.to_ascii_lowercase()
-    ))
-}
+pub use dm_bus::subjects::delegation_key;
 
 fn now_ms() -> i64 {
     SystemTime::now()

@@ -13,9 +13,7 @@ use dm_bus::testing::NatsServer;
 use dm_bus::{Area, Bus, ConsumerConfig, Headers, Names};
 use dm_orchestrator::{Config, Orchestrator};
 use dm_proto::bus::v1::{CommandEnvelope, EventEnvelope, InboundAnswer, InboundPeerMessage};
-use dm_saga::pb::{
-    self, DelType, Event, Phase, Role, Work, command, event, peer_message, send_message,
-};
+use dm_saga::pb::{self, DelType, Event, Phase, Role, Work, command, event};
 use prost::Message as _;
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -27,19 +25,6 @@ fn config(deployment: &str, server_id: &str) -> Config {
         server_id: server_id.into(),
         saga: dm_saga::Config::default(),
         ack_wait: Duration::from_secs(5),
-    }
-}
-
-fn to_peer(b: send_message::Body) -> peer_message::Body {
-    match b {
-        send_message::Body::Notif(x) => peer_message::Body::Notif(x),
-        send_message::Body::Res(x) => peer_message::Body::Res(x),
-        send_message::Body::Start(x) => peer_message::Body::Start(x),
-        send_message::Body::Prepared(x) => peer_message::Body::Prepared(x),
-        send_message::Body::Confirm(x) => peer_message::Body::Confirm(x),
-        send_message::Body::Failure(x) => peer_message::Body::Failure(x),
-        send_message::Body::Revoke(x) => peer_message::Body::Revoke(x),
-        send_message::Body::Release(x) => peer_message::Body::Release(x),
     }
 }
 
@@ -74,7 +59,7 @@ async fn stand_in_services(bus: Bus, names: Names, server_id: &'static str, peer
                         msg_id: m.msg_id,
                         sender: server_id.into(),
                         session_id: delegation.session_id.clone(),
-                        body: m.body.map(to_peer),
+                        body: m.body.map(dm_saga::as_received),
                     }),
                 };
                 let answer = bus
