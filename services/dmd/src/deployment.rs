@@ -62,6 +62,28 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     }
 }
 
+/// Waits until someone answers on `subject` (an empty request gets a refusal, which is enough).
+async fn wait_until_answered(bus: &Bus, subject: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = bus
+            .request(
+                subject,
+                dm_bus::Headers::new(),
+                bytes::Bytes::new(),
+                Duration::from_secs(2),
+            )
+            .await;
+        match answer {
+            Ok(_) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() > deadline => {
+                return Err(anyhow::anyhow!("{subject} is not answered: {e}"));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
 /// Starts the services of one deployment on `bus`.
 pub async fn start(spec: DeploymentSpec, bus: Bus) -> anyhow::Result<Running> {
     let names = Names::new(&spec.name).context("deployment name")?;
@@ -101,6 +123,7 @@ pub async fn start(spec: DeploymentSpec, bus: Bus) -> anyhow::Result<Running> {
         orchestrator = Some(o);
     }
 
+    let auth_started = spec.auth.is_some();
     if let Some(auth) = spec.auth {
         let b = bus.clone();
         let s = stopped(stop_rx.clone());
@@ -165,6 +188,18 @@ pub async fn start(spec: DeploymentSpec, bus: Bus) -> anyhow::Result<Running> {
         gateway_addr = Some(gateway.local_addr());
         let s = stopped(stop_rx.clone());
         tasks.spawn(async move { gateway.serve(s).await.context("gateway") });
+    }
+
+    // Ready when the request handlers answer: a peer's first message then gets a decision, not a 503.
+    let mut probes = Vec::new();
+    if orchestrator.is_some() {
+        probes.push(names.subject(dm_bus::Area::Req, "orchestrator.peer")?);
+    }
+    if auth_started {
+        probes.push(names.subject(dm_bus::Area::Req, "auth.identity")?);
+    }
+    for subject in probes {
+        wait_until_answered(&bus, &subject).await?;
     }
 
     Ok(Running {
