@@ -83,6 +83,15 @@ pub struct WorkQueue {
     pub duplicate_window: Duration,
 }
 
+/// A durable stream kept as a log (limits retention): every consumer sees every message, and messages stay
+/// until they are older than `max_age` (the audit trail).
+#[derive(Debug, Clone)]
+pub struct LogStream {
+    pub stream: String,
+    pub subjects: Vec<String>,
+    pub max_age: Duration,
+}
+
 /// How a durable consumer reads a work queue.
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
@@ -120,6 +129,14 @@ impl Bus {
         match self {
             Bus::Memory(b) => b.ensure_work_queue(q),
             Bus::Nats(b) => b.ensure_work_queue(q).await,
+        }
+    }
+
+    /// Creates the log stream if it does not exist (idempotent).
+    pub async fn ensure_log(&self, l: &LogStream) -> Result<(), BusError> {
+        match self {
+            Bus::Memory(b) => b.ensure_log(l),
+            Bus::Nats(b) => b.ensure_log(l).await,
         }
     }
 

@@ -22,6 +22,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug, Default)]
 struct Stream {
     config: Option<WorkQueue>,
+    /// A log (limits retention): every consumer gets every message, and the messages stay.
+    log: bool,
+    /// A log's messages, for consumers created later.
+    kept: Vec<(u64, Message)>,
     next_seq: u64,
     seen: HashMap<String, Instant>,
     /// Messages no consumer takes yet (a consumer created later gets them).
@@ -75,6 +79,18 @@ impl MemoryBus {
         Ok(())
     }
 
+    pub(crate) fn ensure_log(&self, l: &crate::LogStream) -> Result<(), BusError> {
+        let mut state = lock(&self.state);
+        let stream = state.streams.entry(l.stream.clone()).or_default();
+        stream.config = Some(WorkQueue {
+            stream: l.stream.clone(),
+            subjects: l.subjects.clone(),
+            duplicate_window: Duration::from_secs(120),
+        });
+        stream.log = true;
+        Ok(())
+    }
+
     pub(crate) fn publish(
         &self,
         subject: &str,
@@ -111,6 +127,18 @@ impl MemoryBus {
             headers,
             payload,
         };
+        if stream.log {
+            for consumer in stream
+                .consumers
+                .iter()
+                .filter(|c| subject_matches(&c.filter, subject))
+            {
+                lock(&consumer.queue).messages.insert(seq, message.clone());
+                consumer.push_ready(seq);
+            }
+            stream.kept.push((seq, message));
+            return Ok(());
+        }
         match stream
             .consumers
             .iter()
@@ -144,10 +172,20 @@ impl MemoryBus {
             queue: Mutex::default(),
             notify: Notify::new(),
         });
-        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut stream.unassigned)
-            .into_iter()
-            .partition(|(_, m)| subject_matches(&c.filter, &m.subject));
-        stream.unassigned = rest;
+        let mine: Vec<(u64, Message)> = if stream.log {
+            stream
+                .kept
+                .iter()
+                .filter(|(_, m)| subject_matches(&c.filter, &m.subject))
+                .cloned()
+                .collect()
+        } else {
+            let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut stream.unassigned)
+                .into_iter()
+                .partition(|(_, m)| subject_matches(&c.filter, &m.subject));
+            stream.unassigned = rest;
+            mine
+        };
         {
             let mut q = lock(&shared.queue);
             for (seq, m) in mine {

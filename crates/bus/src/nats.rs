@@ -65,6 +65,21 @@ impl NatsBus {
         Ok(())
     }
 
+    pub(crate) async fn ensure_log(&self, l: &crate::LogStream) -> Result<(), BusError> {
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: l.stream.clone(),
+                subjects: l.subjects.clone(),
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                max_age: l.max_age,
+                ..Default::default()
+            })
+            .await
+            .map_err(nats_error)?;
+        Ok(())
+    }
+
     pub(crate) async fn publish(
         &self,
         subject: &str,

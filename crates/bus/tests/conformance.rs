@@ -315,3 +315,44 @@ async fn publishing_where_no_stream_listens_is_an_error() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_log_stream_gives_every_consumer_every_message() {
+    for (bus, _server) in buses().await {
+        let names = Names::new("dms1").unwrap();
+        bus.ensure_log(&dm_bus::LogStream {
+            stream: names.stream(Area::Audit),
+            subjects: vec![names.area_wildcard(Area::Audit)],
+            max_age: Duration::from_secs(3600),
+        })
+        .await
+        .unwrap();
+        let subject = names.subject(Area::Audit, "delegation").unwrap();
+        bus.publish(&subject, Headers::new(), Bytes::from_static(b"first"), "a1")
+            .await
+            .unwrap();
+        let reader = |durable: &'static str| ConsumerConfig {
+            stream: names.stream(Area::Audit),
+            durable: names.consumer(durable).unwrap(),
+            filter: names.area_wildcard(Area::Audit),
+            ack_wait: Duration::from_secs(30),
+        };
+        let mut a = bus.consumer(&reader("reader_a")).await.unwrap();
+        let mut b = bus.consumer(&reader("reader_b")).await.unwrap();
+        bus.publish(
+            &subject,
+            Headers::new(),
+            Bytes::from_static(b"second"),
+            "a2",
+        )
+        .await
+        .unwrap();
+        for consumer in [&mut a, &mut b] {
+            for expected in ["first", "second"] {
+                let d = next(consumer).await;
+                assert_eq!(d.message.payload, expected, "{}", label(&bus));
+                d.ack().await.unwrap();
+            }
+        }
+    }
+}

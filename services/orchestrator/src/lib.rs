@@ -148,10 +148,11 @@ impl Orchestrator {
             })
             .await?;
         }
-        bus.ensure_work_queue(&WorkQueue {
+        // The audit trail is a log every reader sees whole, kept for a year.
+        bus.ensure_log(&dm_bus::LogStream {
             stream: config.names.stream(Area::Audit),
             subjects: vec![config.names.area_wildcard(Area::Audit)],
-            duplicate_window: Duration::from_secs(120),
+            max_age: Duration::from_secs(365 * 24 * 3600),
         })
         .await?;
         let kv = bus.kv(&config.names.bucket("delegations")?, 1).await?;
