@@ -50,6 +50,8 @@ pub struct FileConfig {
     pub server_id: String,
     pub nats_url: Option<String>,
     pub admin: Option<AdminConfig>,
+    /// Where `/livez` and `/readyz` are served.
+    pub health: Option<SocketAddr>,
     pub auth: Option<dm_auth::Config>,
     pub gateway: Option<dm_gateway::Config>,
     pub acceptance: Option<AcceptancePolicy>,
@@ -84,6 +86,12 @@ struct Deployment {
 struct Admin {
     listen: String,
     token_env: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Health {
+    listen: String,
 }
 
 #[derive(Deserialize)]
@@ -142,6 +150,7 @@ pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> anyhow::Result
         if ![
             "deployment",
             "admin",
+            "health",
             "auth",
             "gateway",
             "acceptance",
@@ -150,11 +159,18 @@ pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> anyhow::Result
         .contains(&key.as_str())
         {
             bail!(
-                "unknown table [{key}]: expected deployment, admin, auth, gateway, acceptance, provisioning"
+                "unknown table [{key}]: expected deployment, admin, health, auth, gateway, acceptance, provisioning"
             );
         }
     }
     let deployment: Deployment = part(&table, "deployment")?.context("[deployment] is required")?;
+    let health = part::<Health>(&table, "health")?
+        .map(|h| {
+            h.listen
+                .parse()
+                .context("[health] listen: not an address:port")
+        })
+        .transpose()?;
     let admin = match part::<Admin>(&table, "admin")? {
         None => None,
         Some(a) => {
@@ -220,6 +236,7 @@ pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> anyhow::Result
         server_id: deployment.server_id,
         nats_url: deployment.nats_url,
         admin,
+        health,
         auth,
         gateway,
         acceptance,

@@ -111,9 +111,42 @@ async fn shutdown_signal() {
     }
 }
 
+/// `/livez` (the process runs) and `/readyz` (every service started and not stopping), for probes.
+async fn serve_health(
+    listener: TcpListener,
+    ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<()> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/livez", get(|| async { StatusCode::OK }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.load(std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    if ready {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
+                }
+            }),
+        );
+    axum::serve(listener, app).await.context("health endpoint")
+}
+
 /// Runs until a signal (then drains) or until a service fails.
 pub async fn run(only: Option<Service>, text: &str) -> anyhow::Result<()> {
     let c = config::parse(text, |k| std::env::var(k).ok())?;
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(addr) = c.health {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("[health] listen {addr}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "health endpoints listening");
+        tokio::spawn(serve_health(listener, ready.clone()));
+    }
     let bus = match (&c.nats_url, only) {
         (Some(url), _) => Bus::connect(url)
             .await
@@ -132,9 +165,11 @@ pub async fn run(only: Option<Service>, text: &str) -> anyhow::Result<()> {
     };
     let spec = spec(only, c).await?;
     let mut running = deployment::start(spec, bus).await?;
+    ready.store(true, std::sync::atomic::Ordering::SeqCst);
     tracing::info!(deployment = %running.name, server_id = %running.server_id, "started");
     tokio::select! {
         _ = shutdown_signal() => {
+            ready.store(false, std::sync::atomic::Ordering::SeqCst);
             tracing::info!("stopping");
             running.stop().await
         }

@@ -16,6 +16,9 @@ server_id = "dms1.operator.example"
 listen = "127.0.0.1:0"
 token_env = "DMD_TEST_TOKEN"
 
+[health]
+listen = "127.0.0.1:0"
+
 [auth]
 dm_address = "http://127.0.0.1:9/dm"
 
@@ -34,6 +37,21 @@ listen = "127.0.0.1:0"
 public_url = "http://127.0.0.1:9/dm"
 push_url = "http://127.0.0.1:9"
 "#;
+
+/// The status of a plain HTTP GET.
+fn get_status(addr: &str, path: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).unwrap();
+    answer.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
 
 fn write_config(tag: &str, text: &str) -> std::path::PathBuf {
     let path = std::env::temp_dir().join(format!("dmd-serve-{tag}-{}.toml", std::process::id()));
