@@ -80,11 +80,15 @@ fn all_runs_in_process_with_a_warning_and_stops_on_sigterm() {
     });
     // Wait until it says it started (or fails), with a deadline.
     let mut warned = false;
+    let mut health = None;
     loop {
         let line = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("dmd all to report its start");
         warned |= line.contains("in-process bus");
+        if line.contains("health endpoints listening") {
+            health = line.split("addr=").nth(1).map(|a| a.trim().to_string());
+        }
         if line.contains("started") {
             break;
         }
@@ -93,6 +97,11 @@ fn all_runs_in_process_with_a_warning_and_stops_on_sigterm() {
         warned,
         "the embedded default must say loudly that nothing is kept"
     );
+    // Probes: alive, and ready once every service started.
+    let health = health.expect("the health address in the log");
+    for path in ["/livez", "/readyz"] {
+        assert_eq!(get_status(&health, path), 200, "{path}");
+    }
     // SIGTERM: it drains and exits 0.
     let status = Command::new("kill")
         .arg("-TERM")
