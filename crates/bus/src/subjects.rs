@@ -144,10 +144,13 @@ pub fn encode_key(raw: &str) -> String {
 /// (peer ServerID, SessionID), the SessionID in lower case (UUIDs are case-insensitive), encoded for key
 /// syntax. SessionIDs are chosen by peers, so they are scoped by the peer's ServerID (ARCHITECTURE rule 8).
 pub fn delegation_key(peer_server_id: &str, session_id: &str) -> String {
-    encode_key(&format!(
-        "{peer_server_id}/{}",
-        session_id.to_ascii_lowercase()
-    ))
+    // `/` inside either part is escaped, so that no two (peer, session) pairs share a key.
+    let part = |s: &str| encode_key(s).replace('/', "=2F");
+    format!(
+        "{}/{}",
+        part(peer_server_id),
+        part(&session_id.to_ascii_lowercase())
+    )
 }
 
 /// The inverse of [`encode_key`].
@@ -238,6 +241,16 @@ mod tests {
         }
         assert!(!valid_key("IMEI:1"));
         assert!(!valid_key(".a"));
+    }
+
+    #[test]
+    fn delegation_keys_do_not_collide() {
+        assert_ne!(delegation_key("a/b", "c"), delegation_key("a", "b/c"));
+        assert_eq!(delegation_key("p", "ABC"), delegation_key("p", "abc"));
+        assert!(valid_key(&delegation_key(
+            "dms2.example",
+            "9d2f0f7e-2b8a-4d6e-8a51-2a7e6b0c4d11"
+        )));
     }
 
     #[test]

@@ -136,6 +136,14 @@ async fn serve_health(
     axum::serve(listener, app).await.context("health endpoint")
 }
 
+/// A NATS URL as it may be printed: `nats://user:pass@host` shows as `nats://…@host`.
+fn without_credentials(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}…{}", &url[..scheme + 3], &url[at..]),
+        _ => url.to_string(),
+    }
+}
+
 /// Runs until a signal (then drains) or until a service fails.
 pub async fn run(only: Option<Service>, text: &str) -> anyhow::Result<()> {
     let c = config::parse(text, |k| std::env::var(k).ok())?;
@@ -150,10 +158,10 @@ pub async fn run(only: Option<Service>, text: &str) -> anyhow::Result<()> {
     let bus = match (&c.nats_url, only) {
         (Some(url), _) => Bus::connect(url)
             .await
-            .with_context(|| format!("cannot connect to NATS at {url}"))?,
+            .with_context(|| format!("cannot connect to NATS at {}", without_credentials(url)))?,
         (None, None) => {
             eprintln!(
-                "WARNING: no [deployment] nats_url: running on the in-process bus. Nothing is kept across a \\
+                "WARNING: no [deployment] nats_url: running on the in-process bus. Nothing is kept across a \
                  restart; devices changed by a delegation in flight would be left as they are. For trying, not for keeping."
             );
             Bus::in_process()

@@ -286,6 +286,16 @@ impl Orchestrator {
         let _guard = self.inner.lock.lock().await;
         for _ in 0..16 {
             let loaded = self.load(&key).await?;
+            // A decision committed earlier whose commands were not all published (a failed publish, a
+            // crash between write and publish): publish them now, with their ids, before anything else
+            // overwrites the outbox (ARCHITECTURE rule 2).
+            if let Some((stored, rev)) = &loaded
+                && !stored.outbox.is_empty()
+                && let Some(state) = &stored.state
+            {
+                self.flush(&key, state, &stored.outbox, *rev).await?;
+                continue;
+            }
             let (state, revision) = match &loaded {
                 Some((stored, rev)) => (stored.state.clone(), Some(*rev)),
                 None => (None, None),
@@ -532,14 +542,33 @@ impl Orchestrator {
                         .respond(typed_headers("dmd.bus.v1.InboundAnswer"), Bytes::from(answer.encode_to_vec()))
                         .await;
                 }
+                // A timer armed outside this loop (operator requests, peer messages) may be due earlier.
+                _ = self.inner.timers.changed() => {}
                 _ = sleep, if next_timer.is_some() => {
                     for (key, id) in self.inner.timers.take_due(now_ms()) {
-                        let Some((stored, _)) = self.load(&key).await? else { continue };
-                        let Some(state) = stored.state else { continue };
                         let event = Event { kind: Some(event::Kind::Timer(pb::TimerFired { id })) };
-                        if let Err(e) = self.apply(&state.peer_server_id, &state.session_id, &event).await {
-                            tracing::warn!(error = %e, "timer not applied");
-                            self.inner.timers.track(&key, state.timer.as_ref());
+                        let fired = match self.load(&key).await {
+                            Ok(Some((stored, _))) => match stored.state {
+                                Some(state) => self
+                                    .apply(&state.peer_server_id, &state.session_id, &event)
+                                    .await
+                                    .map(|_| ()),
+                                None => Ok(()),
+                            },
+                            Ok(None) => Ok(()),
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = fired {
+                            // Try again a little later with whatever timer is stored now (not the one
+                            // that fired: a newer one may have been armed meanwhile).
+                            tracing::warn!(error = %e, "timer not applied; retrying");
+                            let retry = pb::Timer { id, at_ms: now_ms() + 1000, kind: 0 };
+                            let stored_timer = match self.load(&key).await {
+                                Ok(Some((stored, _))) => stored.state.and_then(|s| s.timer),
+                                _ => Some(retry),
+                            };
+                            let timer = stored_timer.map(|t| pb::Timer { at_ms: t.at_ms.max(now_ms() + 1000), ..t });
+                            self.inner.timers.track(&key, timer.as_ref());
                         }
                     }
                 }

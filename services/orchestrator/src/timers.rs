@@ -9,6 +9,8 @@ use dm_saga::pb::Timer;
 #[derive(Debug, Default)]
 pub(crate) struct Timers {
     inner: Mutex<Index>,
+    /// Tells the run loop to look at the next due time again.
+    changed: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -33,6 +35,13 @@ impl Timers {
             index.due.insert((t.at_ms, key.to_string(), t.id));
             index.by_key.insert(key.to_string(), (t.at_ms, t.id));
         }
+        drop(index);
+        self.changed.notify_one();
+    }
+
+    /// Completes when a timer was tracked since the last call.
+    pub(crate) async fn changed(&self) {
+        self.changed.notified().await;
     }
 
     /// When the next timer is due.

@@ -300,3 +300,27 @@ async fn a_deadline_armed_before_a_restart_fires_after_it() {
     assert_eq!((fault.status_code, fault.step), (408, 1));
     task.abort();
 }
+
+/// A deadline armed by an operator request while the run loop already waits (with no timer at all)
+/// still fires: the loop is woken when a timer is armed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_armed_while_the_loop_waits_fires() {
+    let bus = Bus::in_process();
+    let mut cfg = config("dms1", "dms1.example");
+    cfg.saga.await_res_ms = 300;
+    let o = Orchestrator::new(cfg, bus).await.unwrap();
+    let runner = o.clone();
+    let task = tokio::spawn(async move { runner.run(std::future::pending()).await.unwrap() });
+    // Let the loop reach its wait with nothing armed, then start (no peer will ever answer).
+    tokio::task::yield_now().await;
+    o.apply(
+        "dms2.example",
+        SESSION,
+        &start(Role::Delegating, DelType::Partial, "dms2.example"),
+    )
+    .await
+    .unwrap();
+    let failed = wait_for(&o, "dms2.example", Phase::Failed).await;
+    assert_eq!(failed.fault.unwrap().status_code, 408);
+    task.abort();
+}

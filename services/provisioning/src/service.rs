@@ -61,6 +61,10 @@ fn plan_id(d: &DelegationRef) -> String {
     format!("{}/{}", d.peer_server_id, d.session_id)
 }
 
+/// How a fetch failure that is only auth being away for a moment (not started yet, restarting) starts:
+/// such a command is delivered again later instead of failing the delegation.
+const AUTH_AWAY: &str = "auth is not answering";
+
 async fn fetch_secret(
     bus: &Bus,
     names: &Names,
@@ -82,7 +86,12 @@ async fn fetch_secret(
             AUTH_TIMEOUT,
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| match e {
+            dm_bus::BusError::NoResponders(_) | dm_bus::BusError::TimedOut(_) => {
+                format!("{AUTH_AWAY}: {e}")
+            }
+            other => other.to_string(),
+        })?;
     let answer = FetchAnswer::decode(answer.payload).map_err(|e| e.to_string())?;
     if answer.found {
         Ok(answer.value)
@@ -172,6 +181,11 @@ pub async fn run(
                                 let ok = JobOutcome { job_id: 0, dev_id: p.delegation.dev_id.clone(), result: Ok(JobSuccess::Restored) };
                                 publish_outcome(&bus, &names, &p, ok).await?;
                             }
+                        }
+                        Err((_, _, reason)) if reason.starts_with(AUTH_AWAY) => {
+                            tracing::warn!(%reason, "command held back until auth answers");
+                            delivery.nak(Duration::from_secs(1)).await?;
+                            continue;
                         }
                         Err((work, status, reason)) => {
                             let p = Pending { outbox_id: env.outbox_id.clone(), delegation: env.delegation.clone().unwrap_or_default(), work, trace: trace.clone() };
