@@ -23,7 +23,7 @@ pub struct DeploymentSpec {
     /// The orchestrator's deadlines; `None`: no orchestrator here.
     pub saga: Option<dm_saga::Config>,
     /// The operator API (needs the orchestrator): where it listens and the token it requires.
-    pub admin: Option<(TcpListener, String)>,
+    pub admin: Option<(TcpListener, dm_protocol::dmacc::Secret)>,
     pub auth: Option<dm_auth::Config>,
     /// The gateway, on a listener the caller bound (port 0 in demos and tests) or on its configured address.
     pub gateway: Option<(dm_gateway::Config, Option<TcpListener>)>,
@@ -107,7 +107,7 @@ pub async fn start(spec: DeploymentSpec, bus: Bus) -> anyhow::Result<Running> {
         let s = stopped(stop_rx.clone());
         tasks.spawn(async move { runner.run(s).await.context("orchestrator") });
         if let Some((listener, token)) = spec.admin {
-            let svc = dm_orchestrator::admin::server(o.clone(), token);
+            let svc = dm_orchestrator::admin::server(o.clone(), token.expose().to_string());
             let s = stopped(stop_rx.clone());
             tasks.spawn(async move {
                 tonic::transport::Server::builder()

@@ -59,7 +59,7 @@ pub async fn spec(only: Option<Service>, c: FileConfig) -> anyhow::Result<Deploy
             TcpListener::bind(a.listen)
                 .await
                 .with_context(|| format!("[admin] listen {}", a.listen))?,
-            a.token.clone(),
+            dm_protocol::dmacc::Secret::new(a.token.clone()),
         )),
         _ => None,
     };
@@ -175,12 +175,21 @@ pub async fn run(only: Option<Service>, text: &str) -> anyhow::Result<()> {
     let mut running = deployment::start(spec, bus).await?;
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
     tracing::info!(deployment = %running.name, server_id = %running.server_id, "started");
-    tokio::select! {
-        _ = shutdown_signal() => {
-            ready.store(false, std::sync::atomic::Ordering::SeqCst);
+    let ended = tokio::select! {
+        _ = shutdown_signal() => None,
+        ended = running.failed() => Some(ended),
+    };
+    ready.store(false, std::sync::atomic::Ordering::SeqCst);
+    match ended {
+        None => {
             tracing::info!("stopping");
             running.stop().await
         }
-        failed = running.failed() => failed,
+        // One service ended by itself: stop the others in order too, and say why.
+        Some(ended) => {
+            let stopped = running.stop().await;
+            ended.and_then(|()| Err(anyhow::anyhow!("a service stopped unexpectedly")))?;
+            stopped
+        }
     }
 }
