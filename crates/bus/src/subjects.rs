@@ -101,6 +101,15 @@ impl Names {
         )
     }
 
+    /// The work-queue stream of an area: all its subjects, msg-ids deduplicated for two minutes.
+    pub fn work_queue(&self, area: Area) -> crate::WorkQueue {
+        crate::WorkQueue {
+            stream: self.stream(area),
+            subjects: vec![self.area_wildcard(area)],
+            duplicate_window: std::time::Duration::from_secs(120),
+        }
+    }
+
     /// A durable consumer shared by all replicas of a service: `<deployment>_<service>`.
     pub fn consumer(&self, service: &str) -> Result<String, BusError> {
         if !valid_token(service) {

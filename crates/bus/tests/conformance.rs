@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dm_bus::testing::NatsServer;
-use dm_bus::{Area, Bus, BusError, ConsumerConfig, Headers, Names, WorkQueue};
+use dm_bus::{Area, Bus, BusError, ConsumerConfig, Headers, Names};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -26,13 +26,9 @@ fn label(bus: &Bus) -> &'static str {
 }
 
 async fn work_queue(bus: &Bus, names: &Names, ack_wait: Duration) -> dm_bus::Consumer {
-    bus.ensure_work_queue(&WorkQueue {
-        stream: names.stream(Area::Cmd),
-        subjects: vec![names.area_wildcard(Area::Cmd)],
-        duplicate_window: Duration::from_secs(120),
-    })
-    .await
-    .unwrap();
+    bus.ensure_work_queue(&names.work_queue(Area::Cmd))
+        .await
+        .unwrap();
     bus.consumer(&ConsumerConfig {
         stream: names.stream(Area::Cmd),
         durable: names.consumer("worker").unwrap(),

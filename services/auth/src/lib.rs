@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use dm_bus::{Area, Bus, BusError, ConsumerConfig, Delivery, Headers, Request, WorkQueue};
+use dm_bus::{Area, Bus, BusError, ConsumerConfig, Delivery, Headers, Request};
 use dm_proto::bus::v1::{
     CommandEnvelope, EventEnvelope, Fetch, FetchAnswer, IdentityAnswer, IdentityCheck, Lodge,
     LodgeAnswer, fetch, lodge,
@@ -140,12 +140,7 @@ pub async fn run(
 ) -> Result<(), AuthError> {
     let names = config.names.clone();
     for area in [Area::Cmd, Area::Evt] {
-        bus.ensure_work_queue(&WorkQueue {
-            stream: names.stream(area),
-            subjects: vec![names.area_wildcard(area)],
-            duplicate_window: Duration::from_secs(120),
-        })
-        .await?;
+        bus.ensure_work_queue(&names.work_queue(area)).await?;
     }
     if config.master_key.is_ephemeral() && matches!(bus, Bus::Nats(_)) {
         tracing::warn!(

@@ -36,7 +36,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dm_bus::{Area, Bus, BusError, Names, WorkQueue};
+use dm_bus::{Area, Bus, BusError, Names};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -144,12 +144,7 @@ impl Gateway {
                 },
             );
         }
-        bus.ensure_work_queue(&WorkQueue {
-            stream: names.stream(Area::Cmd),
-            subjects: vec![names.area_wildcard(Area::Cmd)],
-            duplicate_window: Duration::from_secs(120),
-        })
-        .await?;
+        bus.ensure_work_queue(&names.work_queue(Area::Cmd)).await?;
         let inbound = Inbound::new(
             bus.clone(),
             &names,

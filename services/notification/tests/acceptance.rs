@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dm_bus::testing::NatsServer;
-use dm_bus::{Area, Bus, ConsumerConfig, Headers, Names, WorkQueue};
+use dm_bus::{Area, Bus, ConsumerConfig, Headers, Names};
 use dm_notification::policy::AcceptancePolicy;
 use dm_proto::bus::v1::{CommandEnvelope, DelegationRef, EventEnvelope};
 use dm_saga::pb::{AskAcceptance, Command, DelType, NotifBody, Work, command, event};
@@ -22,13 +22,9 @@ scope_prefixes = ["./Vendor"]
 async fn ask_and_hear(bus: Bus) {
     let names = Names::new("dms2").unwrap();
     for area in [Area::Cmd, Area::Evt] {
-        bus.ensure_work_queue(&WorkQueue {
-            stream: names.stream(area),
-            subjects: vec![names.area_wildcard(area)],
-            duplicate_window: Duration::from_secs(120),
-        })
-        .await
-        .unwrap();
+        bus.ensure_work_queue(&names.work_queue(area))
+            .await
+            .unwrap();
     }
     let policy = AcceptancePolicy::from_toml(POLICY).unwrap();
     tokio::spawn(dm_notification::acceptance::run(

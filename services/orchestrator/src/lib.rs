@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use dm_bus::{Area, Bus, BusError, ConsumerConfig, Headers, Kv, Names, WorkQueue};
+use dm_bus::{Area, Bus, BusError, ConsumerConfig, Headers, Kv, Names};
 use dm_proto::bus::v1::{
     AuditEvent, CommandEnvelope, DelegationRef, EventEnvelope, InboundAnswer, InboundPeerMessage,
     StoredDelegation,
@@ -141,12 +141,8 @@ impl Orchestrator {
     /// armed timers.
     pub async fn new(config: Config, bus: Bus) -> Result<Self, OrchestratorError> {
         for area in [Area::Cmd, Area::Evt] {
-            bus.ensure_work_queue(&WorkQueue {
-                stream: config.names.stream(area),
-                subjects: vec![config.names.area_wildcard(area)],
-                duplicate_window: Duration::from_secs(120),
-            })
-            .await?;
+            bus.ensure_work_queue(&config.names.work_queue(area))
+                .await?;
         }
         // The audit trail is a log every reader sees whole, kept for a year.
         bus.ensure_log(&dm_bus::LogStream {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use dm_bus::{Area, Bus, ConsumerConfig, Headers, Names, WorkQueue};
+use dm_bus::{Area, Bus, ConsumerConfig, Headers, Names};
 use dm_client::{DefaultAccount, Device, Fleet};
 use dm_notification::{HttpPushChannel, Package0Channel};
 use dm_proto::bus::v1::{CommandEnvelope, DelegationRef, EventEnvelope, Fetch, FetchAnswer, fetch};
@@ -57,13 +57,9 @@ async fn apply_and_restore_over_the_bus() {
     let bus = Bus::in_process();
     let names = Names::new("dms1").unwrap();
     for area in [Area::Cmd, Area::Evt] {
-        bus.ensure_work_queue(&WorkQueue {
-            stream: names.stream(area),
-            subjects: vec![names.area_wildcard(area)],
-            duplicate_window: Duration::from_secs(120),
-        })
-        .await
-        .unwrap();
+        bus.ensure_work_queue(&names.work_queue(area))
+            .await
+            .unwrap();
     }
     // Auth's part: the secrets of the delegation.
     let mut fetches = bus
