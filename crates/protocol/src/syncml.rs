@@ -502,6 +502,33 @@ impl serde::Serialize for Item {
 
 /// Decodes a SyncML DM 1.2 message in the XML encoding. Never panics.
 pub fn decode(input: &[u8]) -> Result<SyncMl> {
+    // The device channel only (B.6): white space and byte-order marks that a client left in front of
+    // the XML declaration are skipped. Offsets in errors still count from the first byte received.
+    let skipped = input.len() - device_prologue(input).len();
+    decode_at(device_prologue(input)).map_err(|mut e| {
+        if let Some(at) = e.offset.as_mut() {
+            *at += skipped as u64;
+        }
+        e
+    })
+}
+
+/// `input` without the XML white space and UTF-8 byte-order marks before its first other byte.
+fn device_prologue(mut input: &[u8]) -> &[u8] {
+    loop {
+        if let Some(rest) = input.strip_prefix(b"\xEF\xBB\xBF") {
+            input = rest;
+        } else if let Some((first, rest)) = input.split_first()
+            && matches!(first, b' ' | b'\t' | b'\r' | b'\n')
+        {
+            input = rest;
+        } else {
+            return input;
+        }
+    }
+}
+
+fn decode_at(input: &[u8]) -> Result<SyncMl> {
     let text = std::str::from_utf8(input).map_err(|e| {
         DecodeError::new(ErrorKind::NotWellFormed, "", "the document is not UTF-8")
             .at(e.valid_up_to() as u64)
@@ -1110,7 +1137,11 @@ pub fn encode(msg: &SyncMl) -> String {
     }
     w.end("SyncBody");
     w.end("SyncML");
-    w.finish()
+    // Nothing after the root's end tag: a deployed client carries such bytes into its next message,
+    // in front of its XML declaration (PROTOCOL.md B.6).
+    let mut out = w.finish();
+    out.truncate(out.trim_end().len());
+    out
 }
 
 fn write_hdr(w: &mut XmlWriter, hdr: &SyncHdr) {
@@ -1329,6 +1360,46 @@ mod tests {
 
     fn devinfo(node: &str, value: &str) -> Item {
         Item::source(format!("./DevInfo/{node}")).with_data(value)
+    }
+
+    #[test]
+    fn nothing_follows_the_root_of_an_encoded_message() {
+        let msg = decode(PACKAGE1.as_bytes()).unwrap();
+        let out = encode(&msg);
+        assert!(out.ends_with("</SyncML>"), "{:?}", &out[out.len() - 20..]);
+    }
+
+    #[test]
+    fn white_space_and_byte_order_marks_before_the_declaration_are_skipped() {
+        // B.6: a deployed client puts the bytes that followed the server's root in front of its next
+        // message.
+        for prefix in [
+            "\n",
+            "\r\n  \t",
+            "\u{feff}",
+            "\n\u{feff}",
+            "\u{feff}\r\n\u{feff} ",
+        ] {
+            let input = format!("{prefix}{PACKAGE1}");
+            let msg = decode(input.as_bytes()).unwrap_or_else(|e| panic!("{prefix:?}: {e}"));
+            assert_eq!(msg.hdr.source.loc_uri, "IMEI:493005100592800");
+        }
+        // Anything else before the declaration is still an error.
+        let input = format!("x{PACKAGE1}");
+        assert_eq!(decode(input.as_bytes()).unwrap_err().status(), 400);
+    }
+
+    #[test]
+    fn a_nul_in_data_is_refused_with_its_byte_offset() {
+        // B.6: a client's child list ending in NUL. The offset counts from the first byte received,
+        // skipped prologue included.
+        let body = PACKAGE1.replace("<Data>1.0</Data>", "<Data>a/b\0</Data>");
+        let input = format!("\n{body}");
+        let at = input.find('\0').unwrap() as u64;
+        let e = decode(input.as_bytes()).unwrap_err();
+        assert_eq!(e.status(), 400);
+        assert_eq!(e.offset, Some(at), "{e}");
+        assert!(e.reason.contains("U+0000"), "{e}");
     }
 
     #[test]

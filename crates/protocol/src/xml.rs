@@ -675,10 +675,14 @@ impl<'a> XmlReader<'a> {
     /// Opens the document's root element. Refuses first any character XML does not allow.
     pub fn root(&mut self) -> Result<Start<'a>> {
         if let Some(at) = first_illegal_char(self.input) {
+            let c = self.input.get(at..).and_then(|s| s.chars().next());
             return Err(DecodeError::new(
                 ErrorKind::NotWellFormed,
                 "",
-                "not well-formed: a character that XML does not allow",
+                format!(
+                    "not well-formed: a character that XML does not allow (U+{:04X})",
+                    c.map_or(0, u32::from)
+                ),
             )
             .at(at as u64));
         }
