@@ -11,8 +11,8 @@ use std::str::FromStr;
 use dm_protocol::acl::Acl;
 use dm_protocol::auth::{decode_nonce, encode_nonce};
 use dm_protocol::dmacc::{APP_ID, AddrType, AppAddr, AppAuth, AuthLevel, DmAccount, Secret};
-use dm_protocol::tnds::{MgmtTree, Node};
-use dm_protocol::tree::{DmTree, TreeError};
+use dm_protocol::tnds::{Format, MgmtTree, Node};
+use dm_protocol::tree::{DmTree, NONCE_NODE_NAME, TreeError};
 use dm_protocol::types::DmUri;
 
 /// `Man` of the default tree.
@@ -153,8 +153,9 @@ pub struct Credential {
     /// `AAuthName` (empty when absent).
     pub name: String,
     secret: String,
-    /// The decoded `AAuthData`: empty when absent, `None` when it is not valid base64 (then nothing
-    /// verifies against this credential).
+    /// The nonce bytes of `AAuthData`: empty when absent; else its base64 decoding (`None` when it is
+    /// not valid base64: then nothing verifies against this credential), or, read as the `text-nonce`
+    /// quirk does for a leaf whose Format is not `b64`/`bin`, the UTF-8 bytes of its text.
     pub nonce: Option<Vec<u8>>,
 }
 
@@ -288,6 +289,15 @@ impl Device {
         set(&mut tree, ".", root_acl)?;
         set(&mut tree, "./DMAcc", dmacc_acl)?;
         set(&mut tree, "./Vendor", vendor_acl)?;
+        // The device wrote these nonces itself: bytes, kept as base64 (read so even by `text-nonce`).
+        for cred in ["SRVCRED", "CLCRED"] {
+            if let Some(data) = uri(&format!(
+                "./DMAcc/{}/AppAuth/{cred}/{NONCE_NODE_NAME}",
+                account.account_key()
+            )) {
+                tree.set_format(&data, Some(Format::B64))?;
+            }
+        }
         Ok(Device {
             dev_id,
             man: DEFAULT_MAN.to_string(),
@@ -407,8 +417,20 @@ impl Device {
             })
     }
 
-    /// The first `AppAuth/<x>` (in name order) of the account whose `AAuthLevel` is `level`.
+    /// The first `AppAuth/<x>` (in name order) of the account whose `AAuthLevel` is `level`, its
+    /// `AAuthData` read as base64.
     pub fn credential(&self, server_id: &str, level: AuthLevel) -> Option<Credential> {
+        self.credential_with(server_id, level, false)
+    }
+
+    /// [`Device::credential`]; with `text_nonce` (the quirk), an `AAuthData` whose Format is not `b64`
+    /// or `bin` (`chr` or none) is the nonce as text: its UTF-8 bytes, not its base64 decoding.
+    pub fn credential_with(
+        &self,
+        server_id: &str,
+        level: AuthLevel,
+        text_nonce: bool,
+    ) -> Option<Credential> {
         let appauth = self.account_uri(server_id)?.join("AppAuth").ok()?;
         let keys = self.tree.children(&appauth).ok()?;
         let at = keys
@@ -418,9 +440,13 @@ impl Device {
                 self.leaf(a, "AAuthLevel")
                     .is_some_and(|l| l.trim() == level.as_str())
             })?;
-        let nonce = match self.leaf(&at, "AAuthData") {
+        let data = at.join(NONCE_NODE_NAME).ok();
+        let node = data.as_ref().and_then(|u| self.tree.get(u).ok());
+        let nonce = match node.and_then(|n| n.value().map(|v| (v, n.format()))) {
             None => Some(Vec::new()),
-            Some(text) => decode_nonce(text).ok(),
+            Some((text, Some(Format::B64 | Format::Bin))) => decode_nonce(text).ok(),
+            Some((text, _)) if text_nonce => Some(text.as_bytes().to_vec()),
+            Some((text, _)) => decode_nonce(text).ok(),
         };
         Some(Credential {
             name: self.leaf(&at, "AAuthName").unwrap_or_default().to_string(),
@@ -439,9 +465,19 @@ impl Device {
         self.credential(server_id, AuthLevel::Srvcred)
     }
 
+    /// [`Device::server_credential`], with the `text-nonce` quirk when `text_nonce`.
+    pub fn server_credential_with(&self, server_id: &str, text_nonce: bool) -> Option<Credential> {
+        self.credential_with(server_id, AuthLevel::Srvcred, text_nonce)
+    }
+
     /// The device's credential (`CLCRED`): what the device presents in package #1.
     pub fn client_credential(&self, server_id: &str) -> Option<Credential> {
         self.credential(server_id, AuthLevel::Clcred)
+    }
+
+    /// [`Device::client_credential`], with the `text-nonce` quirk when `text_nonce`.
+    pub fn client_credential_with(&self, server_id: &str, text_nonce: bool) -> Option<Credential> {
+        self.credential_with(server_id, AuthLevel::Clcred, text_nonce)
     }
 
     /// Whether the account's delegation record says `Ext/Delegation/AutoConnect` = `false` (A.6): the
@@ -453,17 +489,18 @@ impl Device {
             .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"))
     }
 
-    /// Stores a nonce as the `AAuthData` (base64) of the credential at `credential` (an `AppAuth/<x>`
-    /// node), creating the leaf when absent.
+    /// Stores a nonce as the `AAuthData` of the credential at `credential` (an `AppAuth/<x>` node),
+    /// creating the leaf when absent: base64 text, Format `b64` (bytes, whatever the quirks).
     pub fn store_nonce(&mut self, credential: &DmUri, nonce: &[u8]) -> Result<(), TreeError> {
         let data = credential
-            .join("AAuthData")
+            .join(NONCE_NODE_NAME)
             .map_err(|_| TreeError::NotFound(credential.clone()))?;
         let text = encode_nonce(nonce);
         if self.tree.exists(&data) {
-            self.tree.replace_value(&data, text)
+            self.tree.replace_value(&data, text)?;
+            self.tree.set_format(&data, Some(Format::B64))
         } else {
-            self.tree.add_leaf(&data, text, None, None)
+            self.tree.add_leaf(&data, text, Some(Format::B64), None)
         }
     }
 
@@ -622,5 +659,49 @@ mod tests {
         let d = Device::with_default_tree("IMEI:350000000000000", &account()).unwrap();
         let bytes = d.tree().approx_heap_bytes();
         assert!(bytes < 12 * 1024, "{bytes} bytes");
+    }
+
+    #[test]
+    fn nonces_are_bytes_unless_text_nonce_reads_a_text_leaf() {
+        let mut d = Device::with_default_tree("IMEI:1", &account()).unwrap();
+        let data = u("./DMAcc/dms1.example/AppAuth/SRVCRED/AAuthData");
+        let nonce = |d: &Device, text: bool| {
+            d.server_credential_with("dms1.example", text)
+                .unwrap()
+                .nonce
+        };
+        // The device's own nonces are marked b64: bytes, quirk or not.
+        assert_eq!(d.tree().get(&data).unwrap().format(), Some(Format::B64));
+        assert_eq!(nonce(&d, false).as_deref(), Some(&b"srv-nonce"[..]));
+        assert_eq!(nonce(&d, true).as_deref(), Some(&b"srv-nonce"[..]));
+        // A text leaf ("abcd" is also valid base64): decoded normally, verbatim with the quirk.
+        for format in [None, Some(Format::Chr)] {
+            d.tree_mut().replace_value(&data, "abcd").unwrap();
+            d.tree_mut().set_format(&data, format).unwrap();
+            assert_eq!(nonce(&d, false), Some(decode_nonce("abcd").unwrap()));
+            assert_eq!(nonce(&d, true).as_deref(), Some(&b"abcd"[..]));
+        }
+        // Text that is not base64 is no nonce at all without the quirk.
+        d.tree_mut().replace_value(&data, "not base64!").unwrap();
+        assert_eq!(nonce(&d, false), None);
+        assert_eq!(nonce(&d, true).as_deref(), Some(&b"not base64!"[..]));
+        // b64 and bin: base64 of the bytes.
+        for format in [Format::B64, Format::Bin] {
+            d.tree_mut().replace_value(&data, "YWJjZA==").unwrap();
+            d.tree_mut().set_format(&data, Some(format)).unwrap();
+            assert_eq!(nonce(&d, true).as_deref(), Some(&b"abcd"[..]));
+            assert_eq!(nonce(&d, false).as_deref(), Some(&b"abcd"[..]));
+        }
+        // A nonce the device stores is marked b64 again.
+        d.tree_mut().set_format(&data, None).unwrap();
+        d.store_server_nonce("dms1.example", b"\x00\xffraw")
+            .unwrap();
+        assert_eq!(d.tree().get(&data).unwrap().format(), Some(Format::B64));
+        assert_eq!(nonce(&d, true).as_deref(), Some(&b"\x00\xffraw"[..]));
+        // Also when the device creates the leaf.
+        d.tree_mut().delete(&data).unwrap();
+        d.store_server_nonce("dms1.example", b"new").unwrap();
+        assert_eq!(d.tree().get(&data).unwrap().format(), Some(Format::B64));
+        assert_eq!(nonce(&d, true).as_deref(), Some(&b"new"[..]));
     }
 }

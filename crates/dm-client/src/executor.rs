@@ -20,6 +20,14 @@
 //! 406; `Delete` or `Add` of a property is 405; an `Alert` 1100, 1101 or 1222 gets 200, an `Alert` 1223
 //! (session abort) ends the session without an answer, any other `Alert` gets 406; `Status` and `Results`
 //! from the server are not answered; a command with `NoResp` gets no `Status` (but its `Results`).
+//!
+//! An `Add` or `Replace` of an `AAuthData` leaf sets its Format from the item's (else the command's)
+//! `Meta`: `b64`/`bin` mark a value that is the base64 of the nonce bytes, anything else (or none) a
+//! text value (which only the `text-nonce` quirk reads as text, see [`Device::credential_with`]).
+//! [`ExecOptions::quirks`] adds the quirks of [`Quirks`] that concern commands: `nul-in-lists` and
+//! `acl-on-add`.
+//!
+//! [`Device::credential_with`]: crate::Device::credential_with
 
 use std::str::FromStr;
 
@@ -28,11 +36,36 @@ use dm_protocol::codes::{AlertCode, StatusCode};
 use dm_protocol::syncml::{Command, ItemCommand, Location, Meta, Results, Status};
 use dm_protocol::syncml::{Container, Item};
 use dm_protocol::tnds::{Format, NodeType};
-use dm_protocol::tree::DmTree;
+use dm_protocol::tree::{DmTree, NONCE_NODE_NAME};
 use dm_protocol::types::DmUri;
+
+use crate::quirks::Quirks;
 
 /// Node names whose values a device never gives out (B.2: no Get).
 pub const UNREADABLE_NODES: [&str; 2] = ["AAuthSecret", "AAuthData"];
+
+/// Stands for the NUL byte that ends a child list under the `nul-in-lists` quirk: XML cannot carry a
+/// NUL, so the session puts it in the encoded message in place of this character before `</Data>`
+/// (a private-use character, see [`with_nul_bytes`]).
+pub const NUL_PLACEHOLDER: char = '\u{10FFFD}';
+
+/// The encoded message with each [`NUL_PLACEHOLDER`] that ends a `Data` element replaced by a NUL byte
+/// (the `nul-in-lists` quirk).
+pub fn with_nul_bytes(encoded: &str) -> Vec<u8> {
+    let marked = format!("{NUL_PLACEHOLDER}</Data>");
+    // U+0000 is one NUL byte in UTF-8.
+    encoded.replace(&marked, "\0</Data>").into_bytes()
+}
+
+/// How the executor behaves beyond the command table. `Default`: as the table says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExecOptions {
+    /// As the C client of PROTOCOL.md B.6: an `Atomic` gets no status, its commands run one by one and
+    /// nothing is rolled back.
+    pub without_atomic: bool,
+    /// The field quirks to reproduce (`nul-in-lists` and `acl-on-add` concern the executor).
+    pub quirks: Quirks,
+}
 
 /// What executing one server message produced.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -57,7 +90,14 @@ pub fn execute(
     commands: &[Command],
     first_cmd_id: u32,
 ) -> Execution {
-    execute_with(tree, server, msg_ref, commands, first_cmd_id, true)
+    execute_with_options(
+        tree,
+        server,
+        msg_ref,
+        commands,
+        first_cmd_id,
+        ExecOptions::default(),
+    )
 }
 
 /// [`execute`] as the C client of PROTOCOL.md B.6 does it: an `Atomic` gets no status, its commands run
@@ -69,16 +109,21 @@ pub fn execute_without_atomic(
     commands: &[Command],
     first_cmd_id: u32,
 ) -> Execution {
-    execute_with(tree, server, msg_ref, commands, first_cmd_id, false)
+    let options = ExecOptions {
+        without_atomic: true,
+        ..ExecOptions::default()
+    };
+    execute_with_options(tree, server, msg_ref, commands, first_cmd_id, options)
 }
 
-fn execute_with(
+/// [`execute`] with the behaviour `options` describe.
+pub fn execute_with_options(
     tree: &mut DmTree,
     server: &str,
     msg_ref: &str,
     commands: &[Command],
     first_cmd_id: u32,
-    atomic: bool,
+    options: ExecOptions,
 ) -> Execution {
     let mut run = Run {
         tree,
@@ -87,7 +132,8 @@ fn execute_with(
         out: Vec::new(),
         executed: 0,
         abort: false,
-        atomic,
+        atomic: !options.without_atomic,
+        quirks: options.quirks,
     };
     for command in commands {
         run.command(command, false);
@@ -121,6 +167,7 @@ pub fn refuse_all(
         executed: 0,
         abort: false,
         atomic: true,
+        quirks: Quirks::NONE,
     };
     for command in commands {
         run.skip(command, code);
@@ -224,6 +271,7 @@ struct Run<'a> {
     abort: bool,
     /// `Atomic` is implemented (false: the B.6 client's behaviour, see [`execute_without_atomic`]).
     atomic: bool,
+    quirks: Quirks,
 }
 
 impl Run<'_> {
@@ -456,7 +504,7 @@ impl Run<'_> {
             (_, Address::Other) => (StatusCode::OptionalFeatureNotSupported, None),
             (Kind::Add | Kind::Delete, Address::Acl(_)) => (StatusCode::CommandNotAllowed, None),
             (Kind::Add, Address::Node(uri)) => (self.add(cmd_meta, item, &uri), None),
-            (Kind::Replace, Address::Node(uri)) => (self.replace(item, &uri), None),
+            (Kind::Replace, Address::Node(uri)) => (self.replace(cmd_meta, item, &uri), None),
             (Kind::Replace, Address::Acl(uri)) => (self.replace_acl(item, &uri), None),
             (Kind::Delete, Address::Node(uri)) => (self.delete(&uri), None),
             (Kind::Get, Address::Node(uri)) => match self.get(&uri) {
@@ -490,21 +538,51 @@ impl Run<'_> {
             let node_type = item_type(cmd_meta, item).map(|t| NodeType::Mime(t.to_string()));
             self.tree.add_leaf(uri, value, format, node_type)
         };
-        match done {
-            Ok(()) => StatusCode::Ok,
-            Err(e) => code(e.status()),
+        if let Err(e) = done {
+            return code(e.status());
+        }
+        if self.quirks.acl_on_add {
+            self.acl_of_its_choosing(uri);
+        }
+        StatusCode::Ok
+    }
+
+    /// The `acl-on-add` quirk: a node added under a parent whose ACL in force does not grant the server
+    /// `Replace` gets `Get=*&Add=S&Delete=S&Replace=S` instead of an empty ACL.
+    fn acl_of_its_choosing(&mut self, uri: &DmUri) {
+        let Some(parent) = uri.parent() else {
+            return;
+        };
+        let grants_replace = self
+            .tree
+            .effective_acl(&parent)
+            .is_ok_and(|acl| acl.allows(AclCommand::Replace, self.server));
+        if grants_replace {
+            return;
+        }
+        let s = self.server;
+        // A ServerID that cannot be written in an ACL leaves the node with an empty one.
+        if let Ok(acl) = Acl::from_str(&format!("Get=*&Add={s}&Delete={s}&Replace={s}")) {
+            // Cannot fail: the node was just added.
+            let _ = self.tree.set_acl(uri, acl);
         }
     }
 
-    fn replace(&mut self, item: &Item, uri: &DmUri) -> StatusCode {
+    fn replace(&mut self, cmd_meta: Option<&Meta>, item: &Item, uri: &DmUri) -> StatusCode {
         if let Err(status) = self.check(AclCommand::Replace, uri) {
             return status;
         }
         let value = item.data.clone().unwrap_or_default();
-        match self.tree.replace_value(uri, value) {
-            Ok(()) => StatusCode::Ok,
-            Err(e) => code(e.status()),
+        if let Err(e) = self.tree.replace_value(uri, value) {
+            return code(e.status());
         }
+        // A nonce is bytes (Format b64/bin: the value is their base64) or text, as the server sent it.
+        if uri.name() == Some(NONCE_NODE_NAME) {
+            let format = item_format(cmd_meta, item).and_then(Format::from_name);
+            // Cannot fail: the leaf was just replaced.
+            let _ = self.tree.set_format(uri, format);
+        }
+        StatusCode::Ok
     }
 
     fn replace_acl(&mut self, item: &Item, uri: &DmUri) -> StatusCode {
@@ -564,7 +642,11 @@ impl Run<'_> {
             )),
             None => {
                 let names: Vec<&str> = node.children().iter().map(|c| c.name()).collect();
-                Ok(("node", names.join("/")))
+                let mut list = names.join("/");
+                if self.quirks.nul_in_lists {
+                    list.push(NUL_PLACEHOLDER);
+                }
+                Ok(("node", list))
             }
         }
     }
@@ -1409,5 +1491,142 @@ mod tests {
             vec![replace("1", "./Vendor?prop=ACL", "Get=a b")],
         );
         assert_eq!(codes(&e), vec![500]);
+    }
+
+    fn with_quirks(
+        tree: &mut DmTree,
+        server: &str,
+        quirks: &str,
+        commands: Vec<Command>,
+    ) -> Execution {
+        let options = ExecOptions {
+            without_atomic: false,
+            quirks: quirks.parse().unwrap(),
+        };
+        execute_with_options(tree, server, "2", &commands, 2, options)
+    }
+
+    #[test]
+    fn acl_on_add_gives_new_nodes_an_acl_of_its_choosing_where_the_parent_denies_replace() {
+        let commands = || {
+            vec![
+                // The root grants OTHER Add (`*`) but not Replace.
+                add_node("1", "./Top"),
+                add_leaf("2", "./Leaf", "x"),
+                // ./Top's new ACL grants OTHER Replace: a node below it starts empty.
+                add_leaf("3", "./Top/Inner", "y"),
+            ]
+        };
+        let mut t = tree();
+        let e = with_quirks(&mut t, OTHER, "acl-on-add", commands());
+        assert_eq!(codes(&e), vec![200, 200, 200]);
+        for node in ["./Top", "./Leaf"] {
+            let acl = t.acl(&u(node)).unwrap();
+            assert_eq!(
+                acl.to_string(),
+                format!("Get=*&Add={OTHER}&Delete={OTHER}&Replace={OTHER}")
+            );
+            assert!(acl.allows(AclCommand::Get, "anyone"), "{node}: {acl}");
+            for command in [AclCommand::Add, AclCommand::Delete, AclCommand::Replace] {
+                assert!(acl.allows(command, OTHER), "{node}: {acl}");
+                assert!(!acl.allows(command, S), "{node}: {acl}");
+            }
+            assert!(!acl.allows(AclCommand::Exec, OTHER), "{node}: {acl}");
+        }
+        assert!(t.acl(&u("./Top/Inner")).unwrap().is_empty());
+        // S holds Replace on ./Vendor: its new nodes start empty, quirk or not.
+        let e = with_quirks(
+            &mut t,
+            S,
+            "acl-on-add",
+            vec![
+                add_node("4", "./Vendor/New"),
+                add_leaf("5", "./Vendor/New/Leaf", "z"),
+            ],
+        );
+        assert_eq!(codes(&e), vec![200, 200]);
+        assert!(t.acl(&u("./Vendor/New")).unwrap().is_empty());
+        assert!(t.acl(&u("./Vendor/New/Leaf")).unwrap().is_empty());
+        // Without the quirk every new node starts with an empty ACL (B.3).
+        let mut t = tree();
+        let e = run(&mut t, OTHER, commands());
+        assert_eq!(codes(&e), vec![200, 200, 200]);
+        assert!(t.acl(&u("./Top")).unwrap().is_empty());
+        assert!(t.acl(&u("./Leaf")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn nul_in_lists_ends_child_lists_with_a_nul() {
+        let commands = || {
+            vec![
+                get("1", "./Vendor"),
+                get("2", "./Vendor/Acme/Settings/Volume"),
+            ]
+        };
+        let data = |e: &Execution| -> Vec<String> {
+            results(e)
+                .iter()
+                .flat_map(|r| r.items.iter())
+                .map(|i| i.data.clone().unwrap())
+                .collect()
+        };
+        let mut t = tree();
+        let e = with_quirks(&mut t, S, "nul-in-lists", commands());
+        assert_eq!(
+            data(&e),
+            vec![format!("Acme/Other{NUL_PLACEHOLDER}"), "5".to_string()]
+        );
+        let e = run(&mut t, S, commands());
+        assert_eq!(data(&e), vec!["Acme/Other".to_string(), "5".to_string()]);
+        // In the encoded message the placeholder before `</Data>` becomes a NUL byte; elsewhere it
+        // stays.
+        let bytes = with_nul_bytes(&format!(
+            "<Data>a/b{NUL_PLACEHOLDER}</Data><Data>{NUL_PLACEHOLDER}x</Data>"
+        ));
+        let want = format!("<Data>a/b\0</Data><Data>{NUL_PLACEHOLDER}x</Data>");
+        assert_eq!(bytes, want.into_bytes());
+    }
+
+    #[test]
+    fn aauthdata_keeps_the_format_the_server_gave() {
+        let data = "./DMAcc/dms1.example/AppAuth/SRVCRED/AAuthData";
+        let format = |t: &DmTree| t.get(&u(data)).unwrap().format();
+        let mut t = tree();
+        let b64 = |id: &str, v: &str, in_item: bool| {
+            let meta = Meta {
+                format: Some("b64".into()),
+                ..Meta::default()
+            };
+            let mut item = Item::target(data).with_data(v);
+            let mut c = item_cmd(id, Vec::new());
+            if in_item {
+                item = item.with_meta(meta);
+            } else {
+                c.meta = Some(Box::new(meta));
+            }
+            c.items.push(item);
+            Command::Replace(c)
+        };
+        let e = run(&mut t, S, vec![b64("1", "Ynl0ZXM=", true)]);
+        assert_eq!(codes(&e), vec![200]);
+        assert_eq!(format(&t), Some(Format::B64));
+        assert_eq!(t.value(&u(data)).unwrap(), "Ynl0ZXM=");
+        // No Format: text.
+        let e = run(&mut t, S, vec![replace("2", data, "text")]);
+        assert_eq!(codes(&e), vec![200]);
+        assert_eq!(format(&t), None);
+        // The command's Meta counts when the item has none.
+        let e = run(&mut t, S, vec![b64("3", "Ynl0ZXM=", false)]);
+        assert_eq!(codes(&e), vec![200]);
+        assert_eq!(format(&t), Some(Format::B64));
+        // Other leaves keep their Format on Replace.
+        t.set_format(&u("./DevInfo/Lang"), Some(Format::Chr))
+            .unwrap();
+        let e = run(&mut t, S, vec![replace("4", "./DevInfo/Lang", "de")]);
+        assert_eq!(codes(&e), vec![200]);
+        assert_eq!(
+            t.get(&u("./DevInfo/Lang")).unwrap().format(),
+            Some(Format::Chr)
+        );
     }
 }

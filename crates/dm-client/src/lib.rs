@@ -5,14 +5,17 @@
 //!   default tree, and the DM Accounts read from the tree;
 //! - [`executor`]: the pure command executor (ACLs per server, `Atomic`, `?prop=ACL`, …);
 //! - [`session`]: one DM session over HTTP (package #1, credentials and nonces, the exchange);
-//! - [`fleet`]: the [`Fleet`] of devices with its HTTP interface (package #0, connect, inspection).
+//! - [`fleet`]: the [`Fleet`] of devices with its HTTP interface (package #0, connect, inspection);
+//! - [`quirks`]: the field quirks of PROTOCOL.md B.6 a device can reproduce ([`Quirks`]).
 
 pub mod device;
 pub mod executor;
 pub mod fleet;
+pub mod quirks;
 pub mod session;
 
 pub use device::{Credential, DefaultAccount, Device, DeviceError};
-pub use executor::{Execution, execute};
+pub use executor::{ExecOptions, Execution, execute, execute_with_options};
 pub use fleet::{Accepted, ConnectError, Fleet, Package0Error, Timeout};
+pub use quirks::{Quirks, UnknownQuirk};
 pub use session::{AuthSide, Outcome, SessionConfig, SessionRecord, Trigger};
