@@ -4,7 +4,7 @@
 //!
 //! | route | answer |
 //! |---|---|
-//! | `POST /devices/{dev_id}/package0` | 202 (a session starts), 400 not a package #0, 401 digest wrong (nothing happens), 404 unknown device or no account for that server |
+//! | `POST /devices/{dev_id}/package0` | 202 (a session starts), 400 not a package #0, 401 digest wrong with the stored server nonce and with the zero nonce (nothing happens), 404 unknown device or no account for that server |
 //! | `POST /devices/{dev_id}/connect?server=S` | 202 (a client-initiated session starts), 400 no `server`, 404 unknown device or account, 409 the account's delegation record says `AutoConnect` = `false` |
 //! | `GET /devices` | JSON array of the device ids, sorted |
 //! | `GET /devices/{dev_id}/tree` | the TNDS export with ACLs (`application/vnd.syncml.dmtnds+xml`); `AAuthSecret` values are shown as `<redacted>` unless `?secrets=true` |
@@ -31,7 +31,7 @@ use serde::Deserialize;
 use tokio::sync::Notify;
 
 use crate::device::Device;
-use crate::session::{self, SessionConfig, SessionRecord, Trigger};
+use crate::session::{self, SessionConfig, SessionRecord, Trigger, ZERO_NONCE};
 
 /// One device and what belongs to it.
 struct Slot {
@@ -124,6 +124,9 @@ impl ConnectError {
 pub struct Accepted {
     pub server: String,
     pub session_id: u16,
+    /// The digest verified only with the zero nonce (B.1 resynchronisation): package #1's `Cred` is
+    /// computed over it.
+    pub zero_nonce: bool,
 }
 
 /// [`Fleet::wait_for_sessions`] gave up: what was recorded by then.
@@ -278,30 +281,43 @@ impl Fleet {
 
     /// Handles a package #0 for a device (docs/device-side.md): decodes it, finds the account whose
     /// ServerID is the notification's, checks the digest with that account's SRVCRED, and on success
-    /// starts the session in the background.
+    /// starts the session in the background. A digest that fails with the stored nonce is checked again
+    /// with the zero nonce (B.1 resynchronisation); if that verifies, the session's package #1 `Cred`
+    /// is computed over the zero nonce.
     pub fn package0(&self, dev_id: &str, bytes: &[u8]) -> Result<Accepted, Package0Error> {
         let slot = self.slot(dev_id).ok_or(Package0Error::UnknownDevice)?;
         let (_, notification) =
             package0::decode(bytes).map_err(|e| Package0Error::NotPackage0(e.to_string()))?;
         let server = notification.server_id;
-        {
+        let zero_nonce = {
             let device = lock(&slot.device);
             let cred = device
-                .server_credential(&server)
+                .server_credential_with(&server, self.inner.config.quirks.text_nonce)
                 .ok_or(Package0Error::UnknownServer)?;
-            let nonce = cred.nonce.as_deref().ok_or(Package0Error::BadDigest)?;
-            package0::verify(bytes, &cred.name, cred.secret(), nonce)
-                .map_err(|_| Package0Error::BadDigest)?;
-        }
+            let verifies =
+                |nonce: &[u8]| package0::verify(bytes, &cred.name, cred.secret(), nonce).is_ok();
+            if cred.nonce.as_deref().is_some_and(verifies) {
+                false
+            } else if verifies(&ZERO_NONCE) {
+                true
+            } else {
+                return Err(Package0Error::BadDigest);
+            }
+        };
         let session_id = notification.session_id;
-        tracing::info!(dev_id, server = %server, session_id, "package #0 accepted");
+        tracing::info!(dev_id, server = %server, session_id, zero_nonce, "package #0 accepted");
         self.spawn_session(
             slot,
             server.clone(),
             Trigger::Server { session_id },
+            zero_nonce,
             Package0Error::Unavailable,
         )?;
-        Ok(Accepted { server, session_id })
+        Ok(Accepted {
+            server,
+            session_id,
+            zero_nonce,
+        })
     }
 
     /// Starts a client-initiated session (`Alert` 1201) in the background, unless the account's
@@ -321,6 +337,7 @@ impl Fleet {
             slot,
             server.to_string(),
             Trigger::Client,
+            false,
             ConnectError::Unavailable,
         )
     }
@@ -334,7 +351,7 @@ impl Fleet {
         trigger: Trigger,
     ) -> Option<SessionRecord> {
         let slot = self.slot(dev_id)?;
-        Some(self.session_on(&slot, server, trigger).await)
+        Some(self.session_on(&slot, server, trigger, false).await)
     }
 
     fn spawn_session<E>(
@@ -342,23 +359,31 @@ impl Fleet {
         slot: Arc<Slot>,
         server: String,
         trigger: Trigger,
+        zero_nonce: bool,
         unavailable: E,
     ) -> Result<(), E> {
         let handle = tokio::runtime::Handle::try_current().map_err(|_| unavailable)?;
         let fleet = self.clone();
         handle.spawn(async move {
-            fleet.session_on(&slot, &server, trigger).await;
+            fleet.session_on(&slot, &server, trigger, zero_nonce).await;
         });
         Ok(())
     }
 
-    async fn session_on(&self, slot: &Slot, server: &str, trigger: Trigger) -> SessionRecord {
+    async fn session_on(
+        &self,
+        slot: &Slot,
+        server: &str,
+        trigger: Trigger,
+        zero_nonce: bool,
+    ) -> SessionRecord {
         let _one_at_a_time = slot.session_lock.lock().await;
-        let record = session::run_session(
+        let record = session::run_session_with(
             &self.inner.http,
             &slot.device,
             server,
             trigger,
+            zero_nonce,
             &self.inner.config,
         )
         .await;

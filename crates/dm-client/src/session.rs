@@ -1,10 +1,14 @@
 //! One DM session of a device with a server, over HTTP (docs/device-side.md, "One DM session").
 //!
 //! 1. Package #1 to the account's `Addr`: `Alert` 1200 (server-initiated) or 1201, `Replace` of
-//!    `./DevInfo`, `Final`, with the CLCRED `Cred` (`syncml:auth-md5`) and `Meta/MaxMsgSize`.
+//!    `./DevInfo`, `Final`, with the CLCRED `Cred` (`syncml:auth-md5`) and `Meta/MaxMsgSize`. After a
+//!    package #0 that verified only with the zero nonce (B.1 resynchronisation), that `Cred` is computed
+//!    over the nonce `0x00000000`.
 //! 2. Every server message's `Cred` is checked against the SRVCRED of the device's tree (auth-md5 only).
-//!    Wrong or missing: the device answers `401` + `Chal` for the header and `401` for every command,
-//!    executes nothing, and the session ends.
+//!    Wrong or missing: the device answers `401` + `Chal` (a fresh server nonce) for the header and
+//!    `401` for every command, executes nothing, and reads the server's reply, which may carry a `Cred`
+//!    over the new nonce (B.1: resent at most twice). The third refused message in a row ends the
+//!    session unanswered.
 //! 3. The server's `Status` for the device's `SyncHdr`: a `Chal`'s `NextNonce` is stored in CLCRED
 //!    `AAuthData`; a 401/407 answer to package #1 makes the device resend package #1 once (next `MsgID`),
 //!    with `212` + `Chal` for the server's header first: the server's nonce was used by that answer and is
@@ -13,6 +17,9 @@
 //!    fresh server nonce, stored in SRVCRED `AAuthData` after the commands ran (so that it is the value in
 //!    force, whatever the commands wrote there).
 //! 5. A server message with no management command and `Final` ends the session unanswered.
+//!
+//! The quirks of [`SessionConfig::quirks`] change this as [`Quirks`] describes (`trailing-bytes`,
+//! `forget-nonce` and the `Cred` checks of `text-nonce` here, the others in the executor).
 //!
 //! The device is locked only while a message is built or executed, never across a network await.
 
@@ -28,12 +35,18 @@ use dm_protocol::syncml::{
 use serde::Serialize;
 
 use crate::device::Device;
-use crate::executor;
+use crate::executor::{self, ExecOptions};
+use crate::quirks::Quirks;
 
 /// The `MaxMsgSize` the device announces.
 pub const MAX_MSG_SIZE: u64 = 65_536;
 /// The largest server message body the device reads (bigger ones end the session).
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
+/// The nonce of package #0 resynchronisation (B.1): four zero bytes.
+pub const ZERO_NONCE: [u8; 4] = [0; 4];
+/// Server messages refused in a row (wrong or missing `Cred`) that end a session: the server gets two
+/// chances to resend its credential over the device's new nonce (B.1).
+pub const MAX_REFUSED: u32 = 3;
 
 /// Who asked for the session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -105,6 +118,12 @@ pub struct SessionRecord {
     pub commands_executed: usize,
     /// Messages the device posted (package #1 and its retry included).
     pub messages_sent: u32,
+    /// Bytes the server sent after the end of its messages' root element (after the last `>` of each
+    /// HTTP body), in the whole session. A server should send none (B.6).
+    pub trailing_bytes: usize,
+    /// The session followed a package #0 that verified only with the zero nonce (B.1): package #1's
+    /// `Cred` was computed over `0x00000000`.
+    pub zero_nonce: bool,
 }
 
 /// Settings of a session.
@@ -117,6 +136,8 @@ pub struct SessionConfig {
     /// package #1 with 401 and an auth-md5 `Chal`, and do not implement `Atomic` (no status for it, its
     /// commands run one by one, nothing is rolled back).
     pub b6_client: bool,
+    /// The field quirks of PROTOCOL.md B.6 the devices reproduce (default: none).
+    pub quirks: Quirks,
 }
 
 impl Default for SessionConfig {
@@ -124,6 +145,7 @@ impl Default for SessionConfig {
         Self {
             max_messages: 64,
             b6_client: false,
+            quirks: Quirks::NONE,
         }
     }
 }
@@ -191,12 +213,18 @@ struct Session<'a> {
     server: &'a str,
     trigger: Trigger,
     b6_client: bool,
+    quirks: Quirks,
+    zero_nonce: bool,
     session_id: String,
     dev_id: String,
     url: String,
     msg_id: u32,
     sent: u32,
     executed: usize,
+    trailing_bytes: usize,
+    /// `trailing-bytes`: what followed the root end of the server's last message, to put in front of
+    /// the device's next one.
+    carried: Vec<u8>,
 }
 
 /// Runs a whole session of `device` with the server whose ServerID is `server`. Never panics; every
@@ -206,6 +234,19 @@ pub async fn run_session(
     device: &Mutex<Device>,
     server: &str,
     trigger: Trigger,
+    config: &SessionConfig,
+) -> SessionRecord {
+    run_session_with(http, device, server, trigger, false, config).await
+}
+
+/// [`run_session`]; with `zero_nonce` (a package #0 that verified only with [`ZERO_NONCE`], B.1),
+/// package #1's `Cred` is computed over the zero nonce instead of the stored CLCRED nonce.
+pub async fn run_session_with(
+    http: &reqwest::Client,
+    device: &Mutex<Device>,
+    server: &str,
+    trigger: Trigger,
+    zero_nonce: bool,
     config: &SessionConfig,
 ) -> SessionRecord {
     let (dev_id, url) = {
@@ -218,17 +259,26 @@ pub async fn run_session(
         server,
         trigger,
         b6_client: config.b6_client,
+        quirks: config.quirks,
+        zero_nonce,
         session_id: trigger.session_id(),
         dev_id,
         url: url.unwrap_or_default(),
         msg_id: 0,
         sent: 0,
         executed: 0,
+        trailing_bytes: 0,
+        carried: Vec::new(),
     };
     let outcome = match session.run(config).await {
         Ok(()) => Outcome::Completed,
         Err(o) => o,
     };
+    if config.quirks.forget_nonce {
+        // As after a reset: the server nonce is lost, the server cannot know the new one. (No account
+        // left: nothing to forget.)
+        let _ = lock(device).store_server_nonce(server, &fresh_nonce());
+    }
     match &outcome {
         Outcome::Completed => tracing::info!(
             dev_id = %session.dev_id, server, executed = session.executed, "DM session completed"
@@ -244,6 +294,8 @@ pub async fn run_session(
         outcome,
         commands_executed: session.executed,
         messages_sent: session.sent,
+        trailing_bytes: session.trailing_bytes,
+        zero_nonce,
     }
 }
 
@@ -258,17 +310,21 @@ impl Session<'_> {
         )
     }
 
-    /// Package #1 with the current CLCRED nonce (`syncml:auth-basic` when `basic`), after `first` (the
-    /// status for the server's header when package #1 is resent).
-    fn package1(&mut self, first: Option<Command>, basic: bool) -> Result<String, Outcome> {
+    /// Package #1 with the current CLCRED nonce, or `nonce` when given (`syncml:auth-basic` when
+    /// `basic`), after `first` (the status for the server's header when package #1 is resent).
+    fn package1(
+        &mut self,
+        first: Option<Command>,
+        basic: bool,
+        nonce: Option<&[u8]>,
+    ) -> Result<Vec<u8>, Outcome> {
         let mut hdr = self.header();
         let d = lock(self.device);
         let cred = d
-            .client_credential(self.server)
+            .client_credential_with(self.server, self.quirks.text_nonce)
             .ok_or_else(|| protocol("the account has no CLCRED credential"))?;
-        let nonce = cred
-            .nonce
-            .as_deref()
+        let nonce = nonce
+            .or(cred.nonce.as_deref())
             .ok_or_else(|| protocol("the CLCRED AAuthData is not valid base64"))?;
         hdr.cred = Some(if basic {
             auth::cred_basic(&cred.name, cred.secret())
@@ -296,11 +352,29 @@ impl Session<'_> {
                 .collect(),
             final_: true,
         };
-        Ok(syncml::encode(&SyncMl { hdr, body }))
+        Ok(self.encode(&SyncMl { hdr, body }))
     }
 
-    async fn post(&mut self, body: String) -> Result<Vec<u8>, Outcome> {
+    /// The message's bytes: [`syncml::encode`], with NUL bytes for `nul-in-lists`.
+    fn encode(&self, msg: &SyncMl) -> Vec<u8> {
+        let text = syncml::encode(msg);
+        if self.quirks.nul_in_lists {
+            executor::with_nul_bytes(&text)
+        } else {
+            text.into_bytes()
+        }
+    }
+
+    /// Posts a device message and reads the server's answer; counts (and for `trailing-bytes` keeps)
+    /// what the answer has after its root element's end.
+    async fn post(&mut self, mut body: Vec<u8>) -> Result<Vec<u8>, Outcome> {
         self.sent += 1;
+        if !self.carried.is_empty() {
+            // The quirk: the last answer's leftovers go before the XML declaration.
+            let mut with = std::mem::take(&mut self.carried);
+            with.extend_from_slice(&body);
+            body = with;
+        }
         let transport = |reason: String| Outcome::TransportError { reason };
         let mut response = self
             .http
@@ -327,6 +401,11 @@ impl Session<'_> {
             }
             bytes.extend_from_slice(&chunk);
         }
+        let trailing = trailing_bytes(&bytes);
+        self.trailing_bytes += trailing.len();
+        if self.quirks.trailing_bytes {
+            self.carried = trailing.to_vec();
+        }
         Ok(bytes)
     }
 
@@ -336,7 +415,7 @@ impl Session<'_> {
             return false;
         };
         let d = lock(self.device);
-        let Some(srv) = d.server_credential(self.server) else {
+        let Some(srv) = d.server_credential_with(self.server, self.quirks.text_nonce) else {
             return false;
         };
         let Some(nonce) = srv.nonce.as_deref() else {
@@ -358,9 +437,9 @@ impl Session<'_> {
         Command::Status(status)
     }
 
-    fn answer(&mut self, commands: Vec<Command>) -> String {
+    fn answer(&mut self, commands: Vec<Command>) -> Vec<u8> {
         let hdr = self.header();
-        syncml::encode(&SyncMl {
+        self.encode(&SyncMl {
             hdr,
             body: SyncBody {
                 commands,
@@ -373,9 +452,11 @@ impl Session<'_> {
         if self.url.is_empty() {
             return Err(protocol("the device has no URI address for this server"));
         }
-        let mut body = self.package1(None, self.b6_client)?;
+        let zero = self.zero_nonce.then_some(&ZERO_NONCE[..]);
+        let mut body = self.package1(None, self.b6_client, zero)?;
         let mut in_package1 = true;
         let mut retried = false;
+        let mut refused = 0;
         loop {
             if self.sent >= config.max_messages {
                 return Err(protocol("too many messages in one session"));
@@ -384,12 +465,17 @@ impl Session<'_> {
             let msg = syncml::decode(&reply)
                 .map_err(|e| protocol(format!("the server's message is not SyncML DM: {e}")))?;
             if !self.server_verified(&msg) {
-                self.refuse(&msg).await;
-                return Err(Outcome::AuthFailed {
-                    code: StatusCode::InvalidCredentials.code(),
-                    side: AuthSide::Server,
-                });
+                refused += 1;
+                if refused >= MAX_REFUSED {
+                    return Err(Outcome::AuthFailed {
+                        code: StatusCode::InvalidCredentials.code(),
+                        side: AuthSide::Server,
+                    });
+                }
+                body = self.refusal(&msg);
+                continue;
             }
+            refused = 0;
             // Only a verified server may redirect the device's next messages.
             if let Some(resp_uri) = msg.hdr.resp_uri.as_deref().map(str::trim)
                 && !resp_uri.is_empty()
@@ -436,7 +522,7 @@ impl Session<'_> {
                         self.header_status(&msg, StatusCode::AuthenticationAccepted, &nonce);
                     // B.6: the basic client switches to auth-md5 only when challenged with it.
                     let basic = self.b6_client && !md5_challenge(status);
-                    body = self.package1(Some(accepted), basic)?;
+                    body = self.package1(Some(accepted), basic, None)?;
                     continue;
                 }
                 if !code.is_success() {
@@ -460,17 +546,17 @@ impl Session<'_> {
             let nonce = fresh_nonce();
             let execution = {
                 let mut d = lock(self.device);
-                let run = if self.b6_client {
-                    executor::execute_without_atomic
-                } else {
-                    executor::execute
+                let options = ExecOptions {
+                    without_atomic: self.b6_client,
+                    quirks: self.quirks,
                 };
-                let execution = run(
+                let execution = executor::execute_with_options(
                     d.tree_mut(),
                     self.server,
                     &msg.hdr.msg_id,
                     &msg.body.commands,
                     2,
+                    options,
                 );
                 // Stored after the commands ran: this nonce is what the server is told to use next.
                 let _ = d.store_server_nonce(self.server, &nonce);
@@ -495,9 +581,9 @@ impl Session<'_> {
         }
     }
 
-    /// Answers a server message whose credential is wrong or missing: 401 + `Chal` (a fresh server
-    /// nonce, stored) for the header, 401 for every command. The server's reply is not read further.
-    async fn refuse(&mut self, msg: &SyncMl) {
+    /// The answer to a server message whose credential is wrong or missing: 401 + `Chal` (a fresh server
+    /// nonce, stored: the server's next `Cred` must use it) for the header, 401 for every command.
+    fn refusal(&mut self, msg: &SyncMl) -> Vec<u8> {
         let nonce = fresh_nonce();
         let _ = lock(self.device).store_server_nonce(self.server, &nonce);
         let mut commands = vec![self.header_status(msg, StatusCode::InvalidCredentials, &nonce)];
@@ -507,9 +593,15 @@ impl Session<'_> {
             StatusCode::InvalidCredentials,
             2,
         ));
-        let body = self.answer(commands);
-        if let Err(o) = self.post(body).await {
-            tracing::debug!(dev_id = %self.dev_id, outcome = ?o, "posting the 401 answer failed");
-        }
+        self.answer(commands)
+    }
+}
+
+/// What follows the root element's end in a message: everything after its last `>` (nothing when
+/// there is no `>`).
+fn trailing_bytes(body: &[u8]) -> &[u8] {
+    match body.iter().rposition(|b| *b == b'>') {
+        Some(at) => body.get(at + 1..).unwrap_or_default(),
+        None => &[],
     }
 }

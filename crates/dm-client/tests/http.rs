@@ -13,7 +13,9 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::post;
-use dm_client::{AuthSide, DefaultAccount, Device, Fleet, Outcome, SessionRecord};
+use dm_client::{
+    AuthSide, DefaultAccount, Device, Fleet, Outcome, SessionConfig, SessionRecord, Trigger,
+};
 use dm_protocol::auth::{self, decode_nonce, encode_nonce};
 use dm_protocol::codes::{AlertCode, StatusCode};
 use dm_protocol::package0::{self, Notification};
@@ -56,6 +58,12 @@ struct ServerState {
     url: String,
     /// Keep using the first server nonce whatever the device hands over (a replaying server).
     ignore_handed_nonces: bool,
+    /// Every device message as posted (the bytes before the XML declaration and NUL bytes included).
+    raw: Vec<Vec<u8>>,
+    /// What the server puts after the root end of its messages, by message (none past the list).
+    trailers: Vec<Vec<u8>>,
+    /// How many of its first messages carry a `Cred` over a wrong password.
+    wrong_creds: u32,
 }
 
 impl ServerState {
@@ -73,6 +81,9 @@ impl ServerState {
             nonce_counter: 0,
             url: String::new(),
             ignore_handed_nonces: false,
+            raw: Vec::new(),
+            trailers: Vec::new(),
+            wrong_creds: 0,
         }
     }
 
@@ -160,11 +171,13 @@ impl ServerState {
             Location::new(msg.hdr.source.loc_uri.clone()),
             Location::new(self.url.clone()),
         );
-        hdr.cred = Some(auth::cred_md5(
-            &self.server_id,
-            &self.srv_secret,
-            &self.srv_nonce,
-        ));
+        let secret = if self.wrong_creds > 0 {
+            self.wrong_creds -= 1;
+            "not-the-server-password"
+        } else {
+            self.srv_secret.as_str()
+        };
+        hdr.cred = Some(auth::cred_md5(&self.server_id, secret, &self.srv_nonce));
         self.received.push(msg);
         SyncMl {
             hdr,
@@ -179,15 +192,26 @@ impl ServerState {
 type Shared = Arc<Mutex<ServerState>>;
 
 async fn dm_endpoint(State(state): State<Shared>, body: Bytes) -> axum::response::Response {
-    let Ok(msg) = syncml::decode(&body) else {
+    // Tolerant of the quirks: bytes before the first '<' and NUL bytes are dropped before decoding.
+    let start = body.iter().position(|b| *b == b'<').unwrap_or(0);
+    let clean: Vec<u8> = body[start..].iter().copied().filter(|b| *b != 0).collect();
+    let Ok(msg) = syncml::decode(&clean) else {
         return (axum::http::StatusCode::BAD_REQUEST, "not SyncML").into_response();
     };
-    let answer = state.lock().unwrap().answer(msg);
-    (
-        [(header::CONTENT_TYPE, syncml::CONTENT_TYPE_XML)],
-        syncml::encode(&answer),
-    )
-        .into_response()
+    let mut state = state.lock().unwrap();
+    state.raw.push(body.to_vec());
+    let trailer = state
+        .trailers
+        .get(state.raw.len() - 1)
+        .cloned()
+        .unwrap_or_default();
+    let answer = state.answer(msg);
+    // Exactly the trailer after the root's end tag, whatever the encoder ends with.
+    let mut out = syncml::encode(&answer).into_bytes();
+    let end = out.iter().rposition(|b| *b == b'>').unwrap() + 1;
+    out.truncate(end);
+    out.extend_from_slice(&trailer);
+    ([(header::CONTENT_TYPE, syncml::CONTENT_TYPE_XML)], out).into_response()
 }
 
 /// Starts the server double; returns its state and its DM URL.
@@ -363,6 +387,8 @@ async fn server_initiated_session_executes_commands_and_hands_nonces_over() {
     assert_eq!(record.session_id, "00AB");
     assert_eq!(record.messages_sent, 3);
     assert_eq!(record.commands_executed, 9);
+    assert_eq!(record.trailing_bytes, 0);
+    assert!(!record.zero_nonce);
 
     {
         let server = server.lock().unwrap();
@@ -749,8 +775,17 @@ async fn a_wrong_server_credential_gets_401_and_nothing_is_executed() {
         }
     );
     assert_eq!(record.commands_executed, 0);
+    // B.1: the device answers 401 + Chal and reads on; the server may resend its credential twice;
+    // its third refused message ends the session unanswered.
+    assert_eq!(record.messages_sent, 3);
     let server = server.lock().unwrap();
-    assert_eq!(server.received.len(), 2);
+    assert_eq!(server.received.len(), 3);
+    let ids: Vec<&str> = server
+        .received
+        .iter()
+        .map(|m| m.hdr.msg_id.as_str())
+        .collect();
+    assert_eq!(ids, vec!["1", "2", "3"]);
     let answer = &server.received[1];
     assert_eq!(
         statuses(answer),
@@ -762,24 +797,33 @@ async fn a_wrong_server_credential_gets_401_and_nothing_is_executed() {
             ("Get".into(), "8".into(), 401),
         ]
     );
-    assert!(
-        !answer
-            .body
-            .commands
-            .iter()
-            .any(|c| matches!(c, Command::Results(_)))
+    // The server's second message (no commands) is refused the same way.
+    assert_eq!(
+        statuses(&server.received[2]),
+        vec![("SyncHdr".into(), "0".into(), 401)]
     );
-    let Command::Status(hdr) = &answer.body.commands[0] else {
-        panic!()
-    };
-    assert!(hdr.chal.is_some(), "the 401 carries a Chal");
-    // Nothing changed but the server nonce, which the device handed over in that Chal (B.7 ignores it).
+    for answer in &server.received[1..] {
+        assert!(
+            !answer
+                .body
+                .commands
+                .iter()
+                .any(|c| matches!(c, Command::Results(_)))
+        );
+        let Command::Status(hdr) = &answer.body.commands[0] else {
+            panic!()
+        };
+        assert!(hdr.chal.is_some(), "the 401 carries a Chal");
+    }
+    // Nothing changed but the server nonce, which the device handed over in its Chals (B.7 ignores it).
     let after = fleet.export(dev).unwrap();
     assert!(same_tree(&before, &after, &[dev_uri("./DMAcc/dms1.example")]).is_ok());
     assert!(same_tree(&before, &after, &[]).is_err());
+    assert_eq!(server.handed_by_device.len(), 2);
+    assert_ne!(server.handed_by_device[0], server.handed_by_device[1]);
     assert_eq!(
         nonce_of(&fleet, dev, SRVCRED_DATA),
-        server.handed_by_device[0]
+        server.handed_by_device[1]
     );
 }
 
@@ -1002,4 +1046,350 @@ async fn a_delegated_server_gets_its_own_sessions() {
         nonce_of(&fleet, dev, SRVCRED_DATA),
         server1.lock().unwrap().srv_nonce
     );
+}
+
+// ------------------------------------------------------------------------------------------------
+// Re-challenge, nonce resynchronisation and the field quirks (PROTOCOL.md B.1, B.6)
+// ------------------------------------------------------------------------------------------------
+
+const ZERO: [u8; 4] = [0; 4];
+
+fn quirky_fleet(quirks: &str) -> Fleet {
+    Fleet::with_config(SessionConfig {
+        quirks: quirks.parse().unwrap(),
+        ..SessionConfig::default()
+    })
+}
+
+#[tokio::test]
+async fn a_server_that_resends_its_credential_over_the_new_nonce_goes_on() {
+    for wrong in [1usize, 2] {
+        let mut state = ServerState::new(S1, S1_SECRET, b"srv-nonce-0", b"cli-nonce-0");
+        state.wrong_creds = wrong as u32;
+        for _ in 0..wrong {
+            state
+                .script
+                .push_back(vec![replace("5", "./DevInfo/Lang", "xx")]);
+        }
+        state
+            .script
+            .push_back(vec![replace("6", "./Vendor/Acme/Settings/Volume", "7")]);
+        let (server, url) = start_server(state).await;
+        let fleet = Fleet::new();
+        let dev = "IMEI:rc";
+        fleet.insert(Device::with_default_tree(dev, &account(&url)).unwrap());
+        let base = start_fleet(&fleet).await;
+        let body = package0_bytes(S1, 3, S1_SECRET, b"srv-nonce-0");
+        assert_eq!(post_package0(&base, dev, body).await, 202);
+        let record = fleet.wait_for_sessions(dev, 1, WAIT).await.unwrap()[0].clone();
+        assert_eq!(record.outcome, Outcome::Completed, "{wrong}: {record:?}");
+        // Package #1, one 401 answer per refused message, the answer to the commands.
+        assert_eq!(record.messages_sent as usize, wrong + 2);
+        assert_eq!(record.commands_executed, 1);
+        let server = server.lock().unwrap();
+        let ids: Vec<String> = server
+            .received
+            .iter()
+            .map(|m| m.hdr.msg_id.clone())
+            .collect();
+        let want: Vec<String> = (1..=wrong + 2).map(|i| i.to_string()).collect();
+        assert_eq!(ids, want);
+        for refusal in &server.received[1..=wrong] {
+            assert_eq!(
+                statuses(refusal),
+                vec![
+                    ("SyncHdr".into(), "0".into(), 401),
+                    ("Replace".into(), "5".into(), 401)
+                ]
+            );
+            let Command::Status(hdr) = &refusal.body.commands[0] else {
+                panic!()
+            };
+            assert!(hdr.chal.is_some(), "the 401 carries a Chal");
+        }
+        // The message whose Cred used the device's new nonce was executed.
+        assert_eq!(
+            statuses(&server.received[wrong + 1]),
+            vec![
+                ("SyncHdr".into(), "0".into(), 212),
+                ("Replace".into(), "6".into(), 200)
+            ]
+        );
+        assert_eq!(server.handed_by_device.len(), wrong + 1);
+        assert_eq!(
+            value(&fleet, dev, "./Vendor/Acme/Settings/Volume").unwrap(),
+            "7"
+        );
+        assert_eq!(value(&fleet, dev, "./DevInfo/Lang").unwrap(), "en-US");
+        assert_eq!(nonce_of(&fleet, dev, SRVCRED_DATA), server.srv_nonce);
+    }
+}
+
+#[tokio::test]
+async fn a_package0_that_verifies_only_with_the_zero_nonce_opens_a_zero_nonce_session() {
+    // The server expects package #1's Cred over the zero nonce.
+    let (server, url) = start_server(ServerState::new(S1, S1_SECRET, b"srv-nonce-0", &ZERO)).await;
+    let fleet = Fleet::new();
+    let dev = "IMEI:z";
+    fleet.insert(Device::with_default_tree(dev, &account(&url)).unwrap());
+    let base = start_fleet(&fleet).await;
+    // Wrong with the stored nonce and with the zero nonce: 401, nothing happens.
+    let stale = package0_bytes(S1, 1, S1_SECRET, b"stale");
+    assert_eq!(post_package0(&base, dev, stale).await, 401);
+    let wrong_key = package0_bytes(S1, 1, "not-the-key", &ZERO);
+    assert_eq!(post_package0(&base, dev, wrong_key).await, 401);
+    assert!(fleet.sessions(dev).unwrap().is_empty());
+
+    let zero = package0_bytes(S1, 2, S1_SECRET, &ZERO);
+    assert_eq!(post_package0(&base, dev, zero).await, 202);
+    let record = fleet.wait_for_sessions(dev, 1, WAIT).await.unwrap()[0].clone();
+    assert_eq!(record.outcome, Outcome::Completed, "{record:?}");
+    assert!(record.zero_nonce);
+    {
+        let server = server.lock().unwrap();
+        let cred = server.received[0].hdr.cred.as_ref().unwrap();
+        assert!(auth::verify_cred(cred, CLIENT, CLIENT_SECRET, &ZERO).is_ok());
+        assert!(auth::verify_cred(cred, CLIENT, CLIENT_SECRET, b"cli-nonce-0").is_err());
+    }
+
+    // With the stored nonce again: a normal session, Cred over the stored CLCRED nonce.
+    let stored = nonce_of(&fleet, dev, SRVCRED_DATA);
+    let accepted = fleet
+        .package0(dev, &package0_bytes(S1, 3, S1_SECRET, &stored))
+        .unwrap();
+    assert!(!accepted.zero_nonce);
+    let record = fleet.wait_for_sessions(dev, 2, WAIT).await.unwrap()[1].clone();
+    assert_eq!(record.outcome, Outcome::Completed, "{record:?}");
+    assert!(!record.zero_nonce);
+    let server = server.lock().unwrap();
+    let cred = server.received[1].hdr.cred.as_ref().unwrap();
+    assert!(auth::verify_cred(cred, CLIENT, CLIENT_SECRET, b"client-nonce-1").is_ok());
+}
+
+#[tokio::test]
+async fn forget_nonce_loses_the_server_nonce_and_the_zero_nonce_brings_the_server_back() {
+    let mut state = ServerState::new(S1, S1_SECRET, b"srv-nonce-0", b"cli-nonce-0");
+    // Session 1: one batch, then the end. Session 2: the server's first message uses the nonce the
+    // device forgot (refused), the second the nonce of the device's Chal.
+    state
+        .script
+        .push_back(vec![replace("5", "./Vendor/Acme/Settings/Volume", "7")]);
+    state.script.push_back(Vec::new());
+    for _ in 0..2 {
+        state
+            .script
+            .push_back(vec![replace("6", "./Vendor/Acme/Settings/Brightness", "1")]);
+    }
+    let (server, url) = start_server(state).await;
+    let fleet = quirky_fleet("forget-nonce");
+    let dev = "IMEI:f";
+    fleet.insert(Device::with_default_tree(dev, &account(&url)).unwrap());
+    let base = start_fleet(&fleet).await;
+    let body = package0_bytes(S1, 1, S1_SECRET, b"srv-nonce-0");
+    assert_eq!(post_package0(&base, dev, body).await, 202);
+    let first = fleet.wait_for_sessions(dev, 1, WAIT).await.unwrap()[0].clone();
+    assert_eq!(first.outcome, Outcome::Completed, "{first:?}");
+    assert!(!first.zero_nonce);
+
+    // The device no longer holds the nonce it handed the server.
+    let known = server.lock().unwrap().srv_nonce.clone();
+    let held = nonce_of(&fleet, dev, SRVCRED_DATA);
+    assert_eq!(known, server.lock().unwrap().handed_by_device[0]);
+    assert_ne!(held, known);
+    assert_eq!(held.len(), 16);
+    let refused = package0_bytes(S1, 2, S1_SECRET, &known);
+    assert_eq!(post_package0(&base, dev, refused).await, 401);
+
+    // Resynchronisation: the zero nonce opens a session, and the server's credential is challenged.
+    server.lock().unwrap().cli_nonce = ZERO.to_vec();
+    let zero = package0_bytes(S1, 3, S1_SECRET, &ZERO);
+    assert_eq!(post_package0(&base, dev, zero).await, 202);
+    let second = fleet.wait_for_sessions(dev, 2, WAIT).await.unwrap()[1].clone();
+    assert_eq!(second.outcome, Outcome::Completed, "{second:?}");
+    assert!(second.zero_nonce);
+    assert_eq!(second.messages_sent, 3);
+    assert_eq!(second.commands_executed, 1);
+    assert_eq!(
+        value(&fleet, dev, "./Vendor/Acme/Settings/Brightness").unwrap(),
+        "1"
+    );
+    let server = server.lock().unwrap();
+    assert_eq!(
+        statuses(&server.received[3])[0],
+        ("SyncHdr".into(), "0".into(), 401)
+    );
+    // Forgotten again at the end of that session.
+    assert_ne!(nonce_of(&fleet, dev, SRVCRED_DATA), server.srv_nonce);
+}
+
+#[tokio::test]
+async fn without_forget_nonce_the_device_keeps_the_nonce_it_handed_over() {
+    let (server, url) = start_server(ServerState::new(
+        S1,
+        S1_SECRET,
+        b"srv-nonce-0",
+        b"cli-nonce-0",
+    ))
+    .await;
+    let fleet = Fleet::new();
+    let dev = "IMEI:k";
+    fleet.insert(Device::with_default_tree(dev, &account(&url)).unwrap());
+    let record = fleet.run_session(dev, S1, Trigger::Client).await.unwrap();
+    assert_eq!(record.outcome, Outcome::Completed);
+    // Only package #1 was answered (nothing to do): the server still uses its first nonce.
+    assert_eq!(nonce_of(&fleet, dev, SRVCRED_DATA), b"srv-nonce-0");
+    assert_eq!(server.lock().unwrap().srv_nonce, b"srv-nonce-0");
+    // With the quirk, even a session without a single command loses it.
+    let (_server, url) = start_server(ServerState::new(
+        S1,
+        S1_SECRET,
+        b"srv-nonce-0",
+        b"cli-nonce-0",
+    ))
+    .await;
+    let fleet = quirky_fleet("forget-nonce");
+    fleet.insert(Device::with_default_tree(dev, &account(&url)).unwrap());
+    let record = fleet.run_session(dev, S1, Trigger::Client).await.unwrap();
+    assert_eq!(record.outcome, Outcome::Completed);
+    assert_eq!(record.messages_sent, 1);
+    assert_ne!(nonce_of(&fleet, dev, SRVCRED_DATA), b"srv-nonce-0");
+}
+
+#[tokio::test]
+async fn trailing_bytes_are_counted_and_the_quirk_puts_the_last_ones_before_the_next_message() {
+    for quirk in [false, true] {
+        let mut state = ServerState::new(S1, S1_SECRET, b"srv-nonce-0", b"cli-nonce-0");
+        // Three server messages: "\n" after the first, nothing after the second, " \t\n" after the
+        // third.
+        state.trailers = vec![b"\n".to_vec(), Vec::new(), b" \t\n".to_vec()];
+        state.script.push_back(vec![get("5", "./DevInfo/Man")]);
+        state.script.push_back(vec![get("6", "./DevInfo/Mod")]);
+        let (server, url) = start_server(state).await;
+        let fleet = quirky_fleet(if quirk { "trailing-bytes" } else { "" });
+        let dev = "IMEI:t";
+        fleet.insert(Device::with_default_tree(dev, &account(&url)).unwrap());
+        let record = fleet.run_session(dev, S1, Trigger::Client).await.unwrap();
+        assert_eq!(record.outcome, Outcome::Completed, "{record:?}");
+        assert_eq!(record.trailing_bytes, 4);
+        assert_eq!(record.commands_executed, 2);
+        let server = server.lock().unwrap();
+        assert_eq!(server.raw.len(), 3);
+        assert!(server.raw[0].starts_with(b"<?xml"));
+        if quirk {
+            // The first message's "\n" before the second device message; nothing (not an old
+            // leftover) before the third.
+            assert!(server.raw[1].starts_with(b"\n<?xml"), "{quirk}");
+            assert!(server.raw[2].starts_with(b"<?xml"), "{quirk}");
+        } else {
+            assert!(server.raw[1].starts_with(b"<?xml"), "{quirk}");
+            assert!(server.raw[2].starts_with(b"<?xml"), "{quirk}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn nul_in_lists_ends_a_child_list_with_a_nul_byte() {
+    for quirk in [false, true] {
+        let mut state = ServerState::new(S1, S1_SECRET, b"srv-nonce-0", b"cli-nonce-0");
+        state.script.push_back(vec![
+            get("5", "./Vendor"),
+            get("6", "./Vendor/Acme/Settings/Volume"),
+        ]);
+        let (server, url) = start_server(state).await;
+        let fleet = quirky_fleet(if quirk { "nul-in-lists" } else { "" });
+        let dev = "IMEI:n";
+        fleet.insert(Device::with_default_tree(dev, &account(&url)).unwrap());
+        let record = fleet.run_session(dev, S1, Trigger::Client).await.unwrap();
+        assert_eq!(record.outcome, Outcome::Completed, "{record:?}");
+        let server = server.lock().unwrap();
+        let raw = &server.raw[1];
+        let contains = |needle: &[u8]| raw.windows(needle.len()).any(|w| w == needle);
+        let nuls = raw.iter().filter(|b| **b == 0).count();
+        if quirk {
+            assert!(contains(b"<Data>Acme/Other\0</Data>"));
+            assert_eq!(nuls, 1, "only the child list");
+            assert!(contains(b"<Data>5</Data>"));
+            // NUL is not XML: a strict reader refuses the message.
+            assert!(syncml::decode(raw).is_err());
+        } else {
+            assert!(contains(b"<Data>Acme/Other</Data>"));
+            assert_eq!(nuls, 0);
+            assert!(syncml::decode(raw).is_ok());
+        }
+    }
+}
+
+#[tokio::test]
+async fn text_nonce_uses_a_text_aauthdata_verbatim_and_a_b64_one_as_bytes() {
+    const S2: &str = "dms2.example";
+    const S2_SECRET: &str = "s2-password";
+    let s2_data = "./DMAcc/dms2/AppAuth/srv/AAuthData";
+    for quirk in [false, true] {
+        let mut s1 = ServerState::new(S1, S1_SECRET, b"srv-nonce-0", b"cli-nonce-0");
+        let acc = "./DMAcc/dms2";
+        let leaf = |id: &str, name: &str, v: &str| add_leaf(id, &format!("{acc}/{name}"), v);
+        // Session 1: DMS-2's account, its nonce sent as text ("abcd" is valid base64 too).
+        s1.script.push_back(vec![
+            add_node("10", acc),
+            leaf("11", "AppID", "w7"),
+            leaf("12", "ServerID", S2),
+            add_node("13", &format!("{acc}/AppAddr")),
+            add_node("14", &format!("{acc}/AppAddr/1")),
+            // Nothing listens there: a session this test starts with DMS-2 ends at once.
+            leaf("15", "AppAddr/1/Addr", "http://127.0.0.1:1/dm"),
+            leaf("16", "AppAddr/1/AddrType", "URI"),
+            add_node("17", &format!("{acc}/AppAuth")),
+            add_node("18", &format!("{acc}/AppAuth/srv")),
+            leaf("19", "AppAuth/srv/AAuthLevel", "SRVCRED"),
+            leaf("20", "AppAuth/srv/AAuthType", "DIGEST"),
+            leaf("21", "AppAuth/srv/AAuthName", S2),
+            leaf("22", "AppAuth/srv/AAuthSecret", S2_SECRET),
+            leaf("23", "AppAuth/srv/AAuthData", "abcd"),
+        ]);
+        s1.script.push_back(Vec::new());
+        // Session 2: the nonce replaced by base64 bytes with Format b64.
+        s1.script.push_back(vec![Command::Replace(ItemCommand::new(
+            "30",
+            vec![
+                Item::target(s2_data)
+                    .with_data(encode_nonce(b"bytes\x00nonce"))
+                    .with_meta(Meta {
+                        format: Some("b64".into()),
+                        ..Meta::default()
+                    }),
+            ],
+        ))]);
+        let (_server, url) = start_server(s1).await;
+        let fleet = quirky_fleet(if quirk { "text-nonce" } else { "" });
+        let dev = "IMEI:tn";
+        fleet.insert(Device::with_default_tree(dev, &account(&url)).unwrap());
+        let base = start_fleet(&fleet).await;
+        let record = fleet.run_session(dev, S1, Trigger::Client).await.unwrap();
+        assert_eq!(record.outcome, Outcome::Completed, "{record:?}");
+        assert_eq!(value(&fleet, dev, s2_data).unwrap(), "abcd");
+
+        let over = |nonce: &[u8]| package0_bytes(S2, 7, S2_SECRET, nonce);
+        let as_text = post_package0(&base, dev, over(b"abcd")).await;
+        let decoded = post_package0(&base, dev, over(&decode_nonce("abcd").unwrap())).await;
+        if quirk {
+            assert_eq!((as_text, decoded), (202, 401));
+        } else {
+            assert_eq!((as_text, decoded), (401, 202));
+        }
+
+        let record = fleet.run_session(dev, S1, Trigger::Client).await.unwrap();
+        assert_eq!(record.outcome, Outcome::Completed, "{record:?}");
+        // Format b64: the bytes, quirk or not; never the base64 text.
+        assert_eq!(
+            post_package0(&base, dev, over(b"bytes\x00nonce")).await,
+            202,
+            "{quirk}"
+        );
+        let text = encode_nonce(b"bytes\x00nonce");
+        assert_eq!(post_package0(&base, dev, over(text.as_bytes())).await, 401);
+        let format = fleet
+            .with_device(dev, |d| d.tree().get(&dev_uri(s2_data)).unwrap().format())
+            .unwrap();
+        assert_eq!(format, Some(tnds::Format::B64));
+    }
 }
