@@ -4,14 +4,21 @@
 //! dm-client-sim --listen 127.0.0.1:8700 --devices 1000 --id-prefix IMEI:35000000000 \
 //!     --server-id dms1.operator.example --server-addr http://127.0.0.1:8080/dm
 //! dm-client-sim --devices 10000 --report-memory
+//! dm-client-sim --dev-id IMEI:356938035643809 --quirks trailing-bytes,text-nonce \
+//!     --server-id dms1.operator.example --server-addr http://127.0.0.1:8080/dm
+//! dm-client-sim --devices 100 --quirks all
 //! ```
+//!
+//! `--quirks` takes a comma-separated list of `trailing-bytes`, `nul-in-lists`, `acl-on-add`,
+//! `text-nonce`, `forget-nonce` (or `all`): every device then behaves like the client of PROTOCOL.md B.6
+//! in those ways (docs/device-side.md). `--dev-id` simulates exactly one device with that id.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use dm_client::{DefaultAccount, Device, Fleet};
+use dm_client::{DefaultAccount, Device, Fleet, Quirks, SessionConfig};
 use dm_protocol::auth::decode_nonce;
 use dm_protocol::tnds;
 
@@ -28,6 +35,13 @@ struct Cli {
     /// How many devices to simulate.
     #[arg(long, default_value_t = 1)]
     devices: usize,
+    /// Simulate exactly one device with this id (any string) instead of the numbered fleet.
+    #[arg(long, value_name = "ID")]
+    dev_id: Option<String>,
+    /// Field quirks every device reproduces, comma-separated: trailing-bytes, nul-in-lists,
+    /// acl-on-add, text-nonce, forget-nonce, or all (PROTOCOL.md B.6). Default: none.
+    #[arg(long, value_name = "LIST")]
+    quirks: Option<Quirks>,
     /// Device ids are this prefix followed by the device number, zero-padded to at least 4 digits.
     #[arg(long, default_value = "IMEI:35000000000")]
     id_prefix: String,
@@ -102,21 +116,33 @@ fn resident_bytes() -> anyhow::Result<u64> {
     Ok(pages * page_size())
 }
 
-fn device_id(prefix: &str, i: usize, width: usize) -> String {
-    format!("{prefix}{i:0width$}")
+/// The device ids: `--dev-id`, else the prefix followed by the device number, zero-padded to at least
+/// 4 digits.
+fn device_ids(cli: &Cli) -> Vec<String> {
+    if let Some(id) = &cli.dev_id {
+        return vec![id.clone()];
+    }
+    let width = cli.devices.saturating_sub(1).to_string().len().max(4);
+    let prefix = &cli.id_prefix;
+    (0..cli.devices)
+        .map(|i| format!("{prefix}{i:0width$}"))
+        .collect()
 }
 
 /// Builds the fleet's devices.
 fn populate(cli: &Cli, fleet: &Fleet) -> anyhow::Result<()> {
-    let width = cli.devices.saturating_sub(1).to_string().len().max(4);
-    fleet.reserve(cli.devices);
+    let ids = device_ids(cli);
+    let Some(first) = ids.first() else {
+        return Ok(());
+    };
+    fleet.reserve(ids.len());
     if let Some(path) = &cli.tree {
         let bytes =
             std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         let doc = tnds::decode(&bytes).with_context(|| format!("{}", path.display()))?;
-        let template = Device::from_tnds(device_id(&cli.id_prefix, 0, width), &doc)?;
-        for i in 0..cli.devices {
-            fleet.insert(template.clone_with_id(device_id(&cli.id_prefix, i, width)));
+        let template = Device::from_tnds(first.clone(), &doc)?;
+        for id in ids {
+            fleet.insert(template.clone_with_id(id));
         }
         return Ok(());
     }
@@ -139,17 +165,13 @@ fn populate(cli: &Cli, fleet: &Fleet) -> anyhow::Result<()> {
     };
     match &cli.client_name {
         Some(name) => {
-            let template = Device::with_default_tree(
-                device_id(&cli.id_prefix, 0, width),
-                &account(name.clone()),
-            )?;
-            for i in 0..cli.devices {
-                fleet.insert(template.clone_with_id(device_id(&cli.id_prefix, i, width)));
+            let template = Device::with_default_tree(first.clone(), &account(name.clone()))?;
+            for id in ids {
+                fleet.insert(template.clone_with_id(id));
             }
         }
         None => {
-            for i in 0..cli.devices {
-                let id = device_id(&cli.id_prefix, i, width);
+            for id in ids {
                 fleet.insert(Device::with_default_tree(id.clone(), &account(id))?);
             }
         }
@@ -158,7 +180,17 @@ fn populate(cli: &Cli, fleet: &Fleet) -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let fleet = Fleet::new();
+    if cli.dev_id.is_some() && cli.devices > 1 {
+        bail!(
+            "--dev-id simulates exactly one device: it cannot be combined with --devices {}",
+            cli.devices
+        );
+    }
+    let quirks = cli.quirks.unwrap_or_default();
+    let fleet = Fleet::with_config(SessionConfig {
+        quirks,
+        ..SessionConfig::default()
+    });
     if cli.report_memory {
         let before = resident_bytes()?;
         populate(&cli, &fleet)?;
@@ -183,8 +215,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", cli.listen))?;
     let local = listener.local_addr()?;
+    let quirks = if quirks.is_empty() {
+        String::new()
+    } else {
+        format!(", quirks {quirks}")
+    };
     eprintln!(
-        "dm-client-sim: {} devices, listening on http://{local}",
+        "dm-client-sim: {} devices{quirks}, listening on http://{local}",
         fleet.len()
     );
     fleet
