@@ -547,15 +547,17 @@ impl Run<'_> {
         StatusCode::Ok
     }
 
-    /// The `acl-on-add` quirk: a node added under a parent whose ACL in force does not grant the server
-    /// `Replace` gets `Get=*&Add=S&Delete=S&Replace=S` instead of an empty ACL.
+    /// The `acl-on-add` quirk: a node added under a parent whose own ACL does not grant the server
+    /// `Replace` gets `Get=*&Add=S&Delete=S&Replace=S` instead of an empty ACL. The client looks at the
+    /// parent's own ACL only: an empty one (inherited) grants nothing, which is how, in the field, the
+    /// children of a freshly added account all became readable by every server.
     fn acl_of_its_choosing(&mut self, uri: &DmUri) {
         let Some(parent) = uri.parent() else {
             return;
         };
         let grants_replace = self
             .tree
-            .effective_acl(&parent)
+            .acl(&parent)
             .is_ok_and(|acl| acl.allows(AclCommand::Replace, self.server));
         if grants_replace {
             return;
@@ -1534,7 +1536,8 @@ mod tests {
             assert!(!acl.allows(AclCommand::Exec, OTHER), "{node}: {acl}");
         }
         assert!(t.acl(&u("./Top/Inner")).unwrap().is_empty());
-        // S holds Replace on ./Vendor: its new nodes start empty, quirk or not.
+        // S holds Replace on ./Vendor by its own ACL: a new node there starts empty; below that new
+        // node (whose empty ACL inherits S's Replace, but grants nothing itself) the client chooses.
         let e = with_quirks(
             &mut t,
             S,
@@ -1546,7 +1549,8 @@ mod tests {
         );
         assert_eq!(codes(&e), vec![200, 200]);
         assert!(t.acl(&u("./Vendor/New")).unwrap().is_empty());
-        assert!(t.acl(&u("./Vendor/New/Leaf")).unwrap().is_empty());
+        let leaf = t.acl(&u("./Vendor/New/Leaf")).unwrap();
+        assert!(leaf.allows(AclCommand::Get, "anyone"), "{leaf}");
         // Without the quirk every new node starts with an empty ACL (B.3).
         let mut t = tree();
         let e = run(&mut t, OTHER, commands());

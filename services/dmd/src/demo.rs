@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use dm_auth::{Peer as AuthPeer, PeerIdentity, PeerPolicy, TrustRegistry};
 use dm_bus::{Bus, Names};
-use dm_client::{DefaultAccount, Device, Fleet};
+use dm_client::{DefaultAccount, Device, Fleet, SessionConfig};
 use dm_notification::policy::{AcceptancePolicy, PeerPolicy as AcceptPeer};
 use dm_protocol::auth;
 use dm_protocol::delegation::DelType as WireDelType;
@@ -190,9 +190,19 @@ fn spec(side: SideSpec<'_>, pki: &pki::Pki, push_url: &str) -> anyhow::Result<De
 impl World {
     /// Starts DMS-1, DMS-2 and a fleet of `devices` devices managed by DMS-1, with a PKI under `dir`.
     pub async fn start(dir: &Path, bus: Bus, devices: usize) -> anyhow::Result<World> {
+        Self::start_with_fleet(dir, bus, devices, SessionConfig::default()).await
+    }
+
+    /// As [`World::start`], with devices that behave as `fleet` says (field habits, `Quirks`).
+    pub async fn start_with_fleet(
+        dir: &Path,
+        bus: Bus,
+        devices: usize,
+        fleet: SessionConfig,
+    ) -> anyhow::Result<World> {
         dm_gateway::install_crypto_provider();
         let pki = pki::generate(dir, &[D1, D2])?;
-        let fleet = Fleet::new();
+        let fleet = Fleet::with_config(fleet);
         let fleet_listener = bind().await?;
         let push_url = format!("http://{}", fleet_listener.local_addr()?);
         let serving = fleet.clone();

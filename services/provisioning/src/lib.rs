@@ -122,6 +122,11 @@ struct DeviceEntry {
     /// Counts package #0s sent and messages received: a watchdog armed at one value fires only if
     /// nothing happened since.
     activity: u64,
+    /// The MsgIDs of the DM session in progress.
+    exchange: Option<session::Exchange>,
+    /// A package #0 digested with the zero nonce was sent (B.1 resynchronisation) and no session
+    /// followed yet: the next one may sign over that nonce, and replaces this server's secret.
+    zero_nonce_sent: bool,
 }
 
 #[derive(Debug, Default)]
@@ -275,16 +280,26 @@ impl Provisioning {
         Ok(id)
     }
 
-    /// Sends the device a package #0 for this server, and arms the watchdog. A device that cannot be
-    /// reached fails the job at the head of its queue with the channel's status (503 unreachable, 401
-    /// refused digest), and the next job is tried.
+    /// Sends the device a package #0 for this server, and arms the watchdog. A device that refuses its
+    /// digest (401) gets it once more digested with the zero nonce (B.1 resynchronisation: it may have
+    /// lost the server nonce); one that cannot be reached fails the job at the head of its queue with the
+    /// channel's status (503 unreachable, 401 refused digest), and the next job is tried.
     async fn wake(&self, dev_id: &str) {
         loop {
-            let Some(creds) = self.credentials(dev_id) else {
+            let Some((creds, zero)) = ({
+                let inner = self.lock();
+                inner
+                    .devices
+                    .get(dev_id)
+                    .map(|d| (d.creds.clone(), d.zero_nonce_sent))
+            }) else {
                 return;
             };
-            let nonce =
-                dm_protocol::auth::decode_nonce(&creds.server_nonce_b64).unwrap_or_default();
+            let nonce = if zero {
+                session::ZERO_NONCE.to_vec()
+            } else {
+                dm_protocol::auth::decode_nonce(&creds.server_nonce_b64).unwrap_or_default()
+            };
             // B.6: the digest's name is the SRVCRED AAuthName, which the plan keeps equal to the ServerID.
             let cred = ServerCredential {
                 name: self.config.server_id.clone(),
@@ -298,11 +313,24 @@ impl Provisioning {
             };
             let e = match result {
                 Ok(()) => {
+                    tracing::debug!(
+                        dev_id,
+                        session_id,
+                        zero_nonce = zero,
+                        "package #0 delivered"
+                    );
                     self.arm(dev_id);
                     return;
                 }
                 Err(e) => e,
             };
+            if e.status() == 401 && !zero && self.start_resync(dev_id) {
+                tracing::info!(
+                    dev_id,
+                    "the device refused the package #0 digest; sending it with the zero nonce"
+                );
+                continue;
+            }
             let failed = {
                 let mut inner = self.lock();
                 inner
@@ -311,23 +339,41 @@ impl Provisioning {
                     // The device may have connected in the meantime (the answer got lost, not the
                     // notification): then its session carries the job on.
                     .filter(|d| d.session.is_none())
-                    .and_then(|d| d.queue.pop_front().map(|job| (job, !d.queue.is_empty())))
+                    .and_then(|d| {
+                        d.zero_nonce_sent = false;
+                        d.queue.pop_front().map(|job| (job, !d.queue.is_empty()))
+                    })
             };
             let Some(((job_id, _), more)) = failed else {
                 return;
             };
+            let reason = format!("package #0 not delivered: {e}");
+            tracing::warn!(dev_id, job_id, status = e.status(), reason, "job failed");
             let _ = self.outcomes.send(JobOutcome {
                 job_id,
                 dev_id: dev_id.to_string(),
                 result: Err(session::JobFailure {
                     status: e.status(),
                     command: String::new(),
-                    reason: format!("package #0 not delivered: {e}"),
+                    reason,
                 }),
             });
             if !more {
                 return;
             }
+        }
+    }
+
+    /// Marks the device's next package #0 as a zero-nonce one, unless it already was or a session is
+    /// in progress. Returns whether it did.
+    fn start_resync(&self, dev_id: &str) -> bool {
+        let mut inner = self.lock();
+        match inner.devices.get_mut(dev_id) {
+            Some(d) if !d.zero_nonce_sent && d.session.is_none() => {
+                d.zero_nonce_sent = true;
+                true
+            }
+            _ => false,
         }
     }
 
@@ -356,8 +402,25 @@ impl Provisioning {
         });
     }
 
-    /// The watchdog armed at `token` fired: if nothing happened since, the head job fails with 408.
+    /// The watchdog armed at `token` fired: if nothing happened since, a package #0 that got no session
+    /// is sent once more with the zero nonce (B.1: the device may have lost the server nonce and said
+    /// nothing); otherwise the head job fails with 408.
     async fn expire(&self, dev_id: &str, token: u64) {
+        {
+            let inner = self.lock();
+            match inner.devices.get(dev_id) {
+                Some(entry) if entry.activity == token => {}
+                _ => return,
+            }
+        }
+        if self.start_resync(dev_id) {
+            tracing::info!(
+                dev_id,
+                "no session followed the package #0; sending it with the zero nonce"
+            );
+            self.wake(dev_id).await;
+            return;
+        }
         let (failed, more) = {
             let mut inner = self.lock();
             let Some(entry) = inner.devices.get_mut(dev_id) else {
@@ -366,6 +429,7 @@ impl Provisioning {
             if entry.activity != token {
                 return;
             }
+            entry.zero_nonce_sent = false;
             let in_session = entry.session.take().is_some();
             let Some((job_id, _)) = entry.queue.pop_front() else {
                 return;
@@ -375,6 +439,7 @@ impl Provisioning {
             } else {
                 "the device did not open a DM session after its package #0"
             };
+            tracing::warn!(dev_id, job_id, status = 408, reason, "job failed");
             (
                 JobOutcome {
                     job_id,
@@ -449,27 +514,27 @@ async fn dm_message(State(p): State<Provisioning>, headers: HeaderMap, body: Byt
     } else {
         syncml::CONTENT_TYPE_XML
     };
-    match syncml::content_type_encoding(content_type) {
-        Some(syncml::Encoding::Xml) => {}
-        Some(syncml::Encoding::Wbxml) => {
-            return (
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "WBXML is not supported; use XML",
-            )
-                .into_response();
-        }
-        None => {
-            return (
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "expected application/vnd.syncml.dm+xml",
-            )
-                .into_response();
-        }
+    let refused_type = match syncml::content_type_encoding(content_type) {
+        Some(syncml::Encoding::Xml) => None,
+        Some(syncml::Encoding::Wbxml) => Some("WBXML is not supported; use XML"),
+        None => Some("expected application/vnd.syncml.dm+xml"),
+    };
+    if let Some(reason) = refused_type {
+        tracing::warn!(
+            content_type,
+            size = body.len(),
+            "DM message refused (415): {reason}"
+        );
+        return (StatusCode::UNSUPPORTED_MEDIA_TYPE, reason).into_response();
     }
     let msg = match syncml::decode(&body) {
         Ok(m) => m,
-        Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+        Err(e) => return p.undecodable(&body, &e, answer_type),
     };
+    tracing::debug!(
+        dev_id = %msg.hdr.source.loc_uri, session_id = %msg.hdr.session_id, size = body.len(),
+        "DM package received"
+    );
     let (handled, created) = match p.handle(&msg) {
         Ok(h) => h,
         Err(refusal) => return (refusal.http_status(), refusal.to_string()).into_response(),
@@ -489,10 +554,57 @@ async fn dm_message(State(p): State<Provisioning>, headers: HeaderMap, body: Byt
         }
         None => p.arm(&msg.hdr.source.loc_uri),
     }
+    let encoded = syncml::encode(&handled.answer);
+    tracing::debug!(
+        dev_id = %msg.hdr.source.loc_uri, session_id = %msg.hdr.session_id,
+        msg_id = %handled.answer.hdr.msg_id, size = encoded.len(),
+        commands = handled.answer.body.commands.len(), "DM package sent"
+    );
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, answer_type)],
-        syncml::encode(&handled.answer),
+        encoded,
     )
         .into_response()
+}
+
+impl Provisioning {
+    /// A device message that does not decode: refused with the reason. When its header names a session
+    /// in progress, that session's job fails now (not at its deadline) and the device is told, in DM
+    /// terms, that the session is over; otherwise the answer is HTTP 400.
+    fn undecodable(
+        &self,
+        body: &[u8],
+        error: &dm_protocol::DecodeError,
+        answer_type: &'static str,
+    ) -> Response {
+        let guess = session::guess_header(body);
+        let handled = guess.as_ref().and_then(|g| {
+            let mut inner = self.lock();
+            session::undecodable(&self.config, &mut inner, g, error)
+        });
+        tracing::warn!(
+            dev_id = guess.as_ref().map(|g| g.source.as_str()),
+            session_id = guess.as_ref().map(|g| g.session_id.as_str()),
+            size = body.len(),
+            in_session = handled.is_some(),
+            "DM message refused (400): {error}"
+        );
+        let Some(handled) = handled else {
+            return (StatusCode::BAD_REQUEST, error.to_string()).into_response();
+        };
+        for outcome in handled.outcomes {
+            let _ = self.outcomes.send(outcome);
+        }
+        if let Some(dev_id) = handled.wake_again {
+            let p = self.clone();
+            tokio::spawn(async move { p.wake(&dev_id).await });
+        }
+        (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, answer_type)],
+            syncml::encode(&handled.answer),
+        )
+            .into_response()
+    }
 }

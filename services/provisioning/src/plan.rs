@@ -298,9 +298,26 @@ pub fn account_acl(d1: &str, d2: &str) -> Acl {
     acl_of(&format!("Add={d1}&Delete={d1}&Get={d1}+{d2}&Replace={d1}"))
 }
 
-/// The ACL of the account's `AppAuth` leaves: D2 may rotate its credentials.
+/// The ACL of every other node of the account: both servers read it, D1 keeps control (it changes
+/// the children's ACLs and deletes the account on revocation).
+pub fn account_part_acl(d1: &str, d2: &str) -> Acl {
+    acl_of(&format!("Delete={d1}&Get={d1}+{d2}&Replace={d1}"))
+}
+
+/// The ACL of the account's `AppAuth` leaves other than secrets: D2 may rotate its credentials.
 pub fn credential_leaf_acl(d1: &str, d2: &str) -> Acl {
-    acl_of(&format!("Get={d1}+{d2}&Replace={d1}+{d2}"))
+    acl_of(&format!("Delete={d1}&Get={d1}+{d2}&Replace={d1}+{d2}"))
+}
+
+/// The ACL of `AAuthSecret` and `AAuthData`: no server may read them (B.2), only D2 replaces them
+/// (credential rotation, A.6).
+pub fn secret_leaf_acl(d1: &str, d2: &str) -> Acl {
+    acl_of(&format!("Delete={d1}&Replace={d2}"))
+}
+
+/// Leaves a device never gives out (B.2).
+pub fn is_secret_leaf(name: &str) -> bool {
+    matches!(name, "AAuthSecret" | "AAuthData")
 }
 
 fn acl_of(text: &str) -> Acl {
@@ -366,23 +383,28 @@ pub fn account_node(req: &PlanRequest, server_nonce_b64: &str) -> Node {
 }
 
 /// `Add` commands for a subtree, parents first. Interior nodes carry `Meta/Format node` and `<Data/>`
-/// (B.6: a real client crashes on an Add without Data).
+/// (B.6: a real client crashes on an Add without Data). `AAuthData` goes as binary (`b64`, B.6: a client
+/// keeps `chr` text as it is and would digest the base64 characters instead of the nonce).
 fn add_commands(parent: &DmUri, node: &Node, out: &mut Vec<Command>) {
     let Ok(uri) = parent.join(&node.name) else {
         return;
     };
     match &node.content {
-        NodeContent::Value(v) => out.push(Command::Add(ItemCommand::new(
-            "0",
-            vec![
-                Item::target(uri.as_str())
-                    .with_meta(Meta {
-                        format: Some("chr".into()),
-                        ..Meta::default()
-                    })
-                    .with_data(v.clone()),
-            ],
-        ))),
+        NodeContent::Value(v) => {
+            let binary = node.name == "AAuthData" && dm_protocol::auth::decode_nonce(v).is_ok();
+            let format = if binary { "b64" } else { "chr" };
+            out.push(Command::Add(ItemCommand::new(
+                "0",
+                vec![
+                    Item::target(uri.as_str())
+                        .with_meta(Meta {
+                            format: Some(format.into()),
+                            ..Meta::default()
+                        })
+                        .with_data(v.clone()),
+                ],
+            )))
+        }
         NodeContent::Children(children) => {
             out.push(Command::Add(ItemCommand::new(
                 "0",
@@ -410,24 +432,47 @@ pub fn replace_acl(uri: &DmUri, acl: &Acl) -> Command {
     ))
 }
 
-/// The ACLs the plan sets on the account and its credential leaves.
+/// The ACLs the plan sets on the account: an explicit one on **every** node it adds (B.6: a client may
+/// give a new node an ACL of its own choosing, `Get=*` included), deepest first, the account node last:
+/// a leaf's ACL is changed through `Replace` on its parent, which the parent keeps until its own turn.
 pub fn account_acls(req: &PlanRequest, account: &Node, account_uri: &DmUri) -> Vec<(DmUri, Acl)> {
-    let (d1, d2) = (req.delegating.as_str(), req.delegated.as_str());
-    let mut out = Vec::new();
-    if let Some(app_auth) = account.child("AppAuth") {
-        for cred in app_auth.children() {
-            for leaf in cred.children() {
-                if let Ok(uri) = account_uri
-                    .join("AppAuth")
-                    .and_then(|u| u.join(&cred.name))
-                    .and_then(|u| u.join(&leaf.name))
-                {
-                    out.push((uri, credential_leaf_acl(d1, d2)));
+    fn walk(
+        node: &Node,
+        uri: &DmUri,
+        in_app_auth: bool,
+        acls: &Acls<'_>,
+        out: &mut Vec<(DmUri, Acl)>,
+    ) {
+        for child in node.children() {
+            let Ok(child_uri) = uri.join(&child.name) else {
+                continue;
+            };
+            let below_app_auth = in_app_auth || (child.name == "AppAuth" && uri == acls.account);
+            walk(child, &child_uri, below_app_auth, acls, out);
+            let acl = match &child.content {
+                NodeContent::Value(_) if is_secret_leaf(&child.name) => {
+                    secret_leaf_acl(acls.d1, acls.d2)
                 }
-            }
+                NodeContent::Value(_) if in_app_auth => credential_leaf_acl(acls.d1, acls.d2),
+                _ => account_part_acl(acls.d1, acls.d2),
+            };
+            out.push((child_uri, acl));
         }
     }
-    out.push((account_uri.clone(), account_acl(d1, d2)));
+    struct Acls<'a> {
+        d1: &'a str,
+        d2: &'a str,
+        account: &'a DmUri,
+    }
+    let acls = Acls {
+        d1: &req.delegating,
+        d2: &req.delegated,
+        account: account_uri,
+    };
+    let mut out = Vec::new();
+    walk(account, account_uri, false, &acls, &mut out);
+    out.sort_by_key(|(uri, _)| std::cmp::Reverse(uri.segments().count()));
+    out.push((account_uri.clone(), account_acl(acls.d1, acls.d2)));
     out
 }
 
@@ -616,7 +661,7 @@ pub fn account_values(account: &Node, account_uri: &DmUri) -> Vec<(DmUri, String
     fn walk(node: &Node, uri: &DmUri, out: &mut Vec<(DmUri, String)>) {
         match &node.content {
             NodeContent::Value(v) => {
-                if !matches!(node.name.as_str(), "AAuthSecret" | "AAuthData") {
+                if !is_secret_leaf(&node.name) {
                     out.push((uri.clone(), v.clone()));
                 }
             }
@@ -777,6 +822,54 @@ mod tests {
         assert_eq!(record.child("AutoConnect").unwrap().value(), Some("false"));
         assert_eq!(record.child("Type").unwrap().value(), Some("Partial"));
         assert!(!format!("{req:?}").contains("a2V5"));
+    }
+
+    #[test]
+    fn every_added_node_gets_an_explicit_acl_children_first_and_no_server_reads_a_secret() {
+        let req = request(DelType::Partial, &["./Vendor/Acme/Apps"]);
+        let account_uri = uri("./DMAcc/dms2");
+        let node = account_node(&req, "bm9uY2U=");
+        let acls = account_acls(&req, &node, &account_uri);
+        let mut commands = Vec::new();
+        add_commands(&uri("./DMAcc"), &node, &mut commands);
+        // One ACL per added node (B.6: a client's default ACL on a new node may be `Get=*`).
+        assert_eq!(acls.len(), commands.len());
+        for c in &commands {
+            let target = c.items()[0].target.as_ref().unwrap().loc_uri.clone();
+            assert!(acls.iter().any(|(u, _)| u.as_str() == target), "{target}");
+        }
+        // A leaf's ACL is changed through its parent's Replace: every child before its parent.
+        for (i, (u, _)) in acls.iter().enumerate() {
+            let parent_at = acls
+                .iter()
+                .position(|(p, _)| Some(p) == u.parent().as_ref());
+            assert!(parent_at.is_none_or(|p| p > i), "{u} after its parent");
+        }
+        assert_eq!(acls.last().unwrap().0, account_uri);
+        for (u, acl) in &acls {
+            let name = u.as_str().rsplit('/').next().unwrap();
+            let readers = acl.servers(AclCommand::Get);
+            if is_secret_leaf(name) {
+                assert!(readers.is_empty(), "{u}: {acl}");
+            } else {
+                assert_eq!(readers.len(), 2, "{u}: {acl}");
+                assert!(!readers.contains(&"*"), "{u}: {acl}");
+            }
+        }
+        // B.6: AAuthData goes as binary.
+        let data = commands
+            .iter()
+            .find(|c| {
+                c.items()[0]
+                    .target
+                    .as_ref()
+                    .unwrap()
+                    .loc_uri
+                    .ends_with("srvcred/AAuthData")
+            })
+            .unwrap();
+        let meta = data.items()[0].meta.as_ref().unwrap();
+        assert_eq!(meta.format.as_deref(), Some("b64"));
     }
 
     /// What D1 reads of a device tree, as the session's discovery does: the ACL of every node it may

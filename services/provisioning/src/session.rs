@@ -4,9 +4,9 @@
 
 use std::collections::HashMap;
 
-use dm_protocol::acl::Acl;
+use dm_protocol::acl::{Acl, AclCommand};
 use dm_protocol::auth::{self, AuthScheme};
-use dm_protocol::codes::StatusCode;
+use dm_protocol::codes::{AlertCode, StatusCode};
 use dm_protocol::dmacc::Secret;
 use dm_protocol::syncml::{
     Alert, Chal, Command, Container, Item, ItemCommand, Location, Meta, Status, SyncBody, SyncHdr,
@@ -181,8 +181,65 @@ pub struct Session {
     /// ACLResults of an apply: every ACL the plan changed, after the change.
     acl_results: Vec<(String, String)>,
     next_cmd: u32,
-    next_msg: u32,
     purposes: HashMap<String, Purpose>,
+    /// The last round sent, as built: resent when the device challenges this server's credential.
+    last_round: Vec<(Command, Purpose)>,
+    /// How many times in a row the device refused this server's credential (B.1: resend at most twice).
+    rechallenges: u8,
+    /// This server's ServerID on the device.
+    server_id: String,
+    /// A session after a zero-nonce package #0 first replaces this server's secret on the device (B.1:
+    /// a zero nonce is guessable).
+    prelude: Option<Prelude>,
+    /// The server secret the prelude put on the device: from now on this server signs with it.
+    new_server_secret: Option<Secret>,
+}
+
+/// The steps of a resynchronised session's prelude: find this server's account and its SRVCRED, then
+/// replace its `AAuthSecret`. Each variant is what the last round asked.
+#[derive(Debug)]
+enum Prelude {
+    Start,
+    Accounts,
+    ServerIds,
+    Credentials(DmUri),
+    Levels,
+    Replacing(Secret),
+}
+
+/// The MsgIDs of the server's messages in one DM session: unique in the session, whatever happens
+/// (B.6: 401/407 answers and sessions with no work included).
+#[derive(Debug)]
+pub(crate) struct Exchange {
+    session_id: String,
+    next_msg: u32,
+    /// This server sent the message that ends the session.
+    ended: bool,
+}
+
+impl Exchange {
+    /// The MsgID of the next answer to a message of `session_id`: a new session (another SessionID,
+    /// or one this server ended) counts from 1.
+    pub(crate) fn next(slot: &mut Option<Exchange>, session_id: &str) -> u32 {
+        let current = slot
+            .take()
+            .filter(|x| !x.ended && x.session_id == session_id);
+        let mut x = current.unwrap_or_else(|| Exchange {
+            session_id: session_id.to_string(),
+            next_msg: 1,
+            ended: false,
+        });
+        let id = x.next_msg;
+        x.next_msg = x.next_msg.saturating_add(1);
+        *slot = Some(x);
+        id
+    }
+
+    pub(crate) fn end(slot: &mut Option<Exchange>) {
+        if let Some(x) = slot.as_mut() {
+            x.ended = true;
+        }
+    }
 }
 
 /// What a job does next: send commands, or end.
@@ -261,7 +318,7 @@ fn named(answers: &Answers, id: &str) -> String {
 }
 
 impl Session {
-    fn new(job_id: u64, job: Job, session_id: String) -> Self {
+    fn new(job_id: u64, job: Job, session_id: String, server_id: &str) -> Self {
         Self {
             job_id,
             job,
@@ -272,9 +329,148 @@ impl Session {
             expected: Vec::new(),
             acl_results: Vec::new(),
             next_cmd: 1,
-            next_msg: 1,
             purposes: HashMap::new(),
+            last_round: Vec::new(),
+            rechallenges: 0,
+            server_id: server_id.to_string(),
+            prelude: None,
+            new_server_secret: None,
         }
+    }
+
+    /// A session after a zero-nonce package #0: this server's secret is replaced first. The delegated
+    /// side's first session replaces it anyway (and may not read `./DMAcc`).
+    fn resynchronised(mut self) -> Self {
+        if !matches!(self.job, Job::FirstSession(_)) {
+            self.prelude = Some(Prelude::Start);
+        }
+        self
+    }
+
+    /// The last round again, renumbered from `first`: the device refused the credential of the message
+    /// that carried it, so it ran none of it.
+    fn resend(&mut self, first: u32) -> Vec<Command> {
+        let round = std::mem::take(&mut self.last_round);
+        self.number(round, first)
+    }
+
+    /// Reads and values the device reported for the `Get`s of the last round, by URI.
+    fn reads(&self, answers: &Answers) -> HashMap<DmUri, (Option<u16>, String)> {
+        self.purposes
+            .iter()
+            .filter_map(|(id, p)| match p {
+                Purpose::ReadNode(uri) => Some((
+                    uri.clone(),
+                    (
+                        answers.code(id),
+                        answers.data(id).unwrap_or_default().trim().to_string(),
+                    ),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// One step of the prelude of a resynchronised session; `None` when it is over (done, or given up
+    /// with a warning: the session is authenticated, the job goes on).
+    fn advance_prelude(
+        &mut self,
+        step: Prelude,
+        answers: &Answers,
+    ) -> Option<Vec<(Command, Purpose)>> {
+        let dmacc = DmUri::root().join("DMAcc").ok()?;
+        let reads = self.reads(answers);
+        let children = |uri: &DmUri| -> Vec<DmUri> {
+            reads
+                .get(uri)
+                .filter(|(code, _)| *code == Some(200))
+                .map(|(_, list)| {
+                    list.split('/')
+                        .filter(|n| !n.is_empty())
+                        .filter_map(|n| uri.join(n).ok())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let give_up = |why: &str| {
+            tracing::warn!(
+                server_id = %self.server_id, session_id = %self.session_id,
+                "after a zero-nonce package #0 the server secret could not be replaced: {why}"
+            );
+            None
+        };
+        let (next, round): (Prelude, Vec<(Command, Purpose)>) = match step {
+            Prelude::Start => (Prelude::Accounts, vec![read_node(&dmacc)]),
+            Prelude::Accounts => {
+                let round: Vec<_> = children(&dmacc)
+                    .iter()
+                    .filter_map(|a| a.join("ServerID").ok())
+                    .map(|u| read_node(&u))
+                    .collect();
+                if round.is_empty() {
+                    return give_up("./DMAcc cannot be read");
+                }
+                (Prelude::ServerIds, round)
+            }
+            Prelude::ServerIds => {
+                let Some(account) = reads
+                    .iter()
+                    .find(|(_, (code, v))| *code == Some(200) && *v == self.server_id)
+                    .and_then(|(uri, _)| uri.parent())
+                else {
+                    return give_up("no account with this ServerID");
+                };
+                let app_auth = account.join("AppAuth").ok()?;
+                (
+                    Prelude::Credentials(app_auth.clone()),
+                    vec![read_node(&app_auth)],
+                )
+            }
+            Prelude::Credentials(app_auth) => {
+                let round: Vec<_> = children(&app_auth)
+                    .iter()
+                    .filter_map(|c| c.join("AAuthLevel").ok())
+                    .map(|u| read_node(&u))
+                    .collect();
+                if round.is_empty() {
+                    return give_up("the account has no AppAuth");
+                }
+                (Prelude::Levels, round)
+            }
+            Prelude::Levels => {
+                let Some(target) = reads
+                    .iter()
+                    .find(|(_, (code, v))| *code == Some(200) && v.as_str() == "SRVCRED")
+                    .and_then(|(uri, _)| uri.parent())
+                    .and_then(|cred| cred.join("AAuthSecret").ok())
+                else {
+                    return give_up("the account has no SRVCRED");
+                };
+                let secret = new_secret();
+                let replace = Command::Replace(ItemCommand::new(
+                    "0",
+                    vec![Item::target(target.as_str()).with_data(secret.expose().to_string())],
+                ));
+                (Prelude::Replacing(secret), vec![(replace, Purpose::Change)])
+            }
+            Prelude::Replacing(secret) => {
+                let done = self
+                    .purposes
+                    .iter()
+                    .any(|(id, p)| matches!(p, Purpose::Change) && answers.code(id) == Some(200));
+                if !done {
+                    return give_up("the device refused the new secret");
+                }
+                tracing::info!(
+                    server_id = %self.server_id, session_id = %self.session_id,
+                    "server secret replaced after a zero-nonce package #0"
+                );
+                self.new_server_secret = Some(secret);
+                return None;
+            }
+        };
+        self.prelude = Some(next);
+        Some(round)
     }
 
     /// Gives each command (and the commands inside an Atomic) a fresh id from `first` on, remembers its
@@ -283,6 +479,7 @@ impl Session {
     fn number(&mut self, round: Vec<(Command, Purpose)>, first: u32) -> Vec<Command> {
         self.purposes.clear();
         self.next_cmd = first;
+        self.last_round = round.clone();
         let mut out = Vec::new();
         for (mut cmd, purpose) in round {
             self.renumber(&mut cmd, &purpose);
@@ -323,6 +520,21 @@ impl Session {
 
     /// Reads the answers to the last round and decides the next one.
     fn advance(
+        &mut self,
+        answers: &Answers,
+        inner_snapshots: &mut HashMap<String, Snapshot>,
+    ) -> Next {
+        if let Some(step) = self.prelude.take() {
+            if let Some(round) = self.advance_prelude(step, answers) {
+                return Next::Send(round);
+            }
+            // The job starts now: the answers were the prelude's.
+            return self.advance_job(&Answers::default(), inner_snapshots);
+        }
+        self.advance_job(answers, inner_snapshots)
+    }
+
+    fn advance_job(
         &mut self,
         answers: &Answers,
         inner_snapshots: &mut HashMap<String, Snapshot>,
@@ -614,12 +826,17 @@ impl Session {
         for id in ids {
             match self.purposes.get(id) {
                 Some(Purpose::CheckAcl(uri, expected)) => {
-                    let same = answers.code(id) == Some(200)
-                        && answers
-                            .data(id)
-                            .unwrap_or_default()
-                            .parse::<Acl>()
-                            .is_ok_and(|acl| plan::same_acl(&acl, expected));
+                    // An ACL that gives D1 no Get cannot be read by D1: 425 is that ACL in force
+                    // (one a client chose, `Get=*` say, would be readable, and differ).
+                    let unreadable_as_planned = answers.code(id) == Some(425)
+                        && !expected.allows(AclCommand::Get, &self.server_id);
+                    let same = unreadable_as_planned
+                        || answers.code(id) == Some(200)
+                            && answers
+                                .data(id)
+                                .unwrap_or_default()
+                                .parse::<Acl>()
+                                .is_ok_and(|acl| plan::same_acl(&acl, expected));
                     if !same {
                         return Some(format!("read-back of {uri}?prop=ACL differs from the plan"));
                     }
@@ -897,18 +1114,75 @@ fn is_session_start(msg: &SyncMl) -> bool {
     })
 }
 
+/// The nonce of B.1's resynchronisation: four zero bytes.
+pub(crate) const ZERO_NONCE: [u8; 4] = [0; 4];
+
+/// A short account of a device message's statuses for the debug log: `code×count` per code.
+fn status_summary(msg: &SyncMl) -> String {
+    let mut counts: std::collections::BTreeMap<u16, usize> = Default::default();
+    for c in &msg.body.commands {
+        if let Command::Status(s) = c {
+            *counts.entry(s.data.code()).or_default() += 1;
+        }
+    }
+    counts
+        .iter()
+        .map(|(code, n)| format!("{code}x{n}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn log_outcome(dev_id: &str, session_id: &str, job_id: u64, result: &JobResult) {
+    match result {
+        Ok(success) => tracing::info!(
+            dev_id,
+            session_id,
+            job_id,
+            outcome = success.kind(),
+            "DM session ended: job done"
+        ),
+        Err(f) => tracing::info!(
+            dev_id, session_id, job_id, status = f.status, command = %f.command, reason = %f.reason,
+            "DM session ended: job failed"
+        ),
+    }
+}
+
+impl JobSuccess {
+    /// What kind of job succeeded, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            JobSuccess::Applied { .. } => "applied",
+            JobSuccess::Restored => "restored",
+            JobSuccess::Rotated => "rotated",
+            JobSuccess::Commands { .. } => "commands",
+        }
+    }
+}
+
 /// Handles one device message against the service's state.
 pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result<Handled, Refusal> {
     let dev_id = msg.hdr.source.loc_uri.clone();
+    let session_id = msg.hdr.session_id.clone();
     let Inner {
         devices, snapshots, ..
     } = inner;
-    let entry = devices
-        .get_mut(&dev_id)
-        .ok_or_else(|| Refusal::UnknownDevice(dev_id.clone()))?;
+    let Some(entry) = devices.get_mut(&dev_id) else {
+        tracing::warn!(
+            dev_id,
+            session_id,
+            "DM message refused: the device is not known to this server"
+        );
+        return Err(Refusal::UnknownDevice(dev_id));
+    };
     entry.activity += 1;
     let mut outcomes = Vec::new();
     let starts = is_session_start(msg);
+    let msg_id = Exchange::next(&mut entry.exchange, &session_id);
+    tracing::debug!(
+        dev_id, session_id, msg_id = %msg.hdr.msg_id, commands = msg.body.commands.len(),
+        statuses = %status_summary(msg), "DM message received"
+    );
 
     // 1. The device's credential: package #1 (or its retry after a 401) carries one; a later message
     //    of the session carries none and must name the session's SessionID.
@@ -916,20 +1190,29 @@ pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result
         Status::new("1", msg.hdr.msg_id.clone(), "0", "SyncHdr", StatusCode::Ok);
     header_status.target_refs = vec![msg.hdr.target.loc_uri.clone()];
     header_status.source_refs = vec![msg.hdr.source.loc_uri.clone()];
+    let mut over_zero_nonce = false;
     let code = match &msg.hdr.cred {
         Some(cred) => {
             let nonce = auth::decode_nonce(&entry.creds.client_nonce_b64).unwrap_or_default();
             // Only auth-md5 authenticates (B.1, B.6): a basic credential, even a right one, gets 401
             // with an auth-md5 Chal, and the client resends with auth-md5.
-            let ok = matches!(
-                auth::verify_cred(
-                    cred,
-                    &entry.creds.client_name,
-                    &entry.creds.client_secret,
-                    &nonce,
-                ),
-                Ok(AuthScheme::Md5)
-            );
+            let verifies = |nonce: &[u8]| {
+                matches!(
+                    auth::verify_cred(
+                        cred,
+                        &entry.creds.client_name,
+                        &entry.creds.client_secret,
+                        nonce,
+                    ),
+                    Ok(AuthScheme::Md5)
+                )
+            };
+            let mut ok = verifies(&nonce);
+            // B.1: after a zero-nonce package #0 (and only then) the device may sign over that nonce.
+            if !ok && starts && entry.zero_nonce_sent {
+                over_zero_nonce = verifies(&ZERO_NONCE);
+                ok = over_zero_nonce;
+            }
             // Nonces are single-use: a fresh one for the device's next credential, either way.
             entry.creds.client_nonce_b64 = new_nonce();
             header_status.chal = Some(chal(&entry.creds.client_nonce_b64));
@@ -956,9 +1239,15 @@ pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result
     };
     header_status.data = code;
     if !code.is_success() {
+        tracing::warn!(
+            dev_id,
+            session_id,
+            status = code.code(),
+            "DM message refused: the device's credential is wrong or missing"
+        );
         // Nothing the message asks is done. A session in progress stays: a stray message does not end
         // it (the service's watchdog ends one the device has left).
-        let reply = answer(config, entry, msg, header_status, Vec::new(), 1, code);
+        let reply = answer(config, entry, msg, header_status, Vec::new(), msg_id, code);
         return Ok(Handled {
             answer: reply,
             outcomes,
@@ -971,88 +1260,164 @@ pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result
         Command::Status(s) if s.cmd_ref == "0" => Some(s.clone()),
         _ => None,
     });
+    let mut resend = None;
     if let Some(s) = &device_header_status {
-        if let Some(nonce) = s.chal.as_ref().and_then(|c| c.meta.next_nonce.clone()) {
-            entry.creds.server_nonce_b64 = nonce;
+        let next_nonce = s.chal.as_ref().and_then(|c| c.meta.next_nonce.clone());
+        if let Some(nonce) = &next_nonce {
+            // B.1: the new nonce holds at once, for this session, the next one and package #0.
+            entry.creds.server_nonce_b64 = nonce.clone();
         }
-        if matches!(s.data.code(), 401 | 407)
-            && let Some(session) = entry.session.take()
-        {
-            entry.queue.pop_front();
-            outcomes.push(JobOutcome {
-                job_id: session.job_id,
-                dev_id: dev_id.clone(),
-                result: Err(failure(
-                    401,
-                    "SyncHdr",
-                    "the device refused this server's credentials",
-                )),
-            });
-            let reply = answer(
-                config,
-                entry,
-                msg,
-                header_status,
-                Vec::new(),
-                1,
-                StatusCode::Ok,
-            );
-            return Ok(Handled {
-                answer: reply,
-                outcomes,
-                wake_again: (!entry.queue.is_empty()).then(|| dev_id.clone()),
-            });
-        }
-    }
-
-    // 3. A new session takes the job at the head of the queue (a session cut off mid-way starts its job
-    //    again: every job is safe to repeat, and a plan's snapshot is never retaken).
-    if starts {
-        entry.session = entry
-            .queue
-            .front()
-            .map(|(id, job)| Session::new(*id, job.clone(), msg.hdr.session_id.clone()));
-    }
-    let mut commands = Vec::new();
-    let mut wake_again = None;
-    let msg_id = match entry.session.as_mut() {
-        None => 1,
-        Some(session) => {
-            let answers = Answers::from_message(msg);
-            match session.advance(&answers, snapshots) {
-                Next::Send(round) => {
-                    commands = session.number(round, device_commands(msg).saturating_add(2));
-                }
-                Next::Done(result) => {
-                    if let (
-                        Ok(JobSuccess::Rotated),
-                        Stage::Rotating {
-                            server_secret,
-                            client_secret,
-                        },
-                    ) = (&result, &session.stage)
-                    {
-                        // From now on the device knows this server, and itself, by the new secrets.
-                        entry.creds.server_secret = server_secret.expose().to_string();
-                        entry.creds.client_secret = client_secret.expose().to_string();
-                    }
+        let refused = matches!(s.data.code(), 401 | 407);
+        match entry.session.as_mut() {
+            // B.1: resend our credential with the new nonce, at most twice; the device ran nothing.
+            Some(session)
+                if refused && next_nonce.is_some() && session.rechallenges < 2 && !starts =>
+            {
+                session.rechallenges += 1;
+                tracing::info!(
+                    dev_id,
+                    session_id,
+                    status = s.data.code(),
+                    attempt = session.rechallenges,
+                    "the device challenged this server's credential; resending with its nonce"
+                );
+                resend = Some(session.resend(device_commands(msg).saturating_add(2)));
+            }
+            Some(_) if refused => {
+                if let Some(session) = entry.session.take() {
+                    entry.queue.pop_front();
+                    let result = Err(failure(
+                        401,
+                        "SyncHdr",
+                        "the device refused this server's credentials",
+                    ));
+                    log_outcome(&dev_id, &session_id, session.job_id, &result);
                     outcomes.push(JobOutcome {
                         job_id: session.job_id,
                         dev_id: dev_id.clone(),
                         result,
                     });
                 }
+                Exchange::end(&mut entry.exchange);
+                let reply = answer(
+                    config,
+                    entry,
+                    msg,
+                    header_status,
+                    Vec::new(),
+                    msg_id,
+                    StatusCode::Ok,
+                );
+                return Ok(Handled {
+                    answer: reply,
+                    outcomes,
+                    wake_again: (!entry.queue.is_empty()).then(|| dev_id.clone()),
+                });
             }
-            session.next_msg += 1;
-            session.next_msg
+            Some(session) => session.rechallenges = 0,
+            None => {}
         }
-    };
-    if commands.is_empty() && entry.session.is_some() {
-        entry.session = None;
-        entry.queue.pop_front();
-        if !entry.queue.is_empty() {
-            wake_again = Some(dev_id.clone());
+    }
+    if let Some(commands) = resend {
+        let reply = answer(
+            config,
+            entry,
+            msg,
+            header_status,
+            commands,
+            msg_id,
+            StatusCode::Ok,
+        );
+        return Ok(Handled {
+            answer: reply,
+            outcomes,
+            wake_again: None,
+        });
+    }
+
+    // 3. A new session takes the job at the head of the queue (a session cut off mid-way starts its job
+    //    again: every job is safe to repeat, and a plan's snapshot is never retaken).
+    if starts {
+        let resync = std::mem::take(&mut entry.zero_nonce_sent);
+        let initiated = if msg
+            .body
+            .commands
+            .iter()
+            .any(|c| matches!(c, Command::Alert(Alert { data, .. }) if data.code() == 1200))
+        {
+            "server"
+        } else {
+            "client"
+        };
+        entry.session = entry.queue.front().map(|(id, job)| {
+            let session = Session::new(*id, job.clone(), session_id.clone(), &config.server_id);
+            // A restore of a plan that never reached the device has nothing to do there: it ends
+            // at once, without reading the device first.
+            let idle = matches!(job, Job::Restore { plan_id } if !snapshots.contains_key(plan_id));
+            if resync && !idle {
+                session.resynchronised()
+            } else {
+                session
+            }
+        });
+        tracing::info!(
+            dev_id,
+            session_id,
+            initiated,
+            zero_nonce = over_zero_nonce,
+            resync,
+            job_id = entry.session.as_ref().map(|s| s.job_id),
+            "DM session started"
+        );
+    }
+    let mut commands = Vec::new();
+    let mut wake_again = None;
+    if let Some(session) = entry.session.as_mut() {
+        let answers = Answers::from_message(msg);
+        match session.advance(&answers, snapshots) {
+            Next::Send(round) => {
+                commands = session.number(round, device_commands(msg).saturating_add(2));
+            }
+            Next::Done(result) => {
+                if let (
+                    Ok(JobSuccess::Rotated),
+                    Stage::Rotating {
+                        server_secret,
+                        client_secret,
+                    },
+                ) = (&result, &session.stage)
+                {
+                    // From now on the device knows this server, and itself, by the new secrets.
+                    entry.creds.server_secret = server_secret.expose().to_string();
+                    entry.creds.client_secret = client_secret.expose().to_string();
+                }
+                log_outcome(&dev_id, &session_id, session.job_id, &result);
+                outcomes.push(JobOutcome {
+                    job_id: session.job_id,
+                    dev_id: dev_id.clone(),
+                    result,
+                });
+            }
         }
+        if let Some(secret) = session.new_server_secret.take() {
+            // The device holds it since the command that just reported 200: sign with it now.
+            entry.creds.server_secret = secret.expose().to_string();
+        }
+    }
+    if commands.is_empty() {
+        if entry.session.take().is_some() {
+            entry.queue.pop_front();
+            if !entry.queue.is_empty() {
+                wake_again = Some(dev_id.clone());
+            }
+        } else if starts {
+            tracing::info!(
+                dev_id,
+                session_id,
+                "DM session ended: no work for the device"
+            );
+        }
+        Exchange::end(&mut entry.exchange);
     }
     let reply = answer(
         config,
@@ -1067,6 +1432,105 @@ pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result
         answer: reply,
         outcomes,
         wake_again,
+    })
+}
+
+/// What a message that does not decode says about where it comes from, read leniently from its raw
+/// bytes: `SessionID`, `MsgID` and the `Source` of its `SyncHdr`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderGuess {
+    pub session_id: String,
+    pub msg_id: String,
+    pub source: String,
+}
+
+/// Reads the header of a message the decoder refused (`<SyncHdr>` … `</SyncHdr>`, any prefix). Only
+/// used to end the session that message belongs to; `None` when the header itself cannot be found.
+pub fn guess_header(input: &[u8]) -> Option<HeaderGuess> {
+    let text = String::from_utf8_lossy(input);
+    let start = text.find("SyncHdr")?;
+    let hdr = &text[start..];
+    let hdr = &hdr[..hdr[1..].find("SyncHdr").map_or(hdr.len(), |end| end + 1)];
+    let value = |name: &str, within: &str| -> Option<String> {
+        let open = within.find(&format!("{name}>"))? + name.len() + 1;
+        let rest = &within[open..];
+        let value = rest[..rest.find('<')?].trim();
+        (!value.is_empty()).then(|| value.to_string())
+    };
+    let source_at = hdr.find("Source>")?;
+    Some(HeaderGuess {
+        session_id: value("SessionID", hdr)?,
+        msg_id: value("MsgID", hdr).unwrap_or_default(),
+        source: value("LocURI", &hdr[source_at..])?,
+    })
+}
+
+/// A device message that cannot be decoded, in a session in progress: its job fails at once with the
+/// reason (byte offset included), the session ends, and the device is told so in DM terms (header
+/// status 400 and `Alert` 1223, session abort). `None`: it belongs to no session in progress.
+pub(crate) fn undecodable(
+    config: &Config,
+    inner: &mut Inner,
+    guess: &HeaderGuess,
+    error: &dm_protocol::DecodeError,
+) -> Option<Handled> {
+    let entry = inner.devices.get_mut(&guess.source)?;
+    let in_session = entry
+        .session
+        .as_ref()
+        .is_some_and(|s| s.session_id == guess.session_id);
+    if !in_session {
+        return None;
+    }
+    entry.activity += 1;
+    let session = entry.session.take()?;
+    entry.queue.pop_front();
+    let result = Err(failure(
+        400,
+        "",
+        format!("the device sent a message that cannot be decoded: {error}"),
+    ));
+    log_outcome(&guess.source, &guess.session_id, session.job_id, &result);
+    let msg_id = Exchange::next(&mut entry.exchange, &guess.session_id);
+    Exchange::end(&mut entry.exchange);
+    let mut hdr = SyncHdr::new(
+        guess.session_id.clone(),
+        msg_id.to_string(),
+        Location::new(guess.source.clone()),
+        Location::new(config.public_url.clone()),
+    );
+    let nonce = auth::decode_nonce(&entry.creds.server_nonce_b64).unwrap_or_default();
+    hdr.cred = Some(auth::cred_md5(
+        &config.server_id,
+        &entry.creds.server_secret,
+        &nonce,
+    ));
+    let mut status = Status::new(
+        "1",
+        guess.msg_id.clone(),
+        "0",
+        "SyncHdr",
+        StatusCode::BadRequest,
+    );
+    status.source_refs = vec![guess.source.clone()];
+    let answer = SyncMl {
+        hdr,
+        body: SyncBody {
+            commands: vec![
+                Command::Status(status),
+                Command::Alert(Alert::new("2", AlertCode::SessionAbort)),
+            ],
+            final_: true,
+        },
+    };
+    Some(Handled {
+        answer,
+        outcomes: vec![JobOutcome {
+            job_id: session.job_id,
+            dev_id: guess.source.clone(),
+            result,
+        }],
+        wake_again: (!entry.queue.is_empty()).then(|| guess.source.clone()),
     })
 }
 
@@ -1131,7 +1595,7 @@ mod tests {
         snapshots: &mut HashMap<String, Snapshot>,
         mut after: impl FnMut(usize, &mut DmTree, &mut Vec<Command>),
     ) -> JobResult {
-        let mut session = Session::new(1, job, "1".into());
+        let mut session = Session::new(1, job, "1".into(), D1);
         let mut answers = Answers::default();
         for round in 0..200 {
             match session.advance(&answers, snapshots) {
@@ -1246,6 +1710,7 @@ mod tests {
                 client_cred_key: "CLCRED".into(),
             }),
             "1".into(),
+            D1,
         );
         let Next::Send(round) = session.advance(&Answers::default(), &mut HashMap::new()) else {
             panic!("the rotation sends its commands")

@@ -616,9 +616,12 @@ impl Package0Channel for NullChannel {
 }
 
 /// A channel that loses the first package #0 (and says it delivered it), then delivers.
+/// A channel that loses the first `lose` package #0s (reports them delivered) and records the digest
+/// nonce of each one it passes on as the zero nonce or not.
 struct LosesFirst {
     inner: HttpPushChannel,
     sent: AtomicUsize,
+    lose: usize,
 }
 
 impl Package0Channel for LosesFirst {
@@ -628,7 +631,7 @@ impl Package0Channel for LosesFirst {
         package0: Vec<u8>,
     ) -> Pin<Box<dyn Future<Output = Result<(), ChannelError>> + Send + 'a>> {
         Box::pin(async move {
-            if self.sent.fetch_add(1, Ordering::SeqCst) == 0 {
+            if self.sent.fetch_add(1, Ordering::SeqCst) < self.lose {
                 return Ok(());
             }
             self.inner.deliver(dev_id, package0).await
@@ -829,7 +832,9 @@ async fn a_session_cut_off_mid_way_fails_its_job_with_408_and_the_queue_goes_on(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_package0_fails_its_job_with_408_and_the_next_job_runs() {
+async fn a_lost_package0_is_sent_again_with_the_zero_nonce_and_the_job_runs() {
+    // B.1: a package #0 that got no session is sent once more digested with the zero nonce; the device
+    // checks it against its stored nonce, then the zero nonce, and opens the session.
     let fleet = Fleet::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let fleet_url = format!("http://{}", listener.local_addr().unwrap());
@@ -838,6 +843,56 @@ async fn a_lost_package0_fails_its_job_with_408_and_the_next_job_runs() {
     let channel = Arc::new(LosesFirst {
         inner: HttpPushChannel::new(&fleet_url),
         sent: AtomicUsize::new(0),
+        lose: 1,
+    });
+    let mut dms1 = Server::with_channel(D1, channel.clone(), Duration::from_millis(300)).await;
+    let account = dms1_account(&dms1.url());
+    fleet.insert(Device::with_default_tree(DEV, &account).unwrap());
+    dms1.prov.register_device(DEV, credentials_of(&account));
+    let job = dms1
+        .prov
+        .enqueue(DEV, Job::Commands(vec![replace("./DevInfo/Lang", "de")]))
+        .await
+        .unwrap();
+    let outcome = dms1.outcome().await;
+    assert_eq!(outcome.job_id, job);
+    assert!(outcome.result.is_ok(), "{outcome:?}");
+    assert_eq!(channel.sent.load(Ordering::SeqCst), 2);
+    let sessions = fleet.sessions(DEV).unwrap();
+    assert!(sessions.last().unwrap().zero_nonce, "{sessions:?}");
+    // The session that followed replaced this server's secret (a zero nonce is guessable): the server
+    // signs with the new one, and the device holds it.
+    let secret = dms1.prov.credentials(DEV).unwrap().server_secret;
+    assert_ne!(secret, account.server_secret);
+    let held = fleet
+        .with_device(DEV, |d| {
+            d.server_credential(D1).unwrap().secret().to_string()
+        })
+        .unwrap();
+    assert_eq!(held, secret);
+}
+
+fn credentials_of(account: &DefaultAccount) -> DeviceCredentials {
+    DeviceCredentials {
+        server_secret: account.server_secret.clone(),
+        server_nonce_b64: account.server_nonce_b64.clone(),
+        client_name: account.client_name.clone(),
+        client_secret: account.client_secret.clone(),
+        client_nonce_b64: account.client_nonce_b64.clone(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_package0_lost_twice_fails_its_job_with_408_and_the_next_job_runs() {
+    let fleet = Fleet::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fleet_url = format!("http://{}", listener.local_addr().unwrap());
+    let serving = fleet.clone();
+    tokio::spawn(async move { serving.serve(listener, std::future::pending()).await });
+    let channel = Arc::new(LosesFirst {
+        inner: HttpPushChannel::new(&fleet_url),
+        sent: AtomicUsize::new(0),
+        lose: 2,
     });
     let mut dms1 = Server::with_channel(D1, channel, Duration::from_millis(300)).await;
     let account = dms1_account(&dms1.url());
@@ -1070,4 +1125,279 @@ async fn deep_explicit_acls_naming_d1_move_and_come_back() {
         .await;
     assert_eq!(restored, Ok(JobSuccess::Restored));
     assert_eq!(comparable(&w.export(), &[]), comparable(&before, &[]));
+}
+
+// ------------------------------------------------------------------------------------------------
+// B.1 / B.6 field habits, scripted byte by byte
+// ------------------------------------------------------------------------------------------------
+
+/// A device message of session `session_id` (no `Cred`): a status for the server's header (`code`,
+/// with a Chal carrying `next_nonce` when given), then `rest`.
+fn device_message(
+    session_id: &str,
+    msg_id: &str,
+    target: &str,
+    server_msg: &SyncMl,
+    code: StatusCode,
+    next_nonce: Option<&[u8]>,
+    rest: Vec<Command>,
+) -> String {
+    let hdr = SyncHdr::new(
+        session_id,
+        msg_id,
+        Location::new(target),
+        Location::new(DEV),
+    );
+    let mut status = syncml::Status::new("1", &server_msg.hdr.msg_id, "0", "SyncHdr", code);
+    status.chal = next_nonce.map(|n| syncml::Chal {
+        meta: Meta {
+            next_nonce: Some(auth::encode_nonce(n)),
+            ..Meta::format_type(auth::FORMAT_B64, auth::AUTH_MD5)
+        },
+    });
+    let mut commands = vec![Command::Status(status)];
+    commands.extend(rest);
+    syncml::encode(&SyncMl {
+        hdr,
+        body: SyncBody {
+            commands,
+            final_: true,
+        },
+    })
+}
+
+/// Statuses `code` for every management command of a server message.
+fn statuses_for(server_msg: &SyncMl, code: StatusCode) -> Vec<Command> {
+    management(server_msg)
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut s = syncml::Status::new(
+                (i + 2).to_string(),
+                &server_msg.hdr.msg_id,
+                c.cmd_id(),
+                c.name(),
+                code,
+            );
+            s.target_refs = c
+                .items()
+                .iter()
+                .filter_map(|i| i.target.as_ref().map(|t| t.loc_uri.clone()))
+                .collect();
+            Command::Status(s)
+        })
+        .collect()
+}
+
+/// Posts with the DS type and checks that nothing follows the answer's root (B.6).
+async fn exchange_exact(url: &str, body: &str) -> SyncMl {
+    let (status, _, answer) = post_raw(url, syncml::CONTENT_TYPE_DS_XML, body).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    assert!(
+        answer.ends_with(b"</SyncML>"),
+        "bytes after the root: {:?}",
+        String::from_utf8_lossy(&answer[answer.len().saturating_sub(12)..])
+    );
+    syncml::decode(&answer).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_challenged_server_credential_is_resent_with_the_new_nonce_at_most_twice() {
+    let mut server = Server::with_channel(
+        D1,
+        Arc::new(NullChannel),
+        dm_provisioning::DEFAULT_SESSION_TIMEOUT,
+    )
+    .await;
+    server.prov.register_device(DEV, raw_credentials());
+    let url = server.url();
+    let verifies = |msg: &SyncMl, secret: &str, nonce: &[u8]| {
+        auth::verify_cred(msg.hdr.cred.as_ref().unwrap(), D1, secret, nonce).is_ok()
+    };
+
+    // A device that lost the server nonce: it challenges the server's credential (B.1), and the
+    // server resends it, computed with the new nonce, with the same commands.
+    let job = server
+        .prov
+        .enqueue(DEV, Job::Commands(vec![replace("./DevInfo/Lang", "de")]))
+        .await
+        .unwrap();
+    let md5 = auth::cred_md5(DEV, "client-secret", b"client-nonce-0");
+    let first = exchange_exact(&url, &package1("9", "1", &url, Some(md5))).await;
+    assert_eq!(header_status(&first).0, 212);
+    assert_eq!(management(&first).len(), 1);
+    let mut msg_ids = vec![first.hdr.msg_id.clone()];
+    let mut last = first.clone();
+    for (attempt, nonce) in [b"nonce-one".as_slice(), b"nonce-two"]
+        .into_iter()
+        .enumerate()
+    {
+        // White space and a BOM before the declaration, as a client that kept them (B.6).
+        let body = format!(
+            "\r\n\u{feff}{}",
+            device_message(
+                "9",
+                &(attempt + 2).to_string(),
+                &url,
+                &last,
+                StatusCode::InvalidCredentials,
+                Some(nonce),
+                statuses_for(&last, StatusCode::InvalidCredentials),
+            )
+        );
+        let again = exchange_exact(&url, &body).await;
+        assert!(
+            verifies(&again, "server-secret", nonce),
+            "attempt {attempt}"
+        );
+        assert_eq!(header_status(&again).0, 200);
+        let resent = management(&again);
+        assert_eq!(resent.len(), 1, "attempt {attempt}");
+        assert_eq!(resent[0].items()[0].data.as_deref(), Some("de"));
+        msg_ids.push(again.hdr.msg_id.clone());
+        last = again;
+    }
+    // A third refusal: the job fails with 401, the session ends, the last nonce is kept.
+    let body = device_message(
+        "9",
+        "4",
+        &url,
+        &last,
+        StatusCode::InvalidCredentials,
+        Some(b"nonce-three"),
+        statuses_for(&last, StatusCode::InvalidCredentials),
+    );
+    let end = exchange_exact(&url, &body).await;
+    assert!(management(&end).is_empty());
+    msg_ids.push(end.hdr.msg_id.clone());
+    let outcome = server.outcome().await;
+    assert_eq!(outcome.job_id, job);
+    assert_eq!(outcome.result.unwrap_err().status, 401);
+    assert_eq!(
+        server.prov.credentials(DEV).unwrap().server_nonce_b64,
+        auth::encode_nonce(b"nonce-three")
+    );
+    // Every server message of the session had its own MsgID (B.6), the 401 answers included.
+    let mut unique = msg_ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), msg_ids.len(), "{msg_ids:?}");
+
+    // The next session uses the stored nonce, and a challenge answered once lets the job finish.
+    let job = server
+        .prov
+        .enqueue(DEV, Job::Commands(vec![replace("./DevInfo/Lang", "fr")]))
+        .await
+        .unwrap();
+    let (_, chal) = header_status(&end);
+    let client_nonce = chal.map(|c| c.1);
+    let client_nonce = match client_nonce {
+        Some(n) => n,
+        None => {
+            auth::decode_nonce(&server.prov.credentials(DEV).unwrap().client_nonce_b64).unwrap()
+        }
+    };
+    let md5 = auth::cred_md5(DEV, "client-secret", &client_nonce);
+    let first = exchange_exact(&url, &package1("10", "1", &url, Some(md5))).await;
+    assert!(verifies(&first, "server-secret", b"nonce-three"));
+    assert_eq!(first.hdr.msg_id, "1", "a new session counts from 1");
+    let body = device_message(
+        "10",
+        "2",
+        &url,
+        &first,
+        StatusCode::InvalidCredentials,
+        Some(b"nonce-four"),
+        statuses_for(&first, StatusCode::InvalidCredentials),
+    );
+    let again = exchange_exact(&url, &body).await;
+    assert!(verifies(&again, "server-secret", b"nonce-four"));
+    assert_eq!(again.hdr.msg_id, "2");
+    let body = device_message(
+        "10",
+        "3",
+        &url,
+        &again,
+        StatusCode::AuthenticationAccepted,
+        Some(b"nonce-five"),
+        statuses_for(&again, StatusCode::Ok),
+    );
+    let done = exchange_exact(&url, &body).await;
+    assert!(management(&done).is_empty());
+    assert_eq!(done.hdr.msg_id, "3");
+    let outcome = server.outcome().await;
+    assert_eq!(outcome.job_id, job);
+    assert!(outcome.result.is_ok(), "{outcome:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_device_message_fails_the_job_at_once_with_the_reason_and_offset() {
+    let mut server = Server::with_channel(
+        D1,
+        Arc::new(NullChannel),
+        dm_provisioning::DEFAULT_SESSION_TIMEOUT,
+    )
+    .await;
+    server.prov.register_device(DEV, raw_credentials());
+    let url = server.url();
+
+    // Not even a header to read: 400 over HTTP, and no job is touched.
+    let (status, _, body) = post_raw(&url, syncml::CONTENT_TYPE_XML, "<SyncML").await;
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+
+    let job = server
+        .prov
+        .enqueue(
+            DEV,
+            Job::Commands(vec![Command::Get(ItemCommand::new(
+                "0",
+                vec![Item::target("./Vendor")],
+            ))]),
+        )
+        .await
+        .unwrap();
+    let md5 = auth::cred_md5(DEV, "client-secret", b"client-nonce-0");
+    let first = exchange_exact(&url, &package1("5", "1", &url, Some(md5))).await;
+    let get = management(&first)[0];
+    // The child list ends with a NUL (B.6): not XML.
+    let results = Command::Results(syncml::Results {
+        cmd_id: "3".into(),
+        msg_ref: Some(first.hdr.msg_id.clone()),
+        cmd_ref: get.cmd_id().to_string(),
+        meta: None,
+        target_refs: Vec::new(),
+        source_refs: Vec::new(),
+        items: vec![Item::source("./Vendor").with_data("Acme/OtherNUL")],
+    });
+    let mut rest = statuses_for(&first, StatusCode::Ok);
+    rest.push(results);
+    let body = device_message(
+        "5",
+        "2",
+        &url,
+        &first,
+        StatusCode::AuthenticationAccepted,
+        Some(b"n"),
+        rest,
+    )
+    .replace("OtherNUL", "Other\0");
+    let at = body.find('\0').unwrap();
+    let started = std::time::Instant::now();
+    let answer = exchange_exact(&url, &body).await;
+    // Told in DM terms: the header was a bad request, and the session is aborted.
+    assert_eq!(header_status(&answer).0, 400);
+    assert!(answer.body.commands.iter().any(|c| matches!(
+        c,
+        Command::Alert(a) if a.data.code() == AlertCode::SessionAbort.code()
+    )));
+    let outcome = server.outcome().await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(outcome.job_id, job);
+    let failure = outcome.result.unwrap_err();
+    assert_eq!(failure.status, 400, "{failure:?}");
+    assert!(failure.reason.contains("U+0000"), "{failure:?}");
+    assert!(
+        failure.reason.contains(&format!("byte {at}")),
+        "{failure:?}"
+    );
 }
