@@ -858,7 +858,7 @@ async fn a_lost_package0_is_sent_again_with_the_zero_nonce_and_the_job_runs() {
     assert_eq!(outcome.job_id, job);
     assert!(outcome.result.is_ok(), "{outcome:?}");
     assert_eq!(channel.sent.load(Ordering::SeqCst), 2);
-    let sessions = fleet.sessions(DEV).unwrap();
+    let sessions = fleet.wait_for_sessions(DEV, 1, DEADLINE).await.unwrap();
     assert!(sessions.last().unwrap().zero_nonce, "{sessions:?}");
     // The session that followed replaced this server's secret (a zero nonce is guessable): the server
     // signs with the new one, and the device holds it.
