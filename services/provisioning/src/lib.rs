@@ -527,7 +527,7 @@ async fn dm_message(State(p): State<Provisioning>, headers: HeaderMap, body: Byt
         );
         return (StatusCode::UNSUPPORTED_MEDIA_TYPE, reason).into_response();
     }
-    let msg = match syncml::decode(&body) {
+    let msg = match syncml::decode(&body).and_then(check_versions) {
         Ok(m) => m,
         Err(e) => return p.undecodable(&body, &e, answer_type),
     };
@@ -566,6 +566,30 @@ async fn dm_message(State(p): State<Provisioning>, headers: HeaderMap, body: Byt
         encoded,
     )
         .into_response()
+}
+
+/// A SyncML DM 1.2 header, or the error that says which of its versions is not (a wrong `SyncHdr` is
+/// refused like a message that does not decode).
+fn check_versions(msg: syncml::SyncMl) -> Result<syncml::SyncMl, dm_protocol::DecodeError> {
+    let wrong = |field: &str, value: &str, wanted: &str| {
+        dm_protocol::DecodeError::new(
+            dm_protocol::ErrorKind::UnsupportedVersion,
+            format!("SyncML/SyncHdr/{field}"),
+            format!("'{value}' is not {wanted}"),
+        )
+    };
+    if msg.hdr.ver_dtd.trim() != syncml::VER_DTD {
+        return Err(wrong("VerDTD", &msg.hdr.ver_dtd, syncml::VER_DTD));
+    }
+    if !msg
+        .hdr
+        .ver_proto
+        .trim()
+        .eq_ignore_ascii_case(syncml::VER_PROTO)
+    {
+        return Err(wrong("VerProto", &msg.hdr.ver_proto, syncml::VER_PROTO));
+    }
+    Ok(msg)
 }
 
 impl Provisioning {

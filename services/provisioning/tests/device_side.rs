@@ -1401,3 +1401,39 @@ async fn an_undecodable_device_message_fails_the_job_at_once_with_the_reason_and
         "{failure:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_synchdr_in_a_session_fails_the_job_at_once() {
+    let mut server = Server::with_channel(
+        D1,
+        Arc::new(NullChannel),
+        dm_provisioning::DEFAULT_SESSION_TIMEOUT,
+    )
+    .await;
+    server.prov.register_device(DEV, raw_credentials());
+    let url = server.url();
+    let job = server
+        .prov
+        .enqueue(DEV, Job::Commands(vec![replace("./DevInfo/Lang", "de")]))
+        .await
+        .unwrap();
+    let md5 = auth::cred_md5(DEV, "client-secret", b"client-nonce-0");
+    let first = exchange_exact(&url, &package1("6", "1", &url, Some(md5))).await;
+    let body = device_message(
+        "6",
+        "2",
+        &url,
+        &first,
+        StatusCode::AuthenticationAccepted,
+        Some(b"n"),
+        statuses_for(&first, StatusCode::Ok),
+    )
+    .replace("<VerProto>DM/1.2</VerProto>", "<VerProto>DM/1.1</VerProto>");
+    let answer = exchange_exact(&url, &body).await;
+    assert_eq!(header_status(&answer).0, 400);
+    let outcome = server.outcome().await;
+    assert_eq!(outcome.job_id, job);
+    let failure = outcome.result.unwrap_err();
+    assert_eq!(failure.status, 400, "{failure:?}");
+    assert!(failure.reason.contains("VerProto"), "{failure:?}");
+}
