@@ -22,7 +22,7 @@ pub enum Answer {
     Accepted,
     /// A peer message seen before (same MsgID): the answer the first copy got, and no second effect.
     Repeat(u32),
-    /// Refused with a status code (400, 403, 404, 405, 409): nothing changed.
+    /// Refused with a status code (400, 403, 404, 405, 409; 503: not yet, retry): nothing changed.
     Rejected { status: u32, reason: String },
     /// A work result or timer that no longer matters (stale, or for another phase): nothing changed.
     Ignored,
@@ -530,6 +530,17 @@ impl<'a> Step<'a> {
                     self.enter(Phase::Declined, "peer declined");
                 }
                 Answer::Accepted
+            }
+            // Both sides check each other at once: DMS-2 may send START as soon as it has verified us,
+            // before our verification of it is stored. Not yet, but soon: 503 makes the peer retry with
+            // the same MsgID (A.2), where 409 would end the delegation at the peer's deadline.
+            peer_message::Body::Start(_)
+                if role == Role::Delegating && phase == Phase::Verifying =>
+            {
+                Answer::rejected(
+                    503,
+                    "DELEGATION_START came before this server finished checking the peer; retry",
+                )
             }
             peer_message::Body::Start(_)
                 if role == Role::Delegating && phase == Phase::AwaitStart =>

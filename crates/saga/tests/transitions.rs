@@ -497,8 +497,14 @@ fn check_table(t: DelType, table: &[Row]) {
                             event.kind,
                             Some(event::Kind::Work(_)) | Some(event::Kind::Timer(_))
                         );
+                        // A START that overtook our own check of the peer: retry, not refuse.
+                        let early_start = role == Role::Delegating
+                            && phase == Phase::Verifying
+                            && name == "start";
                         let ok = if is_local {
                             d.answer == Answer::Ignored
+                        } else if early_start {
+                            matches!(d.answer, Answer::Rejected { status: 503, .. })
                         } else {
                             matches!(
                                 d.answer,
