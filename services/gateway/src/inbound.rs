@@ -1,5 +1,5 @@
-//! The peer-facing endpoint: one mutually authenticated TLS connection at a time, one HTTP/1.1 exchange
-//! per request, checked in the order of PROTOCOL.md A.2:
+//! The peer-facing endpoint: mutually authenticated TLS connections, kept alive for many HTTP/1.1
+//! exchanges one after the other, each request checked in the order of PROTOCOL.md A.2:
 //! 415 content type, 405 method, 413 size, 400 decoding, 403 identity (auth), then lodge secrets with auth
 //! and hand the message to the orchestrator, whose answer (duplicate → same answer, 404, 409, 202) is
 //! passed on; 503 when auth or the orchestrator do not answer in time.
@@ -353,8 +353,8 @@ impl Inbound {
         }
     }
 
-    /// Serves one accepted TCP connection: the mutual-TLS handshake, then HTTP/1.1 until the peer closes
-    /// or `shutdown` turns true.
+    /// Serves one accepted TCP connection: the mutual-TLS handshake, then HTTP/1.1 requests until the peer
+    /// closes, the connection idles past `timeouts.read`, or `shutdown` turns true.
     pub(crate) async fn connection(
         self: Arc<Self>,
         tcp: TcpStream,
@@ -393,8 +393,13 @@ impl Inbound {
             Box::pin(async move { Ok::<_, Infallible>(this.handle(req, &identity).await) })
                 as Pin<Box<dyn Future<Output = Result<HttpResponse, Infallible>> + Send>>
         });
+        // Keep-alive: a peer's gateway sends every message of every delegation over the few connections it
+        // pools. The header read timeout also runs while a connection waits for its next request, so an
+        // idle connection is closed after `timeouts.read` (the sender's pool lets go of its idle ones
+        // before the default 30 s).
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
+            .keep_alive(true)
             .timer(TokioTimer::new())
             .header_read_timeout(self.timeouts.read);
         let mut conn = builder.serve_connection(TokioIo::new(tls), service);

@@ -28,6 +28,7 @@ mod config;
 mod convert;
 mod inbound;
 mod outbound;
+mod pool;
 mod tls;
 
 use std::collections::HashMap;
@@ -141,6 +142,7 @@ impl Gateway {
                     endpoint,
                     server_name,
                     connector: TlsConnector::from(client),
+                    pool: pool::Pool::default(),
                 },
             );
         }

@@ -18,7 +18,7 @@ use dm_proto::bus::v1::{CommandEnvelope, DelegationRef, Fetch, FetchAnswer, fetc
 use dm_protocol::delegation::{self, TempDelegationKey};
 use dm_protocol::types::UtcTime;
 use dm_saga::pb::command;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::header::{CONTENT_TYPE, HOST};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -31,6 +31,7 @@ use tokio_rustls::TlsConnector;
 use crate::ask::{AskError, TRACE_HEADERS, ask};
 use crate::config::{Endpoint, Timeouts};
 use crate::convert::{Secret, outbound_message, secret_needed};
+use crate::pool::{self, Pool};
 
 /// Largest answer body read from a peer (a `<DelegationError>` is small).
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -40,6 +41,8 @@ pub(crate) struct PeerTarget {
     pub endpoint: Endpoint,
     pub server_name: ServerName<'static>,
     pub connector: TlsConnector,
+    /// Open connections to the peer, for reuse.
+    pub pool: Pool,
 }
 
 impl std::fmt::Debug for PeerTarget {
@@ -145,9 +148,17 @@ impl Outbound {
             (mpsc::UnboundedSender<(Delivery, CommandEnvelope)>, usize),
         > = HashMap::new();
         let mut workers = JoinSet::new();
+        // Idle connections are also checked when taken; the sweep closes those of quiet peers.
+        let mut sweep = tokio::time::interval(pool::IDLE_TIMEOUT / 2);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = crate::stopped(&mut stop) => break,
+                _ = sweep.tick() => {
+                    for target in self.peers.values() {
+                        target.pool.sweep();
+                    }
+                }
                 Some(key) = done_rx.recv() => {
                     if let Some((_, pending)) = lanes.get_mut(&key) {
                         *pending = pending.saturating_sub(1);
@@ -197,6 +208,9 @@ impl Outbound {
         .await;
         if drained.is_err() {
             workers.abort_all();
+        }
+        for target in self.peers.values() {
+            target.pool.clear();
         }
         Ok(())
     }
@@ -407,13 +421,40 @@ impl Outbound {
         }
     }
 
-    /// One POST: connect, handshake, send, read the answer.
+    /// One POST on a pooled connection to the peer (or a new one), until the end of the answer.
     async fn post(
         &self,
         target: &PeerTarget,
         wire: &Wire,
         trace: &[(String, String)],
     ) -> Result<(StatusCode, Bytes), AttemptError> {
+        let endpoint = &target.endpoint;
+        let mut builder = Request::builder()
+            .method(Method::POST)
+            .uri(endpoint.uri.clone())
+            .header(HOST, endpoint.authority.as_str())
+            .header(
+                CONTENT_TYPE,
+                format!("{}; charset=utf-8", delegation::CONTENT_TYPE),
+            );
+        for (name, value) in trace {
+            builder = builder.header(name.as_str(), value.as_str());
+        }
+        let request = builder
+            .body(Full::new(wire.0.clone()))
+            .map_err(|e| AttemptError::Http(e.to_string()))?;
+        target
+            .pool
+            .exchange(request, MAX_ANSWER_BYTES, self.timeouts.connect, || {
+                self.connect(target)
+            })
+            .await
+    }
+
+    /// A new connection to the peer: TCP, the full mutual-TLS handshake (the peer's certificate verified
+    /// against its configured CA, ours presented), HTTP/1.1. Its connection task runs until the handle
+    /// is dropped or the peer closes.
+    async fn connect(&self, target: &PeerTarget) -> Result<pool::Sender, AttemptError> {
         let endpoint = &target.endpoint;
         let addrs: Vec<_> = tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port))
             .await
@@ -440,48 +481,15 @@ impl Outbound {
             .connect(target.server_name.clone(), tcp)
             .await
             .map_err(|e| AttemptError::Tls(e.to_string()))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| AttemptError::Http(e.to_string()))?;
-        let driver = tokio::spawn(conn);
-        let mut builder = Request::builder()
-            .method(Method::POST)
-            .uri(endpoint.uri.clone())
-            .header(HOST, endpoint.authority.as_str())
-            .header(
-                CONTENT_TYPE,
-                format!("{}; charset=utf-8", delegation::CONTENT_TYPE),
-            );
-        for (name, value) in trace {
-            builder = builder.header(name.as_str(), value.as_str());
-        }
-        let request = builder
-            .body(Full::new(wire.0.clone()))
-            .map_err(|e| AttemptError::Http(e.to_string()))?;
-        let result = async {
-            let response = sender
-                .send_request(request)
-                .await
-                .map_err(|e| AttemptError::Http(e.to_string()))?;
-            let status = response.status();
-            let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            Ok((status, body))
-        }
-        .await;
-        // Done with this connection: let it close cleanly, briefly.
-        drop(sender);
-        let abort = driver.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(1), driver)
-            .await
-            .is_err()
-        {
-            abort.abort();
-        }
-        result
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "peer connection ended with an error");
+            }
+        });
+        Ok(sender)
     }
 }
 

@@ -366,6 +366,9 @@ pub(crate) fn load(config: &Config) -> Result<Material, ConfigError> {
                 )
             })?;
         client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // Connections are pooled and new ones are rare: each does the full handshake, so the peer's
+        // certificate is verified again (expiry, rotation) instead of trusted from a resumed session.
+        client.resumption = rustls::client::Resumption::disabled();
         clients.push((peer.server_id.clone(), Arc::new(client)));
     }
     Ok(Material {
