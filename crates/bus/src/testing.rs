@@ -158,6 +158,11 @@ impl NatsServer {
     pub fn url(&self) -> &str {
         &self.url
     }
+
+    /// The server's process id (`dmd bench` reads its CPU time and memory from `/proc/<pid>`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for NatsServer {

@@ -1,5 +1,5 @@
-//! `dmd`: the one binary of the delegation system. For now it checks protocol documents
-//! (`dmd validate FILE`); the services will be started by sub-commands of this same binary.
+//! `dmd`: the one binary of the delegation system: the services (`dmd all`, `dmd <service>`), the demo,
+//! the load benchmark (`dmd bench`) and the protocol document checker (`dmd validate FILE`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +36,35 @@ enum Command {
     /// initiators, a revocation, an expiry and a refused request. Exits 0 only if every outcome is the
     /// expected one. Always ephemeral.
     Demo,
+    /// The load benchmark (issue 9): both deployments and the fleet, N delegations with C in flight
+    /// (one per device, Partial, DMS-1 initiates), until Active on both sides. Prints throughput overall
+    /// and per tenth, latency percentiles, failures, CPU, stored bytes and memory per delegation and the
+    /// floors of the bus; the last line is `bench: <ok> delegations, <rate>/s, p50 <a> ms, p99 <b> ms,
+    /// failures <f>`. Exits 1 when a target of issue 9 is missed (unless `--no-targets`).
+    Bench {
+        /// How many delegations (and devices).
+        #[arg(long, default_value_t = 5000)]
+        delegations: usize,
+        /// How many delegations are in progress at once.
+        #[arg(long, default_value_t = 200)]
+        in_flight: usize,
+        /// Use this NATS server (JetStream enabled, best a fresh one) instead of starting one
+        /// (`NATS_SERVER_BIN` or `nats-server` on `PATH`).
+        #[arg(long, value_name = "URL", conflicts_with = "in_process")]
+        nats: Option<String>,
+        /// Use the in-process bus instead of NATS.
+        #[arg(long)]
+        in_process: bool,
+        /// A delegation not Active on both sides after this many seconds counts as a failure ("timeout").
+        #[arg(long, default_value_t = 60)]
+        deadline_secs: u64,
+        /// Print the figures as one JSON object (the last line stays the `bench:` line).
+        #[arg(long)]
+        json: bool,
+        /// Exit 0 whenever the run itself completes, targets met or not (smoke runs).
+        #[arg(long)]
+        no_targets: bool,
+    },
     /// Every service of a deployment in this process: on NATS when `[deployment] nats_url` is set,
     /// otherwise on the in-process bus (nothing is kept across a restart).
     All {
@@ -96,6 +125,22 @@ fn demo() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn bench(options: dmd::bench::BenchOptions, json: bool, targets: bool) -> anyhow::Result<ExitCode> {
+    let report = runtime()?.block_on(dmd::bench::run(options))?;
+    if json {
+        println!("{}", serde_json::to_string(&report.json())?);
+    } else {
+        println!("{}", report.text());
+    }
+    println!("{}", report.last_line());
+    let missed = report.missed_targets();
+    if targets && !missed.is_empty() {
+        eprintln!("dmd bench: targets missed: {}", missed.join("; "));
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -125,6 +170,28 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Validate { file, json } => validate(file, *json),
         Command::Demo => demo(),
+        Command::Bench {
+            delegations,
+            in_flight,
+            nats,
+            in_process,
+            deadline_secs,
+            json,
+            no_targets,
+        } => bench(
+            dmd::bench::BenchOptions {
+                delegations: *delegations,
+                in_flight: *in_flight,
+                bus: match (nats, in_process) {
+                    (_, true) => dmd::bench::BusChoice::InProcess,
+                    (Some(url), false) => dmd::bench::BusChoice::Url(url.clone()),
+                    (None, false) => dmd::bench::BusChoice::Spawn,
+                },
+                deadline: std::time::Duration::from_secs(*deadline_secs),
+            },
+            *json,
+            !*no_targets,
+        ),
         Command::All { config } => serve(None, config),
         Command::Orchestrator { config } => serve(Some(dmd::serve::Service::Orchestrator), config),
         Command::Auth { config } => serve(Some(dmd::serve::Service::Auth), config),
