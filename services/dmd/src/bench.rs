@@ -115,6 +115,8 @@ pub struct Report {
     pub cpu_nats_s: Option<f64>,
     pub stored_keys: usize,
     pub stored_bytes: u64,
+    /// The bytes of each deployment's bucket (DMS-1, DMS-2).
+    pub stored_by_side: [u64; 2],
     pub rss_before: u64,
     pub rss_after: u64,
     pub nats_rss: Option<(u64, u64)>,
@@ -340,8 +342,10 @@ impl Report {
             ),
         });
         out.push(format!(
-            "stored: {:.0} bytes per active delegation ({} keys, {} bytes in both deployments' delegations buckets)",
+            "stored: {:.0} bytes per active delegation (DMS-1 {:.0} + DMS-2 {:.0}; {} keys, {} bytes in both deployments' delegations buckets)",
             self.stored_per_active(),
+            per(self.stored_by_side[0] as f64, self.ok),
+            per(self.stored_by_side[1] as f64, self.ok),
             self.stored_keys,
             self.stored_bytes
         ));
@@ -403,6 +407,8 @@ impl Report {
                 "keys": self.stored_keys,
                 "bytes": self.stored_bytes,
                 "bytes_per_active": self.stored_per_active(),
+                "dms1_bytes_per_active": per(self.stored_by_side[0] as f64, self.ok),
+                "dms2_bytes_per_active": per(self.stored_by_side[1] as f64, self.ok),
             },
             "rss": {
                 "before_bytes": self.rss_before,
@@ -465,7 +471,8 @@ async fn setup(choice: &BusChoice) -> anyhow::Result<Setup> {
                         .output()
                         .ok()
                 })
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                // "nats-server: v2.15.1"
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().replace(": ", " "))
                 .unwrap_or_default();
             Setup {
                 bus: Bus::connect(server.url()).await?,
@@ -799,10 +806,10 @@ async fn start(world: &World, device: &str, session: &str) -> Result<(), String>
     }
 }
 
-/// The number and total size of the values in both deployments' `delegations` buckets.
-async fn stored(bus: &Bus) -> anyhow::Result<(usize, u64)> {
-    let (mut keys, mut bytes) = (0, 0u64);
-    for deployment in ["dms1", "dms2"] {
+/// The number of keys in both deployments' `delegations` buckets, and the total size of each one's values.
+async fn stored(bus: &Bus) -> anyhow::Result<(usize, [u64; 2])> {
+    let (mut keys, mut bytes) = (0, [0u64; 2]);
+    for (side, deployment) in ["dms1", "dms2"].into_iter().enumerate() {
         let kv = bus
             .kv(&Names::new(deployment)?.bucket("delegations")?, 1)
             .await?;
@@ -817,7 +824,7 @@ async fn stored(bus: &Bus) -> anyhow::Result<(usize, u64)> {
             }
             while let Some(read) = reads.join_next().await {
                 if let Some(entry) = read?? {
-                    bytes += entry.value.len() as u64;
+                    bytes[side] += entry.value.len() as u64;
                 }
             }
         }
@@ -928,7 +935,7 @@ async fn run_in(dir: &Path, options: &BenchOptions) -> anyhow::Result<Report> {
         (Some(pid), Some(before)) => Some((before, resident_bytes(pid)?)),
         _ => None,
     };
-    let (stored_keys, stored_bytes) = stored(&setup.bus).await?;
+    let (stored_keys, stored_by_side) = stored(&setup.bus).await?;
 
     let mut completions =
         std::mem::take(&mut *completions.lock().unwrap_or_else(|e| e.into_inner()));
@@ -989,7 +996,8 @@ async fn run_in(dir: &Path, options: &BenchOptions) -> anyhow::Result<Report> {
         cpu_self_s,
         cpu_nats_s,
         stored_keys,
-        stored_bytes,
+        stored_bytes: stored_by_side.iter().sum(),
+        stored_by_side,
         rss_before,
         rss_after,
         nats_rss,
