@@ -322,6 +322,16 @@ impl Kv {
         }
     }
 
+    /// How many entries this in-process bucket has read or written so far, counting one per key a
+    /// listing returned: tests use it to show that an operation's cost does not grow with the bucket.
+    /// `None` on NATS.
+    pub fn entries_touched(&self) -> Option<u64> {
+        match self {
+            Kv::Memory(k) => Some(k.touched()),
+            Kv::Nats(_) => None,
+        }
+    }
+
     /// The live keys.
     pub async fn keys(&self) -> Result<Vec<String>, BusError> {
         let mut keys = match self {

@@ -360,6 +360,8 @@ impl MemoryAcker {
 struct Bucket {
     revision: u64,
     entries: HashMap<String, Entry>,
+    /// Entries read or written so far, one per key a listing returned (see `Kv::entries_touched`).
+    touched: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -369,11 +371,18 @@ pub struct MemoryKv {
 
 impl MemoryKv {
     pub(crate) fn get(&self, key: &str) -> Option<Entry> {
-        lock(&self.bucket).entries.get(key).cloned()
+        let mut b = lock(&self.bucket);
+        b.touched += 1;
+        b.entries.get(key).cloned()
+    }
+
+    pub(crate) fn touched(&self) -> u64 {
+        lock(&self.bucket).touched
     }
 
     pub(crate) fn create(&self, key: &str, value: Bytes) -> Result<u64, BusError> {
         let mut b = lock(&self.bucket);
+        b.touched += 1;
         if b.entries.contains_key(key) {
             return Err(BusError::Conflict(key.to_string()));
         }
@@ -385,6 +394,7 @@ impl MemoryKv {
 
     pub(crate) fn update(&self, key: &str, value: Bytes, expected: u64) -> Result<u64, BusError> {
         let mut b = lock(&self.bucket);
+        b.touched += 1;
         match b.entries.get(key) {
             Some(e) if e.revision == expected => {}
             _ => return Err(BusError::Conflict(key.to_string())),
@@ -397,12 +407,15 @@ impl MemoryKv {
 
     pub(crate) fn delete(&self, key: &str) {
         let mut b = lock(&self.bucket);
+        b.touched += 1;
         b.revision += 1;
         b.entries.remove(key);
     }
 
     pub(crate) fn keys(&self) -> Vec<String> {
-        lock(&self.bucket).entries.keys().cloned().collect()
+        let mut b = lock(&self.bucket);
+        b.touched += b.entries.len() as u64;
+        b.entries.keys().cloned().collect()
     }
 }
 

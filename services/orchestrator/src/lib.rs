@@ -13,6 +13,7 @@
 //! trail.
 
 pub mod admin;
+mod claims;
 mod route;
 mod timers;
 
@@ -26,9 +27,15 @@ use dm_proto::bus::v1::{
     StoredDelegation,
 };
 use dm_saga::pb::{self, DelegationState, Event, command, event};
-use dm_saga::{Answer, Decider, claim_of, start_conflicts};
+use dm_saga::{Answer, Claim, Decider, claim_of};
 use prost::Message as _;
 use tokio::sync::Mutex;
+
+use claims::{Claimed, Claims};
+
+/// How many locks this replica's decisions are spread over: two delegations whose keys fall on one lock
+/// wait for each other, others are decided at once (compare-and-set guards across replicas anyway).
+const SHARDS: usize = 256;
 
 pub use route::route;
 
@@ -76,8 +83,11 @@ struct Inner {
     kv: Kv,
     decider: Decider,
     timers: timers::Timers,
-    /// Serializes this replica's own decisions per process (CAS still guards across replicas).
-    lock: Mutex<()>,
+    /// Which delegations hold each device (ARCHITECTURE rule 9).
+    claims: Claims,
+    /// Serializes this replica's decisions per delegation (by key), so that they do not race each other
+    /// into compare-and-set conflicts; other replicas are kept apart by compare-and-set.
+    shards: Vec<Mutex<()>>,
     /// Every state this replica stored, for watchers.
     changes: tokio::sync::broadcast::Sender<DelegationState>,
 }
@@ -96,6 +106,22 @@ fn typed_headers(type_name: &str) -> Headers {
     h.insert(TYPE_HEADER, type_name);
     h.insert("dmd-version", "1");
     h
+}
+
+/// The device and scope an event would start a delegation over (an operator start, a peer's NOTIF).
+fn start_of(event: &Event) -> Option<(String, Vec<String>)> {
+    let (device, scope) = match &event.kind {
+        Some(event::Kind::OperatorStart(s)) => (s.device.as_ref(), &s.scope),
+        Some(event::Kind::Peer(pb::PeerMessage {
+            body: Some(pb::peer_message::Body::Notif(n)),
+            ..
+        })) => (n.device.as_ref(), &n.scope),
+        _ => return None,
+    };
+    Some((
+        device.map(|d| d.dev_id.clone()).unwrap_or_default(),
+        scope.clone(),
+    ))
 }
 
 /// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if it is a valid one.
@@ -152,6 +178,10 @@ impl Orchestrator {
         })
         .await?;
         let kv = bus.kv(&config.names.bucket("delegations")?, 1).await?;
+        let claims = Claims::new(
+            bus.kv(&config.names.bucket("claims")?, 1).await?,
+            kv.clone(),
+        );
         let decider = Decider::new(config.saga.clone());
         let o = Self {
             inner: Arc::new(Inner {
@@ -160,7 +190,8 @@ impl Orchestrator {
                 kv,
                 decider,
                 timers: timers::Timers::default(),
-                lock: Mutex::new(()),
+                claims,
+                shards: (0..SHARDS).map(|_| Mutex::new(())).collect(),
                 changes: tokio::sync::broadcast::channel(1024).0,
             }),
         };
@@ -279,7 +310,45 @@ impl Orchestrator {
         traceparent: Option<&str>,
     ) -> Result<Applied, OrchestratorError> {
         let key = delegation_key(peer_server_id, session_id);
-        let _guard = self.inner.lock.lock().await;
+        let _guard = self.shard(&key).lock().await;
+        // Set once this call claimed the device for a new delegation: released if nothing is stored.
+        let mut claimed: Option<String> = None;
+        let result = self
+            .decide_and_commit(&key, event, traceparent, &mut claimed)
+            .await;
+        let stored_nothing = !matches!(
+            &result,
+            Ok(Applied {
+                answer: Answer::Accepted,
+                state: Some(_)
+            })
+        );
+        if let (Some(dev_id), true) = (&claimed, stored_nothing) {
+            // Refused, or failed before the state was stored: the claim goes (a replica that dies right
+            // here leaves it for PENDING_MS at most).
+            if let Err(e) = self.inner.claims.release(dev_id, &key).await {
+                tracing::warn!(error = %e, "a claim could not be released; it lapses by itself");
+            }
+        }
+        result
+    }
+
+    fn shard(&self, key: &str) -> &Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        let at = usize::try_from(h.finish() % SHARDS as u64).unwrap_or(0);
+        &self.inner.shards[at]
+    }
+
+    async fn decide_and_commit(
+        &self,
+        key: &str,
+        event: &Event,
+        traceparent: Option<&str>,
+        claimed: &mut Option<String>,
+    ) -> Result<Applied, OrchestratorError> {
+        let key = key.to_string();
         for _ in 0..16 {
             let loaded = self.load(&key).await?;
             // A decision committed earlier whose commands were not all published (a failed publish, a
@@ -297,17 +366,26 @@ impl Orchestrator {
                 None => (None, None),
             };
             let now = now_ms();
-            // One delegation in progress per device, and no overlap with an Active scope (rule 9).
-            if state.is_none() && self.conflicts(event).await? {
-                return Ok(Applied {
-                    answer: Answer::Rejected {
-                        status: 409,
-                        reason:
-                            "the device already has a delegation in progress or an overlapping one"
-                                .into(),
-                    },
-                    state: None,
-                });
+            // One delegation in progress per device, and no overlap with an Active scope (rule 9): a
+            // new delegation claims its device before it is stored.
+            if state.is_none()
+                && claimed.is_none()
+                && let Some((dev_id, scope)) = start_of(event)
+            {
+                match self.inner.claims.claim(&dev_id, &scope, &key, now).await? {
+                    Claimed::Yes => *claimed = Some(dev_id),
+                    Claimed::Conflict => {
+                        return Ok(Applied {
+                            answer: Answer::Rejected {
+                                status: 409,
+                                reason: "the device already has a delegation in progress or an \
+                                         overlapping one"
+                                    .into(),
+                            },
+                            state: None,
+                        });
+                    }
+                }
             }
             let decision = self.inner.decider.decide(state.clone(), event, now);
             if decision.answer != Answer::Accepted {
@@ -342,6 +420,15 @@ impl Orchestrator {
                 Err(e) => return Err(e.into()),
             };
             self.inner.timers.track(&key, new_state.timer.as_ref());
+            // A delegation that ended holds its device no more.
+            let held_before = state.as_ref().map_or(Claim::None, claim_of);
+            if claim_of(&new_state) == Claim::None
+                && (held_before != Claim::None || claimed.is_some())
+                && let Some(device) = &new_state.device
+                && let Err(e) = self.inner.claims.release(&device.dev_id, &key).await
+            {
+                tracing::warn!(error = %e, "a claim could not be released; it is dropped at the next start");
+            }
             // Watchers (the admin API, the demo) see every stored state.
             let _ = self.inner.changes.send(new_state.clone());
             self.flush(&key, &new_state, &decision.commands, revision)
@@ -352,31 +439,6 @@ impl Orchestrator {
             });
         }
         Err(OrchestratorError::Contention(key))
-    }
-
-    async fn conflicts(&self, event: &Event) -> Result<bool, OrchestratorError> {
-        let (dev_id, scope) = match &event.kind {
-            Some(event::Kind::OperatorStart(s)) => (
-                s.device
-                    .as_ref()
-                    .map(|d| d.dev_id.clone())
-                    .unwrap_or_default(),
-                s.scope.clone(),
-            ),
-            Some(event::Kind::Peer(pb::PeerMessage {
-                body: Some(pb::peer_message::Body::Notif(n)),
-                ..
-            })) => (
-                n.device
-                    .as_ref()
-                    .map(|d| d.dev_id.clone())
-                    .unwrap_or_default(),
-                n.scope.clone(),
-            ),
-            _ => return Ok(false),
-        };
-        let claims: Vec<_> = self.list().await?.iter().map(claim_of).collect();
-        Ok(start_conflicts(&claims, &dev_id, &scope))
     }
 
     /// Publishes the commands of a committed decision, then clears the outbox (if the state is unchanged).
@@ -461,7 +523,10 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// Serves the inputs until `shutdown`: service events, inbound peer messages, timers.
+    /// Serves the inputs until `shutdown`: service events, inbound peer messages, timers. Inputs are
+    /// decided concurrently across delegations and in arrival order for each one: every input goes to the
+    /// lane its delegation's key falls on, and each lane decides one input at a time. A full lane holds
+    /// the intake back (bounded work in flight).
     pub async fn run(
         self,
         shutdown: impl std::future::Future<Output = ()>,
@@ -485,92 +550,206 @@ impl Orchestrator {
                 &names.queue_group("orchestrator")?,
             )
             .await?;
+        let mut lanes = Vec::with_capacity(LANES);
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..LANES {
+            let (tx, rx) = tokio::sync::mpsc::channel(LANE_DEPTH);
+            lanes.push(tx);
+            workers.spawn(self.clone().lane(rx));
+        }
+        let lane = |key: &str| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            key.hash(&mut h);
+            lanes[usize::try_from(h.finish() % LANES as u64).unwrap_or(0)].clone()
+        };
         tokio::pin!(shutdown);
-        loop {
+        let ended = loop {
             let next_timer = self.inner.timers.next_due();
             let sleep = tokio::time::sleep(next_timer.map_or(Duration::from_secs(3600), |at| {
                 Duration::from_millis(u64::try_from((at - now_ms()).max(0)).unwrap_or(0))
             }));
-            tokio::select! {
-                _ = &mut shutdown => return Ok(()),
+            let job = tokio::select! {
+                _ = &mut shutdown => break Ok(()),
                 delivery = events.next() => {
-                    let Some(delivery) = delivery? else { return Ok(()) };
+                    let delivery = match delivery {
+                        Ok(Some(d)) => d,
+                        Ok(None) => break Ok(()),
+                        Err(e) => break Err(e.into()),
+                    };
                     match EventEnvelope::decode(delivery.message.payload.clone()) {
-                        Ok(env) => {
-                            let (Some(d), Some(event)) = (env.delegation, env.event) else {
-                                delivery.term().await?;
-                                continue;
-                            };
-                            match self.apply(&d.peer_server_id, &d.session_id, &event).await {
-                                Ok(_) => delivery.ack().await?,
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "event not applied; will be delivered again");
-                                    delivery.nak(Duration::from_secs(1)).await?;
-                                }
-                            }
+                        Ok(EventEnvelope { delegation: Some(d), event: Some(event) }) => {
+                            let key = delegation_key(&d.peer_server_id, &d.session_id);
+                            Some((key, Input::Event { delivery, delegation: d, event }))
                         }
-                        Err(_) => delivery.term().await?,
+                        _ => {
+                            if let Err(e) = delivery.term().await {
+                                tracing::warn!(error = %e, "an unreadable event could not be terminated");
+                            }
+                            None
+                        }
                     }
                 }
                 request = peer.next() => {
-                    let Some(request) = request else { return Ok(()) };
-                    let answer = match InboundPeerMessage::decode(request.message.payload.clone()) {
+                    let Some(request) = request else { break Ok(()) };
+                    match InboundPeerMessage::decode(request.message.payload.clone()) {
                         Ok(InboundPeerMessage { message: Some(m) }) => {
-                            let event = Event { kind: Some(event::Kind::Peer(m.clone())) };
-                            let tp = request.message.headers.get("traceparent").map(str::to_string);
-                            match self.apply_traced(&m.sender, &m.session_id, &event, tp.as_deref()).await {
-                                Ok(applied) => InboundAnswer {
-                                    http_status: applied.answer.http_status(),
-                                    reason: match applied.answer {
-                                        Answer::Rejected { reason, .. } => reason,
-                                        _ => String::new(),
-                                    },
-                                },
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "peer message not decided");
-                                    InboundAnswer { http_status: 503, reason: "try again later".into() }
-                                }
-                            }
+                            let key = delegation_key(&m.sender, &m.session_id);
+                            Some((key, Input::Peer { request, message: m }))
                         }
-                        _ => InboundAnswer { http_status: 400, reason: "malformed request".into() },
-                    };
-                    let _ = request
-                        .respond(typed_headers("dmd.bus.v1.InboundAnswer"), Bytes::from(answer.encode_to_vec()))
-                        .await;
-                }
-                // A timer armed outside this loop (operator requests, peer messages) may be due earlier.
-                _ = self.inner.timers.changed() => {}
-                _ = sleep, if next_timer.is_some() => {
-                    for (key, id) in self.inner.timers.take_due(now_ms()) {
-                        let event = Event { kind: Some(event::Kind::Timer(pb::TimerFired { id })) };
-                        let fired = match self.load(&key).await {
-                            Ok(Some((stored, _))) => match stored.state {
-                                Some(state) => self
-                                    .apply(&state.peer_server_id, &state.session_id, &event)
-                                    .await
-                                    .map(|_| ()),
-                                None => Ok(()),
-                            },
-                            Ok(None) => Ok(()),
-                            Err(e) => Err(e),
-                        };
-                        if let Err(e) = fired {
-                            // Try again a little later with whatever timer is stored now (not the one
-                            // that fired: a newer one may have been armed meanwhile).
-                            tracing::warn!(error = %e, "timer not applied; retrying");
-                            let retry = pb::Timer { id, at_ms: now_ms() + 1000, kind: 0 };
-                            let stored_timer = match self.load(&key).await {
-                                Ok(Some((stored, _))) => stored.state.and_then(|s| s.timer),
-                                _ => Some(retry),
-                            };
-                            let timer = stored_timer.map(|t| pb::Timer { at_ms: t.at_ms.max(now_ms() + 1000), ..t });
-                            self.inner.timers.track(&key, timer.as_ref());
+                        _ => {
+                            let answer = InboundAnswer { http_status: 400, reason: "malformed request".into() };
+                            let _ = request
+                                .respond(typed_headers("dmd.bus.v1.InboundAnswer"), Bytes::from(answer.encode_to_vec()))
+                                .await;
+                            None
                         }
                     }
                 }
+                // A timer armed outside this loop (operator requests, peer messages) may be due earlier.
+                _ = self.inner.timers.changed() => None,
+                _ = sleep, if next_timer.is_some() => {
+                    for (key, id) in self.inner.timers.take_due(now_ms()) {
+                        if lane(&key).send(Input::Timer { key: key.clone(), id }).await.is_err() {
+                            break;
+                        }
+                    }
+                    None
+                }
+            };
+            if let Some((key, input)) = job
+                && lane(&key).send(input).await.is_err()
+            {
+                break Ok(());
+            }
+        };
+        // The lanes finish what they hold; what was not acked is delivered again later.
+        drop(lanes);
+        while workers.join_next().await.is_some() {}
+        ended
+    }
+
+    /// One lane: decides its inputs one at a time. No error ends it: an event that could not be decided
+    /// is delivered again, a peer gets 503, a timer is tried again.
+    async fn lane(self, mut inputs: tokio::sync::mpsc::Receiver<Input>) {
+        while let Some(input) = inputs.recv().await {
+            match input {
+                Input::Event {
+                    delivery,
+                    delegation,
+                    event,
+                } => {
+                    let settled = match self
+                        .apply(&delegation.peer_server_id, &delegation.session_id, &event)
+                        .await
+                    {
+                        Ok(_) => delivery.ack().await,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "event not applied; will be delivered again");
+                            delivery.nak(Duration::from_secs(1)).await
+                        }
+                    };
+                    if let Err(e) = settled {
+                        tracing::warn!(error = %e, "an event could not be acknowledged; it comes again");
+                    }
+                }
+                Input::Peer { request, message } => {
+                    let event = Event {
+                        kind: Some(event::Kind::Peer(message.clone())),
+                    };
+                    let tp = request
+                        .message
+                        .headers
+                        .get("traceparent")
+                        .map(str::to_string);
+                    let answer = match self
+                        .apply_traced(&message.sender, &message.session_id, &event, tp.as_deref())
+                        .await
+                    {
+                        Ok(applied) => InboundAnswer {
+                            http_status: applied.answer.http_status(),
+                            reason: match applied.answer {
+                                Answer::Rejected { reason, .. } => reason,
+                                _ => String::new(),
+                            },
+                        },
+                        Err(e) => {
+                            tracing::warn!(error = %e, "peer message not decided");
+                            InboundAnswer {
+                                http_status: 503,
+                                reason: "try again later".into(),
+                            }
+                        }
+                    };
+                    let _ = request
+                        .respond(
+                            typed_headers("dmd.bus.v1.InboundAnswer"),
+                            Bytes::from(answer.encode_to_vec()),
+                        )
+                        .await;
+                }
+                Input::Timer { key, id } => self.fire(&key, id).await,
             }
         }
     }
+
+    /// A timer came due: the decider gets it (and ignores it unless it is still the armed one).
+    async fn fire(&self, key: &str, id: u64) {
+        let event = Event {
+            kind: Some(event::Kind::Timer(pb::TimerFired { id })),
+        };
+        let fired = match self.load(key).await {
+            Ok(Some((stored, _))) => match stored.state {
+                Some(state) => self
+                    .apply(&state.peer_server_id, &state.session_id, &event)
+                    .await
+                    .map(|_| ()),
+                None => Ok(()),
+            },
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = fired {
+            // Try again a little later with whatever timer is stored now (not the one that fired: a
+            // newer one may have been armed meanwhile).
+            tracing::warn!(error = %e, "timer not applied; retrying");
+            let retry = pb::Timer {
+                id,
+                at_ms: now_ms() + 1000,
+                kind: 0,
+            };
+            let stored_timer = match self.load(key).await {
+                Ok(Some((stored, _))) => stored.state.and_then(|s| s.timer),
+                _ => Some(retry),
+            };
+            let timer = stored_timer.map(|t| pb::Timer {
+                at_ms: t.at_ms.max(now_ms() + 1000),
+                ..t
+            });
+            self.inner.timers.track(key, timer.as_ref());
+        }
+    }
+}
+
+/// How many lanes decide inputs at once, and how many inputs each holds before the intake waits.
+const LANES: usize = 64;
+const LANE_DEPTH: usize = 16;
+
+/// One input of the run loop, for a lane.
+enum Input {
+    Event {
+        delivery: dm_bus::Delivery,
+        delegation: DelegationRef,
+        event: Event,
+    },
+    Peer {
+        request: dm_bus::Request,
+        message: pb::PeerMessage,
+    },
+    Timer {
+        key: String,
+        id: u64,
+    },
 }
 
 #[cfg(test)]
