@@ -484,14 +484,13 @@ impl Provisioning {
         msg: &syncml::SyncMl,
     ) -> Result<(session::Handled, Vec<(String, Snapshot)>), session::Refusal> {
         let mut inner = self.lock();
-        let known: std::collections::HashSet<String> = inner.snapshots.keys().cloned().collect();
         let handled = session::handle(&self.config, &mut inner, msg)?;
         // A snapshot taken in this message goes to the store before its plan goes to the device.
-        let created = inner
-            .snapshots
-            .iter()
-            .filter(|(id, _)| !known.contains(*id))
-            .map(|(id, s)| (id.clone(), s.clone()))
+        let created = handled
+            .snapshot_taken
+            .as_ref()
+            .and_then(|id| inner.snapshots.get(id).map(|s| (id.clone(), s.clone())))
+            .into_iter()
             .collect();
         Ok((handled, created))
     }

@@ -64,6 +64,9 @@ pub struct Handled {
     pub outcomes: Vec<JobOutcome>,
     /// Work is still queued for this device: wake it again.
     pub wake_again: Option<String>,
+    /// The plan whose snapshot this message's answer is built on, taken just now: stored before the
+    /// answer goes out.
+    pub snapshot_taken: Option<String>,
 }
 
 /// A message refused outright, without a SyncML answer.
@@ -193,6 +196,8 @@ pub struct Session {
     prelude: Option<Prelude>,
     /// The server secret the prelude put on the device: from now on this server signs with it.
     new_server_secret: Option<Secret>,
+    /// The plan whose snapshot the last round took: it must be stored before the plan is sent.
+    took_snapshot: Option<String>,
 }
 
 /// The steps of a resynchronised session's prelude: find this server's account and its SRVCRED, then
@@ -335,6 +340,7 @@ impl Session {
             server_id: server_id.to_string(),
             prelude: None,
             new_server_secret: None,
+            took_snapshot: None,
         }
     }
 
@@ -694,6 +700,7 @@ impl Session {
                     before: std::mem::take(&mut self.observed),
                 };
                 snapshots.insert(plan_id.to_string(), snapshot.clone());
+                self.took_snapshot = Some(plan_id.to_string());
                 self.snapshot = Some(snapshot);
                 self.send_plan(req, &account_uri)
             }
@@ -1252,6 +1259,7 @@ pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result
             answer: reply,
             outcomes,
             wake_again: None,
+            snapshot_taken: None,
         });
     }
 
@@ -1312,6 +1320,7 @@ pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result
                     answer: reply,
                     outcomes,
                     wake_again: (!entry.queue.is_empty()).then(|| dev_id.clone()),
+                    snapshot_taken: None,
                 });
             }
             Some(session) => session.rechallenges = 0,
@@ -1332,6 +1341,7 @@ pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result
             answer: reply,
             outcomes,
             wake_again: None,
+            snapshot_taken: None,
         });
     }
 
@@ -1372,6 +1382,7 @@ pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result
     }
     let mut commands = Vec::new();
     let mut wake_again = None;
+    let mut snapshot_taken = None;
     if let Some(session) = entry.session.as_mut() {
         let answers = Answers::from_message(msg);
         match session.advance(&answers, snapshots) {
@@ -1399,6 +1410,7 @@ pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result
                 });
             }
         }
+        snapshot_taken = session.took_snapshot.take();
         if let Some(secret) = session.new_server_secret.take() {
             // The device holds it since the command that just reported 200: sign with it now.
             entry.creds.server_secret = secret.expose().to_string();
@@ -1432,6 +1444,7 @@ pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result
         answer: reply,
         outcomes,
         wake_again,
+        snapshot_taken,
     })
 }
 
@@ -1531,6 +1544,7 @@ pub(crate) fn undecodable(
             result,
         }],
         wake_again: (!entry.queue.is_empty()).then(|| guess.source.clone()),
+        snapshot_taken: None,
     })
 }
 
