@@ -438,21 +438,31 @@ fn send_command(
     index: u64,
     body: send_message::Body,
 ) -> (String, CommandEnvelope) {
+    send_command_in(n1, peer, SESSION, index, body)
+}
+
+fn send_command_in(
+    n1: &Names,
+    peer: &str,
+    session: &str,
+    index: u64,
+    body: send_message::Body,
+) -> (String, CommandEnvelope) {
     let mut delegation = DelegationRef {
         peer_server_id: peer.into(),
-        session_id: SESSION.into(),
+        session_id: session.into(),
         dev_id: "IMEI:490154203237518".into(),
         ..Default::default()
     };
     delegation.set_role(pb::Role::Delegating);
-    let outbox_id = format!("{peer}/{SESSION}:{index}:0");
+    let outbox_id = format!("{peer}/{session}:{index}:0");
     (
         n1.subject(Area::Cmd, "gateway.send").unwrap(),
         CommandEnvelope {
             delegation: Some(delegation),
             command: Some(pb::Command {
                 kind: Some(pb::command::Kind::Send(pb::SendMessage {
-                    msg_id: msg_id(index),
+                    msg_id: dm_saga::message_id(session, pb::Role::Delegating, index),
                     body: Some(body),
                 })),
             }),
@@ -750,6 +760,191 @@ async fn a_send_cut_short_by_shutdown_is_taken_up_again_with_the_same_msgid() {
     assert_eq!(ids, [msg_id(1)]);
     assert_eq!(sender_auth.lock().unwrap().fetches.len(), 2);
     second.stop().await;
+    r.gateway.stop().await;
+}
+
+// ---- connection reuse ---------------------------------------------------------------------------------
+
+/// DMS-1's gateway sending to DMS-2's gateway through a relay that counts the connections DMS-2 accepts.
+async fn relayed_pair(bus: Bus) -> (Receiver, Running, Relay) {
+    let receiver = receiver(bus.clone(), true, true).await;
+    let relay = Relay::start(receiver.gateway.addr).await;
+    let pki = &receiver.pki;
+    let n1 = Names::new("dms1").unwrap();
+    stand_in_auth(&bus, &n1, Arc::new(Mutex::new(AuthState::default()))).await;
+    let config = pki.config(
+        "dms1",
+        "dms1.example",
+        &pki.dms1,
+        vec![pki.peer("dms2.example", relay.addr)],
+    );
+    let sender = start_gateway(config, bus).await;
+    (receiver, sender, relay)
+}
+
+fn confirm_body() -> send_message::Body {
+    send_message::Body::Confirm(pb::ConfirmBody {
+        session_established_ms: 1_795_300_812_000,
+    })
+}
+
+/// The MsgIDs DMS-2's orchestrator received for `session`, in order, once there are `n` of them.
+async fn received(r: &Receiver, session: &str, n: usize) -> Vec<String> {
+    wait_until(&format!("{n} messages of {session} received"), || {
+        let o = r.orchestrator.lock().unwrap();
+        let ids: Vec<String> = o
+            .messages
+            .iter()
+            .filter(|m| m.session_id == session)
+            .map(|m| m.msg_id.clone())
+            .collect();
+        (ids.len() >= n).then_some(ids)
+    })
+    .await
+}
+
+/// Like [`received`], for a test that cuts connections: a message whose answer was cut off on its way
+/// is sent again with the same MsgID (A.2) and may arrive twice in a row.
+async fn received_once_each(r: &Receiver, session: &str, n: usize) -> Vec<String> {
+    wait_until(&format!("{n} messages of {session} received"), || {
+        let o = r.orchestrator.lock().unwrap();
+        let mut ids: Vec<String> = o
+            .messages
+            .iter()
+            .filter(|m| m.session_id == session)
+            .map(|m| m.msg_id.clone())
+            .collect();
+        ids.dedup();
+        (ids.len() >= n).then_some(ids)
+    })
+    .await
+}
+
+fn ids(session: &str, range: std::ops::RangeInclusive<u64>) -> Vec<String> {
+    range
+        .map(|n| dm_saga::message_id(session, pb::Role::Delegating, n))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_to_a_peer_reuse_one_kept_alive_connection() {
+    let bus = Bus::in_process();
+    let (r, sender, relay) = relayed_pair(bus.clone()).await;
+    let n1 = Names::new("dms1").unwrap();
+    let sessions: Vec<String> = (0..5)
+        .map(|i| format!("5e5510{i}0-0000-4000-8000-000000000000"))
+        .collect();
+    {
+        let mut o = r.orchestrator.lock().unwrap();
+        for session in std::iter::once(SESSION).chain(sessions.iter().map(String::as_str)) {
+            o.delegations
+                .insert(("dms1.example".into(), session.to_string()));
+        }
+    }
+    // Twenty messages of one delegation, one after the other: one connection carries them all.
+    for i in 1..=20 {
+        publish(&bus, send_command(&n1, "dms2.example", i, confirm_body())).await;
+    }
+    assert_eq!(received(&r, SESSION, 20).await, ids(SESSION, 1..=20));
+    assert!(
+        relay.accepted() <= 2,
+        "{} connections for 20 messages",
+        relay.accepted()
+    );
+    // Five delegations side by side: at most one connection per message in flight, kept afterwards (the
+    // last answer of the twenty may still be on its way: six in flight at most).
+    for i in 1..=4 {
+        for session in &sessions {
+            publish(
+                &bus,
+                send_command_in(&n1, "dms2.example", session, i, confirm_body()),
+            )
+            .await;
+        }
+    }
+    for session in &sessions {
+        assert_eq!(received(&r, session, 4).await, ids(session, 1..=4));
+    }
+    assert!(
+        relay.accepted() <= sessions.len() + 1,
+        "{} connections for {} delegations in flight",
+        relay.accepted(),
+        sessions.len()
+    );
+    let o = r.orchestrator.lock().unwrap();
+    assert_eq!(o.messages.len(), 40, "a message was sent twice");
+    assert!(o.answers.values().all(|status| *status == 202));
+    drop(o);
+    sender.stop().await;
+    r.gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_restarted_is_reconnected_and_gets_the_next_message() {
+    let bus = Bus::in_process();
+    let (mut r, sender, relay) = relayed_pair(bus.clone()).await;
+    let n1 = Names::new("dms1").unwrap();
+    r.orchestrator
+        .lock()
+        .unwrap()
+        .delegations
+        .insert(("dms1.example".into(), SESSION.into()));
+    for i in 1..=5 {
+        publish(&bus, send_command(&n1, "dms2.example", i, confirm_body())).await;
+    }
+    assert_eq!(received(&r, SESSION, 5).await, ids(SESSION, 1..=5));
+    assert_eq!(relay.accepted(), 1);
+    // DMS-2 restarts: its gateway stops (closing the kept connection), a new one takes over behind the
+    // same address, and whatever was still open is cut.
+    r.gateway.stop().await;
+    let config = r.pki.config("dms2", "dms2.example", &r.pki.dms2, vec![]);
+    r.gateway = start_gateway(config, bus.clone()).await;
+    relay.point_at(r.gateway.addr);
+    relay.cut_all();
+    wait_until("the old connection closed", || {
+        (relay.open() == 0).then_some(())
+    })
+    .await;
+    for i in 6..=10 {
+        publish(&bus, send_command(&n1, "dms2.example", i, confirm_body())).await;
+    }
+    assert_eq!(
+        received_once_each(&r, SESSION, 10).await,
+        ids(SESSION, 1..=10)
+    );
+    // One new connection (with a new handshake) for the five messages after the restart.
+    assert_eq!(relay.accepted(), 2);
+    sender.stop().await;
+    r.gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_cut_under_the_sender_is_replaced() {
+    let bus = Bus::in_process();
+    let (r, sender, relay) = relayed_pair(bus.clone()).await;
+    let n1 = Names::new("dms1").unwrap();
+    r.orchestrator
+        .lock()
+        .unwrap()
+        .delegations
+        .insert(("dms1.example".into(), SESSION.into()));
+    for i in 1..=2 {
+        publish(&bus, send_command(&n1, "dms2.example", i, confirm_body())).await;
+    }
+    received(&r, SESSION, 2).await;
+    assert_eq!(relay.accepted(), 1);
+    // The connection dies in the network; neither gateway closed it.
+    relay.cut_all();
+    wait_until("the connection cut", || (relay.open() == 0).then_some(())).await;
+    for i in 3..=4 {
+        publish(&bus, send_command(&n1, "dms2.example", i, confirm_body())).await;
+    }
+    assert_eq!(
+        received_once_each(&r, SESSION, 4).await,
+        ids(SESSION, 1..=4)
+    );
+    assert_eq!(relay.accepted(), 2);
+    sender.stop().await;
     r.gateway.stop().await;
 }
 

@@ -350,6 +350,94 @@ pub fn error_of(body: &[u8]) -> dm_protocol::delegation::DelegationError {
     })
 }
 
+// ---- a relay that counts connections ------------------------------------------------------------------
+
+/// A TCP relay in front of a gateway: every connection it accepts is relayed on one connection of its own
+/// to the upstream, so it counts the connections the gateway behind it accepts. It can cut every open
+/// connection at once (a peer that went away) and be pointed at another upstream (the peer restarted).
+pub struct Relay {
+    pub addr: SocketAddr,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    upstream: Arc<Mutex<SocketAddr>>,
+    cut: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(upstream: SocketAddr) -> Self {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let upstream = Arc::new(Mutex::new(upstream));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let task = {
+            let (accepted, open, upstream, cut) = (
+                accepted.clone(),
+                open.clone(),
+                upstream.clone(),
+                cut.clone(),
+            );
+            tokio::spawn(async move {
+                while let Ok((mut down, _)) = listener.accept().await {
+                    accepted.fetch_add(1, SeqCst);
+                    open.fetch_add(1, SeqCst);
+                    let to = *upstream.lock().unwrap();
+                    let mut cut = cut.subscribe();
+                    let open = open.clone();
+                    tokio::spawn(async move {
+                        if let Ok(mut up) = tokio::net::TcpStream::connect(to).await {
+                            tokio::select! {
+                                _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                                _ = cut.changed() => {}
+                            }
+                        }
+                        // Both ends closed before the count says so.
+                        drop(down);
+                        open.fetch_sub(1, SeqCst);
+                    });
+                }
+            })
+        };
+        Self {
+            addr,
+            accepted,
+            open,
+            upstream,
+            cut,
+            task,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// New connections go to `addr`.
+    pub fn point_at(&self, addr: SocketAddr) {
+        *self.upstream.lock().unwrap() = addr;
+    }
+
+    /// Closes every open connection, both ends.
+    pub fn cut_all(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 // ---- stand-ins on the bus --------------------------------------------------------------------------
 
 /// What auth's stand-in saw, and what it hands out.
