@@ -11,7 +11,9 @@
 //! - **Outbound**: the saga's `Send` commands (`cmd.gateway.send`) become messages POSTed to the peer with
 //!   this server's client certificate; secrets are fetched from auth at send time; network errors and 503
 //!   are retried with exponential back-off and the same MsgID until the send deadline; per delegation a
-//!   message goes out only after the previous one got its final answer.
+//!   message goes out only after the previous one got its final answer. Connections to a peer are pooled
+//!   (HTTP/1.1 keep-alive; each new one does the full mutual-TLS handshake), and the inbound endpoint
+//!   keeps them open until they idle past `timeouts.read`.
 //!
 //! Nothing secret travels the bus, and no key, account secret or private key reaches a log, an error or a
 //! `Debug` output (ARCHITECTURE rule 7).

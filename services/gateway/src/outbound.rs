@@ -5,7 +5,8 @@
 //! sent only after the previous one was answered); different delegations run side by side. A message is
 //! retried with exponential back-off and the same MsgID on network errors and 503 until the send deadline.
 //! The command is acknowledged once the message was answered, whatever the status, or given up; there is
-//! no outcome event (a delivery that outlasts the step is the saga's deadline).
+//! no outcome event (a delivery that outlasts the step is the saga's deadline). Requests go over the
+//! peer's pooled connections ([`crate::pool`]).
 
 use std::collections::HashMap;
 use std::str::FromStr;

@@ -871,10 +871,11 @@ async fn messages_to_a_peer_reuse_one_kept_alive_connection() {
         relay.accepted(),
         sessions.len()
     );
-    let o = r.orchestrator.lock().unwrap();
-    assert_eq!(o.messages.len(), 40, "a message was sent twice");
-    assert!(o.answers.values().all(|status| *status == 202));
-    drop(o);
+    {
+        let o = r.orchestrator.lock().unwrap();
+        assert_eq!(o.messages.len(), 40, "a message was sent twice");
+        assert!(o.answers.values().all(|status| *status == 202));
+    }
     sender.stop().await;
     r.gateway.stop().await;
 }
