@@ -105,8 +105,13 @@ pub struct Report {
     pub wall: Duration,
     /// Active delegations per second, from the first start to the last completion.
     pub rate: f64,
-    /// The same, per tenth of the completions.
+    /// The same, per tenth of the sustained run: the completions up to the last start, while `in_flight`
+    /// delegations were in progress (all completions when fewer than ten were).
     pub tenths: Vec<f64>,
+    /// How many completions the tenths cover.
+    pub tenths_over: usize,
+    /// The completions after the last start (in flight falling to zero) and how long they took.
+    pub drain: (usize, Duration),
     pub p50: Duration,
     pub p90: Duration,
     pub p99: Duration,
@@ -297,8 +302,14 @@ impl Report {
         ));
         let tenths: Vec<String> = self.tenths.iter().map(|r| format!("{r:.1}")).collect();
         out.push(format!(
-            "per tenth of the run (by completion order), delegations/s: {}",
+            "per tenth of the sustained run (the first {} completions, up to the last start; by completion order), delegations/s: {}",
+            self.tenths_over,
             tenths.join("  ")
+        ));
+        out.push(format!(
+            "drain after the last start (in flight falling to 0, not in the tenths): {} completions in {:.2} s",
+            self.drain.0,
+            self.drain.1.as_secs_f64()
         ));
         if let Some(d) = self.decay() {
             out.push(format!("last tenth / first tenth: {:.0}%", d * 100.0));
@@ -391,6 +402,8 @@ impl Report {
             "wall_s": self.wall.as_secs_f64(),
             "rate_per_s": self.rate,
             "tenths_per_s": self.tenths,
+            "tenths_over_completions": self.tenths_over,
+            "drain": { "completions": self.drain.0, "s": self.drain.1.as_secs_f64() },
             "last_tenth_over_first": self.decay(),
             "latency_ms": {
                 "p50": ms(self.p50),
@@ -727,6 +740,7 @@ async fn watch(
 
 /// One delegation, start to end.
 struct Completion {
+    started: Instant,
     at: Instant,
     outcome: Outcome,
     states: [u32; 2],
@@ -769,6 +783,7 @@ async fn one(world: &World, tracker: &Tracker, i: usize, deadline: Duration) -> 
     };
     lock(tracker).remove(&session);
     Completion {
+        started,
         at: Instant::now(),
         outcome,
         states,
@@ -959,10 +974,28 @@ async fn run_in(dir: &Path, options: &BenchOptions) -> anyhow::Result<Report> {
     let ok = latencies.len();
     latencies.sort();
     let rate = ok as f64 / wall.as_secs_f64().max(1e-9);
-    // Per tenth of the completions: the Active ones among them over the time they took to complete.
+    // Once the last delegation is started, fewer and fewer are in flight and the work per completion
+    // changes (no more starts): the tenths cover the sustained part before that, the drain is apart.
+    let last_start = completions.iter().map(|c| c.started).max().unwrap_or(begun);
+    let sustained = completions.partition_point(|c| c.at <= last_start);
+    let drain = match (
+        completions.get(sustained.saturating_sub(1)),
+        completions.last(),
+    ) {
+        (Some(from), Some(to)) if sustained < completions.len() => {
+            (completions.len() - sustained, to.at.duration_since(from.at))
+        }
+        _ => (0, Duration::ZERO),
+    };
+    let tenths_over = if sustained >= 10 {
+        sustained
+    } else {
+        completions.len()
+    };
+    // Per tenth: the Active ones among its completions over the time they took to complete.
     let mut tenths = Vec::new();
-    if completions.len() >= 10 {
-        let n = completions.len();
+    if tenths_over >= 10 {
+        let n = tenths_over;
         let mut from = begun;
         for k in 0..10 {
             let chunk = &completions[k * n / 10..(k + 1) * n / 10];
@@ -989,6 +1022,8 @@ async fn run_in(dir: &Path, options: &BenchOptions) -> anyhow::Result<Report> {
         wall,
         rate,
         tenths,
+        tenths_over,
+        drain,
         p50: percentile(&latencies, 50.0),
         p90: percentile(&latencies, 90.0),
         p99: percentile(&latencies, 99.0),

@@ -53,7 +53,8 @@ fn a_small_in_process_run_ends_with_the_line_scripts_read() {
     assert_eq!((ok, failures), (20, 0), "{stdout}");
     assert!(rate > 0.0 && p50 > 0.0 && p99 >= p50, "{last}");
     for figure in [
-        "per tenth of the run",
+        "per tenth of the sustained run",
+        "drain after the last start",
         "latency start → Active on both sides",
         "floor sum",
         "CPU:",
