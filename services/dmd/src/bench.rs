@@ -276,7 +276,7 @@ impl Report {
             self.delegations, self.in_flight, self.bus
         ));
         out.push(format!(
-            "floors (p50 of {FLOOR_SAMPLES}): bus request/reply {:.0} µs, KV compare-and-set {:.0} µs, loopback TCP round trip {:.0} µs",
+            "floors (p50 of {FLOOR_SAMPLES}): bus request/reply {:.1} µs, KV compare-and-set {:.1} µs, loopback TCP round trip {:.1} µs",
             us(self.floor_request),
             us(self.floor_cas),
             us(self.floor_tcp)
@@ -285,7 +285,7 @@ impl Report {
             "hops (estimate, ARCHITECTURE.md \"One delegation, hop by hop\"): {BUS_HOPS} bus hops + {KV_OPS} KV operations (10 decisions × get + compare-and-set) + {PEER_ROUND_TRIPS} peer HTTPS round trips + {DEVICE_SESSIONS} device sessions (≈ {DEVICE_ROUND_TRIPS} HTTP round trips)"
         ));
         out.push(format!(
-            "floor sum: {BUS_HOPS} × {:.0} µs + {KV_OPS} × {:.0} µs + {} × {:.0} µs = {:.2} ms",
+            "floor sum: {BUS_HOPS} × {:.1} µs + {KV_OPS} × {:.1} µs + {} × {:.1} µs = {:.2} ms",
             us(self.floor_request),
             us(self.floor_cas),
             self.device_round_trip_floors(),
@@ -862,7 +862,11 @@ async fn run_in(dir: &Path, options: &BenchOptions) -> anyhow::Result<Report> {
     let setup = setup(&options.bus).await?;
     let nats_pid = setup.server.as_ref().map(|s| s.pid().to_string());
     eprintln!("bench: bus {}; measuring the floors", setup.label);
-    let (floor_request, floor_cas, floor_tcp) = floors(&setup.bus).await?;
+    // On a worker thread, where the services run (block_on's thread wakes differently).
+    let bus = setup.bus.clone();
+    let (floor_request, floor_cas, floor_tcp) = tokio::spawn(async move { floors(&bus).await })
+        .await
+        .context("measuring the floors")??;
     eprintln!(
         "bench: starting both deployments and {} devices",
         options.delegations
