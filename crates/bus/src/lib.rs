@@ -12,6 +12,7 @@
 
 mod memory;
 mod nats;
+pub mod stack;
 pub mod subjects;
 pub mod testing;
 

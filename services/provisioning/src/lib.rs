@@ -263,21 +263,33 @@ impl Provisioning {
     /// Queues a job for the device and wakes it with a package #0 if it is not in a session. Returns the
     /// job's id, which its outcome carries.
     pub async fn enqueue(&self, dev_id: &str, job: Job) -> Result<u64, EnqueueError> {
-        let (id, wake) = {
+        let id = self.reserve_job_id();
+        self.enqueue_as(dev_id, id, job).await.map(|()| id)
+    }
+
+    /// An id for [`Provisioning::enqueue_as`]: a caller that must know the id before the job can end
+    /// (to match its outcome) takes one first.
+    pub fn reserve_job_id(&self) -> u64 {
+        let mut inner = self.lock();
+        inner.next_job += 1;
+        inner.next_job
+    }
+
+    /// [`Provisioning::enqueue`] under an id from [`Provisioning::reserve_job_id`].
+    pub async fn enqueue_as(&self, dev_id: &str, id: u64, job: Job) -> Result<(), EnqueueError> {
+        let wake = {
             let mut inner = self.lock();
-            inner.next_job += 1;
-            let id = inner.next_job;
             let entry = inner
                 .devices
                 .get_mut(dev_id)
                 .ok_or_else(|| EnqueueError::UnknownDevice(dev_id.to_string()))?;
             entry.queue.push_back((id, job));
-            (id, entry.session.is_none() && entry.queue.len() == 1)
+            entry.session.is_none() && entry.queue.len() == 1
         };
         if wake {
             self.wake(dev_id).await;
         }
-        Ok(id)
+        Ok(())
     }
 
     /// Sends the device a package #0 for this server, and arms the watchdog. A device that refuses its

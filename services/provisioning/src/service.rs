@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use dm_bus::stack::Settle;
 use dm_bus::{Area, Bus, BusError, ConsumerConfig, Headers, Names};
 use dm_proto::bus::v1::{CommandEnvelope, DelegationRef, EventEnvelope, Fetch, FetchAnswer, fetch};
 use dm_protocol::delegation::DelType as WireDelType;
@@ -105,7 +106,9 @@ fn account_from_tnds(bytes: &[u8]) -> Result<DmAccount, String> {
     DmAccount::from_tnds(&tree).map_err(|e| e.to_string())
 }
 
-/// Serves `cmd.provisioning.*` until `shutdown`, publishing outcomes as they come.
+/// Serves `cmd.provisioning.*` until `shutdown`, publishing outcomes as they come. Commands go through the
+/// consumer stack (`dm_bus::stack`): several devices at once, one command at a time per device; a bus error
+/// never ends the service.
 pub async fn run(
     provisioning: Provisioning,
     mut outcomes: UnboundedReceiver<JobOutcome>,
@@ -116,91 +119,178 @@ pub async fn run(
     let pending: Arc<Mutex<HashMap<u64, Pending>>> = Arc::default();
     let loaded = provisioning.load_snapshots().await?;
     tracing::info!(snapshots = loaded, "provisioning serving");
-    let mut commands = bus
-        .consumer(&ConsumerConfig {
-            stream: names.stream(Area::Cmd),
-            durable: names.consumer("provisioning")?,
-            filter: names.commands_for("provisioning")?,
-            ack_wait: Duration::from_secs(60),
-        })
-        .await?;
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            outcome = outcomes.recv() => {
-                let Some(outcome) = outcome else { return Ok(()) };
+    // Outcomes are published in the order the jobs ended; one that cannot be published now is tried
+    // again (a lost outcome would leave its delegation waiting for its deadline).
+    let publisher = {
+        let (bus, names, pending) = (bus.clone(), names.clone(), pending.clone());
+        tokio::spawn(async move {
+            while let Some(outcome) = outcomes.recv().await {
                 let done = pending
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&outcome.job_id);
                 if let Some(p) = done {
-                    publish_outcome(&bus, &names, &p, outcome).await?;
+                    publish_until_done(&bus, &names, &p, outcome).await;
                 }
             }
-            delivery = commands.next() => {
-                let Some(delivery) = delivery? else { return Ok(()) };
-                let Ok(env) = CommandEnvelope::decode(delivery.message.payload.clone()) else {
-                    delivery.term().await?;
-                    continue;
-                };
-                let trace: Vec<(String, String)> = ["traceparent", "tracestate"]
-                    .into_iter()
-                    .filter_map(|n| delivery.message.headers.get(n).map(|v| (n.to_string(), v.to_string())))
-                    .collect();
-                let already = pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .values()
-                    .any(|p| p.outbox_id == env.outbox_id);
-                if !already {
-                    match job_for(&provisioning, &bus, &names, &env).await {
-                        Ok(Some((work, job))) => {
-                            let d = env.delegation.clone().unwrap_or_default();
-                            match provisioning.enqueue(&d.dev_id, job).await {
-                                Ok(id) => {
-                                    pending.lock().unwrap_or_else(|e| e.into_inner()).insert(
-                                        id,
-                                        Pending { outbox_id: env.outbox_id.clone(), delegation: d, work, trace: trace.clone() },
-                                    );
-                                }
-                                Err(e) => {
-                                    let p = Pending { outbox_id: env.outbox_id.clone(), delegation: d, work, trace: trace.clone() };
-                                    let failed = JobOutcome {
-                                        job_id: 0,
-                                        dev_id: p.delegation.dev_id.clone(),
-                                        result: Err(crate::JobFailure { status: 404, command: String::new(), reason: e.to_string() }),
-                                    };
-                                    publish_outcome(&bus, &names, &p, failed).await?;
-                                }
-                            }
-                        }
-                        // Done at once (nothing to do on the device).
-                        Ok(None) => {
-                            if let Some(p) = immediate(&env, &trace) {
-                                let ok = JobOutcome { job_id: 0, dev_id: p.delegation.dev_id.clone(), result: Ok(JobSuccess::Restored) };
-                                publish_outcome(&bus, &names, &p, ok).await?;
-                            }
-                        }
-                        Err((_, _, reason)) if reason.starts_with(AUTH_AWAY) => {
-                            tracing::warn!(%reason, "command held back until auth answers");
-                            delivery.nak(Duration::from_secs(1)).await?;
-                            continue;
-                        }
-                        Err((work, status, reason)) => {
-                            let p = Pending { outbox_id: env.outbox_id.clone(), delegation: env.delegation.clone().unwrap_or_default(), work, trace: trace.clone() };
-                            let failed = JobOutcome {
-                                job_id: 0,
-                                dev_id: p.delegation.dev_id.clone(),
-                                result: Err(crate::JobFailure { status, command: String::new(), reason }),
-                            };
-                            publish_outcome(&bus, &names, &p, failed).await?;
-                        }
-                    }
-                }
-                delivery.ack().await?;
+        })
+    };
+    let mut config = dm_bus::stack::StackConfig::new(
+        "provisioning",
+        ConsumerConfig {
+            stream: names.stream(Area::Cmd),
+            durable: names.consumer("provisioning")?,
+            filter: names.commands_for("provisioning")?,
+            ack_wait: Duration::from_secs(60),
+        },
+    );
+    config.dead_letter_subject = Some(names.subject(Area::Audit, "dead")?);
+    let handler = {
+        let (bus, names) = (bus.clone(), names.clone());
+        move |message: dm_bus::Message, _attempt: u64| {
+            let (provisioning, bus, names, pending) = (
+                provisioning.clone(),
+                bus.clone(),
+                names.clone(),
+                pending.clone(),
+            );
+            async move { command(&provisioning, &bus, &names, &pending, message).await }
+        }
+    };
+    // One command at a time per device: an apply is queued before the restore that follows it.
+    let device = |m: &dm_bus::Message| {
+        CommandEnvelope::decode(m.payload.clone())
+            .ok()
+            .and_then(|e| e.delegation)
+            .map(|d| d.dev_id)
+            .unwrap_or_default()
+    };
+    dm_bus::stack::consume(bus, config, device, handler, shutdown).await;
+    publisher.abort();
+    Ok(())
+}
+
+/// Publishes an outcome, trying again with back-off until the bus takes it.
+async fn publish_until_done(bus: &Bus, names: &Names, p: &Pending, outcome: JobOutcome) {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match publish_outcome(bus, names, p, outcome.clone()).await {
+            Ok(()) => return,
+            Err(e) => {
+                let pause = dm_bus::stack::backoff(
+                    attempt,
+                    Duration::from_millis(250),
+                    Duration::from_secs(10),
+                );
+                tracing::warn!(error = %e, outbox_id = %p.outbox_id, ?pause, "an outcome could not be published; trying again");
+                tokio::time::sleep(pause).await;
             }
         }
+    }
+}
+
+/// One command: its job queued (acknowledged then: a device session can outlast the ack wait), or its
+/// outcome published at once when there is nothing to do on the device or it cannot be done.
+async fn command(
+    provisioning: &Provisioning,
+    bus: &Bus,
+    names: &Names,
+    pending: &Mutex<HashMap<u64, Pending>>,
+    message: dm_bus::Message,
+) -> Settle {
+    let Ok(env) = CommandEnvelope::decode(message.payload.clone()) else {
+        return Settle::Poison("undecodable provisioning command".into());
+    };
+    let trace: Vec<(String, String)> = ["traceparent", "tracestate"]
+        .into_iter()
+        .filter_map(|n| {
+            message
+                .headers
+                .get(n)
+                .map(|v| (n.to_string(), v.to_string()))
+        })
+        .collect();
+    let already = pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .any(|p| p.outbox_id == env.outbox_id);
+    if already {
+        return Settle::Done;
+    }
+    let delegation = env.delegation.clone().unwrap_or_default();
+    let published = match job_for(provisioning, bus, names, &env).await {
+        Ok(Some((work, job))) => {
+            let p = Pending {
+                outbox_id: env.outbox_id.clone(),
+                delegation: delegation.clone(),
+                work,
+                trace: trace.clone(),
+            };
+            // Known before the job can end, so that its outcome finds it.
+            let id = provisioning.reserve_job_id();
+            pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, p.clone());
+            match provisioning.enqueue_as(&delegation.dev_id, id, job).await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    pending
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
+                    let failed = JobOutcome {
+                        job_id: 0,
+                        dev_id: delegation.dev_id.clone(),
+                        result: Err(crate::JobFailure {
+                            status: 404,
+                            command: String::new(),
+                            reason: e.to_string(),
+                        }),
+                    };
+                    publish_outcome(bus, names, &p, failed).await
+                }
+            }
+        }
+        // Done at once (nothing to do on the device).
+        Ok(None) => match immediate(&env, &trace) {
+            Some(p) => {
+                let ok = JobOutcome {
+                    job_id: 0,
+                    dev_id: delegation.dev_id.clone(),
+                    result: Ok(JobSuccess::Restored),
+                };
+                publish_outcome(bus, names, &p, ok).await
+            }
+            None => Ok(()),
+        },
+        Err((_, _, reason)) if reason.starts_with(AUTH_AWAY) => {
+            return Settle::Retry(reason);
+        }
+        Err((work, status, reason)) => {
+            let p = Pending {
+                outbox_id: env.outbox_id.clone(),
+                delegation: delegation.clone(),
+                work,
+                trace,
+            };
+            let failed = JobOutcome {
+                job_id: 0,
+                dev_id: delegation.dev_id.clone(),
+                result: Err(crate::JobFailure {
+                    status,
+                    command: String::new(),
+                    reason,
+                }),
+            };
+            publish_outcome(bus, names, &p, failed).await
+        }
+    };
+    match published {
+        Ok(()) => Settle::Done,
+        Err(e) => Settle::Retry(format!("the outcome could not be published: {e}")),
     }
 }
 

@@ -1,0 +1,234 @@
+//! The one consumer stack under every service (ARCHITECTURE rule 13): read a work queue, hand each message
+//! to the service's handler, settle it by what the handler says — done (ack), not yet (nak with
+//! exponential back-off), never (terminate with a dead-letter record) — and never let a bus error end the
+//! service: a broken consumer is opened again after a pause, a failed ack is logged (the message comes
+//! back after its ack wait, and handlers are idempotent).
+//!
+//! Messages are handled concurrently, at most `lanes` at a time, and in arrival order per key: the handler's
+//! `key` (a delegation, a device) picks the lane, and each lane handles one message at a time. A full lane
+//! holds the intake back, so work in flight stays bounded.
+
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::{Bus, ConsumerConfig, Delivery, Headers, Message};
+
+/// How a handler settles a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settle {
+    /// Its effect is stored: acknowledge it.
+    Done,
+    /// Not now (a dependency is away, a write conflicted): deliver it again after a back-off; after
+    /// `max_deliver` attempts it counts as poison.
+    Retry(String),
+    /// It can never be handled (undecodable, invalid): drop it with a dead-letter record.
+    Poison(String),
+}
+
+/// How a stack reads and settles.
+#[derive(Debug, Clone)]
+pub struct StackConfig {
+    /// Who consumes, for logs and dead-letter records (`provisioning`, `auth`, …).
+    pub service: String,
+    pub consumer: ConsumerConfig,
+    /// How many messages are handled at once (one per lane).
+    pub lanes: usize,
+    /// How many messages a lane holds before the intake waits.
+    pub lane_depth: usize,
+    /// Attempts after which a message that keeps asking for a retry is dropped as poison.
+    pub max_deliver: u64,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// Where dead-letter records go (the audit stream), if anywhere.
+    pub dead_letter_subject: Option<String>,
+}
+
+impl StackConfig {
+    /// Defaults: 32 lanes of 16, 20 attempts, back-off from 250 ms to 30 s.
+    pub fn new(service: impl Into<String>, consumer: ConsumerConfig) -> Self {
+        Self {
+            service: service.into(),
+            consumer,
+            lanes: 32,
+            lane_depth: 16,
+            max_deliver: 20,
+            backoff_min: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(30),
+            dead_letter_subject: None,
+        }
+    }
+}
+
+/// The header of a dead-letter record naming why the message was dropped.
+pub const DEAD_LETTER_REASON: &str = "dmd-dead-letter-reason";
+/// The header of a dead-letter record naming the consumer that dropped it.
+pub const DEAD_LETTER_SERVICE: &str = "dmd-dead-letter-service";
+
+/// The back-off before attempt `attempt + 1`: doubling from `min`, capped at `max`.
+pub fn backoff(attempt: u64, min: Duration, max: Duration) -> Duration {
+    let shift = u32::try_from(attempt.saturating_sub(1).min(20)).unwrap_or(20);
+    min.saturating_mul(1u32 << shift).min(max)
+}
+
+/// The lane a key goes to, of `lanes`.
+pub fn lane_of(key: &str, lanes: usize) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    usize::try_from(h.finish() % lanes.max(1) as u64).unwrap_or(0)
+}
+
+/// Consumes `config.consumer` until `shutdown`, handing every message to `handle` and settling it by the
+/// answer. `key` orders messages: those with one key are handled one at a time, in order.
+pub async fn consume<K, H, F>(
+    bus: Bus,
+    config: StackConfig,
+    key: K,
+    handle: H,
+    shutdown: impl Future<Output = ()>,
+) where
+    K: Fn(&Message) -> String,
+    H: Fn(Message, u64) -> F + Send + Sync + 'static,
+    F: Future<Output = Settle> + Send + 'static,
+{
+    let config = Arc::new(config);
+    let handle = Arc::new(handle);
+    let mut lanes = Vec::with_capacity(config.lanes.max(1));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..config.lanes.max(1) {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Delivery>(config.lane_depth.max(1));
+        lanes.push(tx);
+        workers.spawn(lane(bus.clone(), config.clone(), handle.clone(), rx));
+    }
+    tokio::pin!(shutdown);
+    let mut consumer = None;
+    let mut failures = 0u64;
+    loop {
+        let reader = match consumer.as_mut() {
+            Some(c) => c,
+            None => match bus.consumer(&config.consumer).await {
+                Ok(c) => {
+                    failures = 0;
+                    consumer.insert(c)
+                }
+                Err(e) => {
+                    failures += 1;
+                    let pause = backoff(failures, config.backoff_min, config.backoff_max);
+                    tracing::warn!(service = %config.service, error = %e, ?pause, "cannot open the work queue; trying again");
+                    tokio::select! {
+                        _ = &mut shutdown => break,
+                        _ = tokio::time::sleep(pause) => continue,
+                    }
+                }
+            },
+        };
+        let delivery = tokio::select! {
+            _ = &mut shutdown => break,
+            next = reader.next() => next,
+        };
+        match delivery {
+            Ok(Some(delivery)) => {
+                let at = lane_of(&key(&delivery.message), lanes.len());
+                let sent = tokio::select! {
+                    _ = &mut shutdown => break,
+                    sent = lanes[at].send(delivery) => sent,
+                };
+                if sent.is_err() {
+                    // A lane ended (it cannot, short of a panic): the message comes back after its ack wait.
+                    tracing::error!(service = %config.service, "a consumer lane is gone");
+                }
+            }
+            // The bus was closed: nothing more will come.
+            Ok(None) => break,
+            Err(e) => {
+                // A NATS outage or a deleted consumer: open it again after a pause.
+                tracing::warn!(service = %config.service, error = %e, "the work queue failed; reopening it");
+                consumer = None;
+            }
+        }
+    }
+    // The lanes finish what they hold; what they did not settle comes back after its ack wait.
+    drop(lanes);
+    while workers.join_next().await.is_some() {}
+}
+
+async fn lane<H, F>(
+    bus: Bus,
+    config: Arc<StackConfig>,
+    handle: Arc<H>,
+    mut deliveries: tokio::sync::mpsc::Receiver<Delivery>,
+) where
+    H: Fn(Message, u64) -> F + Send + Sync + 'static,
+    F: Future<Output = Settle> + Send + 'static,
+{
+    while let Some(delivery) = deliveries.recv().await {
+        let attempt = delivery.attempt;
+        let settle = handle(delivery.message.clone(), attempt).await;
+        let settle = match settle {
+            Settle::Retry(reason) if attempt >= config.max_deliver => {
+                Settle::Poison(format!("gave up after {attempt} attempts: {reason}"))
+            }
+            other => other,
+        };
+        let settled = match settle {
+            Settle::Done => delivery.ack().await,
+            Settle::Retry(reason) => {
+                let pause = backoff(attempt, config.backoff_min, config.backoff_max);
+                tracing::debug!(service = %config.service, attempt, ?pause, %reason, "message held back");
+                delivery.nak(pause).await
+            }
+            Settle::Poison(reason) => {
+                tracing::warn!(service = %config.service, attempt, %reason, "message dropped as poison");
+                dead_letter(&bus, &config, &delivery.message, &reason).await;
+                delivery.term().await
+            }
+        };
+        if let Err(e) = settled {
+            tracing::warn!(service = %config.service, error = %e, "a message could not be settled; it comes back");
+        }
+    }
+}
+
+/// Records a dropped message (its subject and headers, not its payload, which may be large) where the
+/// operator looks: the audit stream.
+async fn dead_letter(bus: &Bus, config: &StackConfig, message: &Message, reason: &str) {
+    let Some(subject) = &config.dead_letter_subject else {
+        return;
+    };
+    let mut headers = Headers::new();
+    headers.insert("dmd-type", "dmd.bus.v1.DeadLetter");
+    headers.insert("dmd-version", "1");
+    headers.insert(DEAD_LETTER_SERVICE, config.service.clone());
+    headers.insert(DEAD_LETTER_REASON, reason);
+    headers.insert("dmd-dead-letter-subject", message.subject.clone());
+    for (name, value) in &message.headers.0 {
+        if matches!(name.as_str(), "traceparent" | "tracestate" | "dmd-type") {
+            headers.insert(&format!("dmd-original-{name}"), value.clone());
+        }
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let id = format!("dead:{}:{nanos}", config.service);
+    if let Err(e) = bus.publish(subject, headers, Bytes::new(), &id).await {
+        tracing::warn!(service = %config.service, error = %e, "a dead-letter record could not be written");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap() {
+        let (min, max) = (Duration::from_millis(250), Duration::from_secs(30));
+        assert_eq!(backoff(1, min, max), min);
+        assert_eq!(backoff(2, min, max), Duration::from_millis(500));
+        assert_eq!(backoff(4, min, max), Duration::from_secs(2));
+        assert_eq!(backoff(40, min, max), max);
+        assert_eq!(backoff(u64::MAX, min, max), max);
+    }
+}
