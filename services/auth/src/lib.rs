@@ -29,7 +29,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use dm_bus::{Area, Bus, BusError, ConsumerConfig, Delivery, Headers, Request};
+use dm_bus::stack::Settle;
+use dm_bus::{Area, Bus, BusError, ConsumerConfig, Headers, Message, Request};
 use dm_proto::bus::v1::{
     CommandEnvelope, EventEnvelope, Fetch, FetchAnswer, IdentityAnswer, IdentityCheck, Lodge,
     LodgeAnswer, fetch, lodge,
@@ -153,14 +154,16 @@ pub async fn run(
         Ok(n) => tracing::info!(expired_keys = n, "swept expired TEMP keys"),
         Err(e) => tracing::warn!(error = %e, "sweep of expired TEMP keys failed"),
     }
-    let mut commands = bus
-        .consumer(&ConsumerConfig {
+    let mut commands_config = dm_bus::stack::StackConfig::new(
+        SERVICE,
+        ConsumerConfig {
             stream: names.stream(Area::Cmd),
             durable: names.consumer(SERVICE)?,
             filter: names.commands_for(SERVICE)?,
             ack_wait: config.ack_wait,
-        })
-        .await?;
+        },
+    );
+    commands_config.dead_letter_subject = Some(names.subject(Area::Audit, "dead")?);
     let group = names.queue_group(SERVICE)?;
     let mut identity = bus
         .serve(&names.subject(Area::Req, "auth.identity")?, &group)
@@ -193,19 +196,34 @@ pub async fn run(
         })
     };
     let mut in_flight = JoinSet::new();
+    // Commands go through the consumer stack: several delegations at once, one at a time for each.
+    let (stop_commands, commands_stopped) = tokio::sync::oneshot::channel::<()>();
+    let commands = {
+        let service = service.clone();
+        let bus = service.bus.clone();
+        tokio::spawn(dm_bus::stack::consume(
+            bus,
+            commands_config,
+            |m: &Message| {
+                CommandEnvelope::decode(m.payload.clone())
+                    .ok()
+                    .and_then(|e| e.delegation)
+                    .map(|d| delegation_key(&d.peer_server_id, &d.session_id))
+                    .unwrap_or_default()
+            },
+            move |message, _attempt| {
+                let service = service.clone();
+                async move { service.command(message).await }
+            },
+            async {
+                let _ = commands_stopped.await;
+            },
+        ))
+    };
     tokio::pin!(shutdown);
     let outcome = loop {
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
-            delivery = commands.next() => match delivery {
-                Ok(Some(d)) => {
-                    if let Err(e) = service.command(d).await {
-                        tracing::warn!(error = %e, "a command could not be settled");
-                    }
-                }
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(e.into()),
-            },
             request = identity.next() => {
                 let Some(request) = request else { break Ok(()) };
                 let service = service.clone();
@@ -225,6 +243,8 @@ pub async fn run(
         }
     };
     sweeper.abort();
+    let _ = stop_commands.send(());
+    let _ = commands.await;
     let _ = tokio::time::timeout(DRAIN, async {
         while in_flight.join_next().await.is_some() {}
     })
@@ -421,21 +441,18 @@ impl Service {
 
     /// Carries out one command, publishes its outcome (if it has one), then acknowledges it. A failure of
     /// the bucket or of the publish leaves it to be delivered again.
-    async fn command(&self, delivery: Delivery) -> Result<(), BusError> {
-        let Ok(env) = CommandEnvelope::decode(delivery.message.payload.clone()) else {
-            tracing::warn!("an undecodable command was dropped");
-            return delivery.term().await;
+    async fn command(&self, message: Message) -> Settle {
+        let Ok(env) = CommandEnvelope::decode(message.payload.clone()) else {
+            return Settle::Poison("an undecodable command".into());
         };
         let (Some(d), Some(kind)) = (
             env.delegation.clone(),
             env.command.as_ref().and_then(|c| c.kind.clone()),
         ) else {
-            tracing::warn!("a command without a delegation or a command was dropped");
-            return delivery.term().await;
+            return Settle::Poison("a command without a delegation or a command".into());
         };
         if env.outbox_id.is_empty() {
-            tracing::warn!("a command without an outbox id was dropped");
-            return delivery.term().await;
+            return Settle::Poison("a command without an outbox id".into());
         }
         let key = delegation_key(&d.peer_server_id, &d.session_id);
         let now = now_ms();
@@ -463,15 +480,17 @@ impl Service {
                 .await
                 .map(|()| None),
             _ => {
-                tracing::warn!(outbox_id = %env.outbox_id, "a command for another service was dropped");
-                return delivery.term().await;
+                return Settle::Poison(format!(
+                    "{} is a command for another service",
+                    env.outbox_id
+                ));
             }
         };
         let outcome = match done {
             Ok(outcome) => outcome,
             Err(e) => {
                 tracing::warn!(error = %e, outbox_id = %env.outbox_id, "command not carried out; it will be delivered again");
-                return delivery.nak(Duration::from_secs(1)).await;
+                return Settle::Retry(e.to_string());
             }
         };
         if let Some(result) = outcome {
@@ -490,7 +509,7 @@ impl Service {
                     self.bus
                         .publish(
                             &subject,
-                            headers("dmd.bus.v1.EventEnvelope", &delivery.message.headers),
+                            headers("dmd.bus.v1.EventEnvelope", &message.headers),
                             Bytes::from(evt.encode_to_vec()),
                             &format!("{}:result", env.outbox_id),
                         )
@@ -500,9 +519,9 @@ impl Service {
             };
             if let Err(e) = published {
                 tracing::warn!(error = %e, outbox_id = %env.outbox_id, "outcome not published; the command will be delivered again");
-                return delivery.nak(Duration::from_secs(1)).await;
+                return Settle::Retry(e.to_string());
             }
         }
-        delivery.ack().await
+        Settle::Done
     }
 }
