@@ -27,7 +27,9 @@ struct Stream {
     /// A log's messages, for consumers created later.
     kept: Vec<(u64, Message)>,
     next_seq: u64,
+    /// Msg-ids within the duplicate window, and the same in the order they came (to prune cheaply).
     seen: HashMap<String, Instant>,
+    seen_order: std::collections::VecDeque<(Instant, String)>,
     /// Messages no consumer takes yet (a consumer created later gets them).
     unassigned: Vec<(u64, Message)>,
     consumers: Vec<Arc<Shared>>,
@@ -113,12 +115,22 @@ impl MemoryBus {
             .as_ref()
             .map_or(Duration::from_secs(120), |c| c.duplicate_window);
         let now = Instant::now();
-        stream.seen.retain(|_, at| now.duration_since(*at) < window);
+        // Ids leave the window oldest first: pruning costs what expired, not what is kept.
+        while let Some((at, id)) = stream.seen_order.front() {
+            if now.duration_since(*at) < window {
+                break;
+            }
+            if stream.seen.get(id) == Some(at) {
+                stream.seen.remove(id);
+            }
+            stream.seen_order.pop_front();
+        }
         if !msg_id.is_empty() && stream.seen.contains_key(msg_id) {
             return Ok(());
         }
         if !msg_id.is_empty() {
             stream.seen.insert(msg_id.to_string(), now);
+            stream.seen_order.push_back((now, msg_id.to_string()));
         }
         stream.next_seq += 1;
         let seq = stream.next_seq;
