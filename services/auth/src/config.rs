@@ -22,8 +22,8 @@ use dm_bus::Names;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::crypto::MasterKey;
 use crate::registry::{PeerToml, TrustRegistry};
+use dm_seal::MasterKey;
 
 /// The default time an unused TEMP_DELEGATION_KEY lives (A.6 "an unused TEMP key expires").
 pub const DEFAULT_TEMP_KEY_TTL: Duration = Duration::from_secs(3600);

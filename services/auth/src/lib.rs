@@ -20,7 +20,6 @@
 
 mod account;
 mod config;
-mod crypto;
 mod registry;
 mod vault;
 
@@ -47,7 +46,7 @@ pub use account::{CLIENT_CRED_KEY, SERVER_CRED_KEY};
 pub use config::{
     Config, ConfigError, DEFAULT_ACK_WAIT, DEFAULT_SWEEP_INTERVAL, DEFAULT_TEMP_KEY_TTL,
 };
-pub use crypto::MasterKey;
+pub use dm_seal::MasterKey;
 pub use registry::{
     IdentityRefusal, Peer, PeerIdentity, PeerPolicy, PolicyRefusal, PresentedCertificate,
     TrustRegistry, format_pin, parse_pin,

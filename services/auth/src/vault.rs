@@ -18,7 +18,7 @@ use dm_bus::{BusError, Kv};
 use dm_proto::saga::v1::{Work, WorkResult};
 use prost::Message as _;
 
-use crate::crypto::{DataKey, MasterKey, SealError};
+use dm_seal::{DataKey, MasterKey, SealError};
 
 /// How many handled commands a record remembers.
 const DONE_KEPT: usize = 32;

@@ -1,6 +1,7 @@
-//! Encryption at rest (ARCHITECTURE rule 7): every delegation has its own random 256-bit data key; the
-//! data key is stored wrapped (encrypted) with the deployment's master key, the secrets encrypted with the
-//! data key. XChaCha20-Poly1305 with a random 192-bit nonce per encryption; the associated data binds each
+//! Encryption at rest (ARCHITECTURE rule 7), shared by the services that keep secrets: every record (a
+//! delegation's secrets in auth) has its own random 256-bit data key; the data key is stored wrapped
+//! (encrypted) with the deployment's master key, the secrets encrypted with the data key. Small records
+//! (a device's credentials in provisioning) may be sealed with the master key directly. XChaCha20-Poly1305 with a random 192-bit nonce per encryption; the associated data binds each
 //! ciphertext to its delegation and to its purpose, so a ciphertext moved to another key or field does not
 //! open. Destroying a delegation's wrapped data key makes its secrets unreadable.
 
@@ -64,16 +65,33 @@ impl MasterKey {
         Ok(Self::from_bytes(key))
     }
 
+    /// Encrypts a small record stored under `record_key` for the purpose `purpose` directly with the
+    /// master key (no data key: nothing to destroy separately).
+    pub fn seal(
+        &self,
+        record_key: &str,
+        purpose: &str,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, SealError> {
+        seal(&self.key, &aad(purpose, record_key), plaintext)
+    }
+
+    /// Opens what [`MasterKey::seal`] sealed under the same record key and purpose.
+    pub fn open(
+        &self,
+        record_key: &str,
+        purpose: &str,
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, OpenError> {
+        open(&self.key, &aad(purpose, record_key), sealed)
+    }
+
     /// Encrypts a fresh data key for the delegation stored under `record_key`.
-    pub(crate) fn wrap(&self, record_key: &str, data_key: &DataKey) -> Result<Vec<u8>, SealError> {
+    pub fn wrap(&self, record_key: &str, data_key: &DataKey) -> Result<Vec<u8>, SealError> {
         seal(&self.key, &aad("data-key", record_key), &data_key.0)
     }
 
-    pub(crate) fn unwrap_key(
-        &self,
-        record_key: &str,
-        wrapped: &[u8],
-    ) -> Result<DataKey, OpenError> {
+    pub fn unwrap_key(&self, record_key: &str, wrapped: &[u8]) -> Result<DataKey, OpenError> {
         let bytes = open(&self.key, &aad("data-key", record_key), wrapped)?;
         let key: [u8; 32] = bytes.try_into().map_err(|_| OpenError)?;
         Ok(DataKey(key))
@@ -106,15 +124,15 @@ impl Drop for MasterKey {
 }
 
 /// One delegation's data key.
-pub(crate) struct DataKey([u8; 32]);
+pub struct DataKey([u8; 32]);
 
 impl DataKey {
-    pub(crate) fn random() -> Self {
+    pub fn random() -> Self {
         Self(rand::random::<[u8; 32]>())
     }
 
     /// Encrypts one secret of the delegation under `record_key`, for the purpose `field`.
-    pub(crate) fn seal(
+    pub fn seal(
         &self,
         record_key: &str,
         field: &str,
@@ -123,12 +141,7 @@ impl DataKey {
         seal(&self.0, &aad(field, record_key), plaintext)
     }
 
-    pub(crate) fn open(
-        &self,
-        record_key: &str,
-        field: &str,
-        sealed: &[u8],
-    ) -> Result<Vec<u8>, OpenError> {
+    pub fn open(&self, record_key: &str, field: &str, sealed: &[u8]) -> Result<Vec<u8>, OpenError> {
         open(&self.0, &aad(field, record_key), sealed)
     }
 }
