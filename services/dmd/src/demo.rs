@@ -170,6 +170,7 @@ fn spec(side: SideSpec<'_>, pki: &pki::Pki, push_url: &str) -> anyhow::Result<De
             },
         )]),
     };
+    let master_key = auth.master_key.clone();
     Ok(DeploymentSpec {
         name: name.to_string(),
         server_id: me.to_string(),
@@ -183,6 +184,7 @@ fn spec(side: SideSpec<'_>, pki: &pki::Pki, push_url: &str) -> anyhow::Result<De
             listener: provisioning_listener,
             push_url: push_url.to_string(),
             devices: Vec::new(),
+            master_key,
         }),
     })
 }
@@ -257,16 +259,18 @@ impl World {
                 client_nonce_b64: auth::encode_nonce(format!("cn-{i}").as_bytes()),
             };
             fleet.insert(Device::with_default_tree(&dev_id, &account)?);
-            dms1.provisioning()?.register_device(
-                &dev_id,
-                DeviceCredentials {
-                    server_secret: account.server_secret.clone(),
-                    server_nonce_b64: account.server_nonce_b64.clone(),
-                    client_name: dev_id.clone(),
-                    client_secret: account.client_secret.clone(),
-                    client_nonce_b64: account.client_nonce_b64.clone(),
-                },
-            );
+            dms1.provisioning()?
+                .register_device_durably(
+                    &dev_id,
+                    DeviceCredentials {
+                        server_secret: account.server_secret.clone(),
+                        server_nonce_b64: account.server_nonce_b64.clone(),
+                        client_name: dev_id.clone(),
+                        client_secret: account.client_secret.clone(),
+                        client_nonce_b64: account.client_nonce_b64.clone(),
+                    },
+                )
+                .await?;
         }
         Ok(World {
             dms1,

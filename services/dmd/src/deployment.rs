@@ -38,8 +38,11 @@ pub struct ProvisioningSpec {
     pub listener: TcpListener,
     /// Where package #0 notifications are pushed (the simulated fleet, or a push gateway).
     pub push_url: String,
-    /// The devices this server manages and their credentials.
+    /// The devices this server manages and their credentials: they seed the device store (credentials
+    /// stored since, rotated secrets and nonces, win).
     pub devices: Vec<(String, dm_provisioning::DeviceCredentials)>,
+    /// Seals the devices' credentials at rest (the deployment's master key).
+    pub master_key: dm_auth::MasterKey,
 }
 
 /// A running deployment. Dropping it does not stop it; call [`Running::stop`].
@@ -149,9 +152,21 @@ pub async fn start(spec: DeploymentSpec, bus: Bus) -> anyhow::Result<Running> {
             .kv(&names.bucket("snapshots")?, 1)
             .await
             .context("snapshot bucket")?;
-        let service = service.with_snapshot_store(store);
+        let devices = bus
+            .kv(&names.bucket("devices")?, 1)
+            .await
+            .context("device bucket")?;
+        let service = service
+            .with_snapshot_store(store)
+            .with_device_store(devices, p.master_key);
+        // The devices' nonces and secrets outlive this process (a restart must not lose them).
+        let loaded = service.load_devices().await.context("device bucket")?;
+        tracing::info!(devices = loaded, "device credentials loaded");
         for (dev_id, creds) in p.devices {
-            service.register_device(&dev_id, creds);
+            service
+                .seed_device(&dev_id, creds)
+                .await
+                .context("device bucket")?;
         }
         {
             let endpoint = service.clone();

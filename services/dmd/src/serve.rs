@@ -63,6 +63,12 @@ pub async fn spec(only: Option<Service>, c: FileConfig) -> anyhow::Result<Deploy
         )),
         _ => None,
     };
+    // Device credentials are sealed with the deployment's master key, the one auth has.
+    let master_key = c
+        .auth
+        .as_ref()
+        .map(|a| a.master_key.clone())
+        .unwrap_or_else(dm_auth::MasterKey::random);
     let provisioning = match (c.provisioning, wanted(only, Service::Provisioning)) {
         (Some(p), true) => Some(ProvisioningSpec {
             config: dm_provisioning::Config::new(&c.server_id, p.public_url),
@@ -71,6 +77,7 @@ pub async fn spec(only: Option<Service>, c: FileConfig) -> anyhow::Result<Deploy
                 .with_context(|| format!("[provisioning] listen {}", p.listen))?,
             push_url: p.push_url,
             devices: p.devices,
+            master_key,
         }),
         _ => None,
     };

@@ -63,9 +63,9 @@ impl Config {
     }
 }
 
-/// What this server and one device know of each other (docs/device-side.md). Secrets stay in memory and
-/// never reach logs: `Debug` hides them.
-#[derive(Clone, Default, PartialEq, Eq)]
+/// What this server and one device know of each other (docs/device-side.md). Kept sealed in the
+/// `devices` bucket when the service has a device store; `Debug` hides the secrets.
+#[derive(Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeviceCredentials {
     /// The server's password on the device (SRVCRED `AAuthSecret`; the TEMP_DELEGATION_KEY at first for a
     /// delegated server).
@@ -145,7 +145,19 @@ pub struct Provisioning {
     outcomes: mpsc::UnboundedSender<JobOutcome>,
     /// Where snapshots are kept across restarts (ARCHITECTURE rule 1); `None`: in memory only.
     store: Option<dm_bus::Kv>,
+    /// Where the devices' credentials and nonces are kept, sealed; `None`: in memory only.
+    devices: Option<Arc<DeviceStore>>,
 }
+
+/// The devices' credentials at rest: one entry per device, sealed with the master key and bound to the
+/// device id, so that a restarted (or another) replica opens the next session with the nonces in force.
+struct DeviceStore {
+    kv: dm_bus::Kv,
+    key: dm_seal::MasterKey,
+}
+
+/// What a device's sealed credentials are bound to.
+const DEVICE_PURPOSE: &str = "device-credentials";
 
 impl std::fmt::Debug for Provisioning {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -176,6 +188,7 @@ impl Provisioning {
                 channel,
                 outcomes,
                 store: None,
+                devices: None,
             },
             rx,
         )
@@ -230,6 +243,99 @@ impl Provisioning {
             }
         }
         Ok(())
+    }
+
+    /// Keeps every device's credentials in `kv`, sealed with `key` (the deployment's master key).
+    pub fn with_device_store(mut self, kv: dm_bus::Kv, key: dm_seal::MasterKey) -> Self {
+        self.devices = Some(Arc::new(DeviceStore { kv, key }));
+        self
+    }
+
+    /// Loads the devices kept in the device store (at start); they replace what is known in memory.
+    /// Returns how many there are.
+    pub async fn load_devices(&self) -> Result<usize, dm_bus::BusError> {
+        let Some(store) = &self.devices else {
+            return Ok(0);
+        };
+        let mut loaded = 0;
+        for key in store.kv.keys().await? {
+            let Some(entry) = store.kv.get(&key).await? else {
+                continue;
+            };
+            let Some(dev_id) = dm_bus::subjects::decode_key(&key) else {
+                continue;
+            };
+            let creds = store
+                .key
+                .open(&dev_id, DEVICE_PURPOSE, &entry.value)
+                .ok()
+                .and_then(|plain| serde_json::from_slice::<DeviceCredentials>(&plain).ok());
+            let Some(creds) = creds else {
+                // Another master key, or tampered: the device is not usable; say which, never why.
+                tracing::warn!(
+                    dev_id,
+                    "stored credentials of a device cannot be opened; skipped"
+                );
+                continue;
+            };
+            self.register_device(&dev_id, creds);
+            loaded += 1;
+        }
+        Ok(loaded)
+    }
+
+    /// Makes a device known and keeps its credentials in the device store.
+    pub async fn register_device_durably(
+        &self,
+        dev_id: &str,
+        creds: DeviceCredentials,
+    ) -> Result<(), dm_bus::BusError> {
+        self.register_device(dev_id, creds);
+        self.store_device(dev_id).await
+    }
+
+    /// Makes a device known unless it is already (a configuration's device list seeds the store; what
+    /// was stored since, rotated secrets and nonces, wins).
+    pub async fn seed_device(
+        &self,
+        dev_id: &str,
+        creds: DeviceCredentials,
+    ) -> Result<(), dm_bus::BusError> {
+        if self.credentials(dev_id).is_some() {
+            return Ok(());
+        }
+        self.register_device_durably(dev_id, creds).await
+    }
+
+    /// Writes what is known of a device's credentials now to the device store.
+    async fn store_device(&self, dev_id: &str) -> Result<(), dm_bus::BusError> {
+        let (Some(store), Some(creds)) = (&self.devices, self.credentials(dev_id)) else {
+            return Ok(());
+        };
+        let plain = serde_json::to_vec(&creds)
+            .map_err(|_| dm_bus::BusError::InvalidName("device credentials".into()))?;
+        let sealed = store
+            .key
+            .seal(dev_id, DEVICE_PURPOSE, &plain)
+            .map_err(|_| dm_bus::BusError::InvalidName("device credentials".into()))?;
+        let key = dm_bus::subjects::encode_key(dev_id);
+        for _ in 0..8 {
+            let written = match store.kv.get(&key).await? {
+                Some(entry) => {
+                    store
+                        .kv
+                        .update(&key, sealed.clone().into(), entry.revision)
+                        .await
+                }
+                None => store.kv.create(&key, sealed.clone().into()).await,
+            };
+            match written {
+                Ok(_) => return Ok(()),
+                Err(dm_bus::BusError::Conflict(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(dm_bus::BusError::Conflict(key))
     }
 
     pub fn config(&self) -> &Config {
@@ -546,10 +652,20 @@ async fn dm_message(State(p): State<Provisioning>, headers: HeaderMap, body: Byt
         dev_id = %msg.hdr.source.loc_uri, session_id = %msg.hdr.session_id, size = body.len(),
         "DM package received"
     );
+    let dev_id = msg.hdr.source.loc_uri.clone();
+    let creds_before = p.credentials(&dev_id);
     let (handled, created) = match p.handle(&msg) {
         Ok(h) => h,
         Err(refusal) => return (refusal.http_status(), refusal.to_string()).into_response(),
     };
+    // Nonces and secrets given out in this answer are kept before it goes (a restart must not lose
+    // them). A store that fails is not fatal: the device's challenge and the zero-nonce resync (B.1)
+    // recover a lost nonce.
+    if p.credentials(&dev_id) != creds_before
+        && let Err(e) = p.store_device(&dev_id).await
+    {
+        tracing::warn!(dev_id, error = %e, "a device's new credentials could not be stored");
+    }
     if let Err(e) = p.persist(created).await {
         // The plan is not sent: the device's session breaks off and the job fails after the timeout.
         tracing::warn!(error = %e, "a snapshot could not be stored; the plan is held back");

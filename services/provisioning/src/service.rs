@@ -66,6 +66,9 @@ fn plan_id(d: &DelegationRef) -> String {
 /// such a command is delivered again later instead of failing the delegation.
 const AUTH_AWAY: &str = "auth is not answering";
 
+/// How a failure to keep a device's credentials starts: the command is delivered again later.
+const STORE_AWAY: &str = "the device store is not answering";
+
 async fn fetch_secret(
     bus: &Bus,
     names: &Names,
@@ -266,7 +269,7 @@ async fn command(
             }
             None => Ok(()),
         },
-        Err((_, _, reason)) if reason.starts_with(AUTH_AWAY) => {
+        Err((_, _, reason)) if reason.starts_with(AUTH_AWAY) || reason.starts_with(STORE_AWAY) => {
             return Settle::Retry(reason);
         }
         Err((work, status, reason)) => {
@@ -389,20 +392,23 @@ async fn job_for(
             let client = own
                 .credential(AuthLevel::Clcred)
                 .ok_or_else(|| fail(500, "own account has no client credential".into()))?;
-            provisioning.register_device(
-                &d.dev_id,
-                DeviceCredentials {
-                    server_secret: temp_key,
-                    server_nonce_b64: plan.server_nonce_b64.clone(),
-                    client_name: client.name.clone().unwrap_or_else(|| d.dev_id.clone()),
-                    client_secret: client
-                        .secret
-                        .as_ref()
-                        .map(|s| s.expose().to_string())
-                        .unwrap_or_default(),
-                    client_nonce_b64: client.data.clone().unwrap_or_default(),
-                },
-            );
+            provisioning
+                .register_device_durably(
+                    &d.dev_id,
+                    DeviceCredentials {
+                        server_secret: temp_key,
+                        server_nonce_b64: plan.server_nonce_b64.clone(),
+                        client_name: client.name.clone().unwrap_or_else(|| d.dev_id.clone()),
+                        client_secret: client
+                            .secret
+                            .as_ref()
+                            .map(|s| s.expose().to_string())
+                            .unwrap_or_default(),
+                        client_nonce_b64: client.data.clone().unwrap_or_default(),
+                    },
+                )
+                .await
+                .map_err(|e| fail(500, format!("{STORE_AWAY}: {e}")))?;
             Ok(Some((
                 Work::FirstSession,
                 Job::FirstSession(Rotation {
