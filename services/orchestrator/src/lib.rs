@@ -532,16 +532,14 @@ impl Orchestrator {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), OrchestratorError> {
         let names = self.inner.config.names.clone();
-        let mut events = self
-            .inner
-            .bus
-            .consumer(&ConsumerConfig {
-                stream: names.stream(Area::Evt),
-                durable: names.consumer("orchestrator")?,
-                filter: names.area_wildcard(Area::Evt),
-                ack_wait: self.inner.config.ack_wait,
-            })
-            .await?;
+        let events_config = ConsumerConfig {
+            stream: names.stream(Area::Evt),
+            durable: names.consumer("orchestrator")?,
+            filter: names.area_wildcard(Area::Evt),
+            ack_wait: self.inner.config.ack_wait,
+        };
+        let mut events = self.inner.bus.consumer(&events_config).await?;
+        let mut reopen_attempts = 0u64;
         let mut peer = self
             .inner
             .bus
@@ -573,9 +571,27 @@ impl Orchestrator {
                 _ = &mut shutdown => break Ok(()),
                 delivery = events.next() => {
                     let delivery = match delivery {
-                        Ok(Some(d)) => d,
+                        Ok(Some(d)) => {
+                            reopen_attempts = 0;
+                            d
+                        }
                         Ok(None) => break Ok(()),
-                        Err(e) => break Err(e.into()),
+                        Err(e) => {
+                            // A NATS outage or a lost consumer never ends the service: open it again.
+                            reopen_attempts += 1;
+                            let pause = dm_bus::stack::backoff(
+                                reopen_attempts,
+                                Duration::from_millis(250),
+                                Duration::from_secs(30),
+                            );
+                            tracing::warn!(error = %e, ?pause, "the event queue failed; reopening it");
+                            tokio::time::sleep(pause).await;
+                            match self.inner.bus.consumer(&events_config).await {
+                                Ok(c) => events = c,
+                                Err(e) => tracing::warn!(error = %e, "the event queue cannot be opened yet"),
+                            }
+                            continue;
+                        }
                     };
                     match EventEnvelope::decode(delivery.message.payload.clone()) {
                         Ok(EventEnvelope { delegation: Some(d), event: Some(event) }) => {
