@@ -72,6 +72,20 @@ pub struct World {
     pub dms2: Running,
     pub fleet: Fleet,
     started: Instant,
+    /// What it takes to start a side again where it was (same addresses, same keys).
+    pki: pki::Pki,
+    bus: Bus,
+    push_url: String,
+    sides: [SideAt; 2],
+}
+
+/// Where one side listens and what it keeps its secrets with, across restarts.
+#[derive(Debug, Clone)]
+struct SideAt {
+    gateway: std::net::SocketAddr,
+    provisioning: std::net::SocketAddr,
+    peer_endpoint: String,
+    master_key: dm_auth::MasterKey,
 }
 
 impl std::fmt::Debug for World {
@@ -94,6 +108,7 @@ struct SideSpec<'a> {
     peer_endpoint: &'a str,
     gateway_listener: TcpListener,
     provisioning_listener: TcpListener,
+    master_key: dm_auth::MasterKey,
 }
 
 fn spec(side: SideSpec<'_>, pki: &pki::Pki, push_url: &str) -> anyhow::Result<DeploymentSpec> {
@@ -104,6 +119,7 @@ fn spec(side: SideSpec<'_>, pki: &pki::Pki, push_url: &str) -> anyhow::Result<De
         peer_endpoint,
         gateway_listener,
         provisioning_listener,
+        master_key,
     } = side;
     let names = Names::new(name)?;
     let provisioning_url = format!("http://{}/dm", provisioning_listener.local_addr()?);
@@ -123,7 +139,8 @@ fn spec(side: SideSpec<'_>, pki: &pki::Pki, push_url: &str) -> anyhow::Result<De
             },
         }],
     )?;
-    let auth = dm_auth::Config::new(names, registry, provisioning_url.clone())?;
+    let mut auth = dm_auth::Config::new(names, registry, provisioning_url.clone())?;
+    auth.master_key = master_key;
     let files = pki.files(me).context("certificates")?;
     let gateway_config = dm_gateway::Config {
         deployment: name.to_string(),
@@ -221,6 +238,21 @@ impl World {
         let (e1, e2) = (endpoint(&gw1)?, endpoint(&gw2)?);
         let (p1, p2) = (bind().await?, bind().await?);
         let p1_url = format!("http://{}/dm", p1.local_addr()?);
+        // In memory only: the embedded default keeps nothing across a process restart anyway.
+        let sides = [
+            SideAt {
+                gateway: gw1.local_addr()?,
+                provisioning: p1.local_addr()?,
+                peer_endpoint: e2.clone(),
+                master_key: dm_auth::MasterKey::random(),
+            },
+            SideAt {
+                gateway: gw2.local_addr()?,
+                provisioning: p2.local_addr()?,
+                peer_endpoint: e1.clone(),
+                master_key: dm_auth::MasterKey::random(),
+            },
+        ];
         let s1 = spec(
             SideSpec {
                 name: "dms1",
@@ -229,6 +261,7 @@ impl World {
                 peer_endpoint: &e2,
                 gateway_listener: gw1,
                 provisioning_listener: p1,
+                master_key: sides[0].master_key.clone(),
             },
             &pki,
             &push_url,
@@ -241,12 +274,13 @@ impl World {
                 peer_endpoint: &e1,
                 gateway_listener: gw2,
                 provisioning_listener: p2,
+                master_key: sides[1].master_key.clone(),
             },
             &pki,
             &push_url,
         )?;
         let dms1 = deployment::start(s1, bus.clone()).await?;
-        let dms2 = deployment::start(s2, bus).await?;
+        let dms2 = deployment::start(s2, bus.clone()).await?;
         for i in 0..devices {
             let dev_id = device_id(i);
             let account = DefaultAccount {
@@ -277,7 +311,53 @@ impl World {
             dms2,
             fleet,
             started: Instant::now(),
+            pki,
+            bus,
+            push_url,
+            sides,
         })
+    }
+
+    /// Stops every service of one side (`D1` or `D2`) and starts them again on the same addresses with
+    /// the same keys: what the side knows must come from the store (a restart is a non-event, issue 10).
+    pub async fn restart(mut self, server_id: &str) -> anyhow::Result<World> {
+        let (index, name, me, peer) = if server_id == D1 {
+            (0, "dms1", D1, D2)
+        } else {
+            (1, "dms2", D2, D1)
+        };
+        let at = self.sides[index].clone();
+        let placeholder = |s: &mut Running| std::mem::replace(s, Running::stopped(name, me));
+        let old = if index == 0 {
+            placeholder(&mut self.dms1)
+        } else {
+            placeholder(&mut self.dms2)
+        };
+        old.stop().await?;
+        let spec = spec(
+            SideSpec {
+                name,
+                me,
+                peer,
+                peer_endpoint: &at.peer_endpoint,
+                gateway_listener: TcpListener::bind(at.gateway)
+                    .await
+                    .context("binding the gateway's address again")?,
+                provisioning_listener: TcpListener::bind(at.provisioning)
+                    .await
+                    .context("binding the device endpoint's address again")?,
+                master_key: at.master_key.clone(),
+            },
+            &self.pki,
+            &self.push_url,
+        )?;
+        let running = deployment::start(spec, self.bus.clone()).await?;
+        if index == 0 {
+            self.dms1 = running;
+        } else {
+            self.dms2 = running;
+        }
+        Ok(self)
     }
 
     fn side(&self, server_id: &str) -> &Running {

@@ -243,6 +243,19 @@ impl Running {
             .context("the provisioning service does not run in this process")
     }
 
+    /// A deployment with nothing running (a placeholder while one is restarted).
+    pub fn stopped(name: &str, server_id: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            server_id: server_id.to_string(),
+            orchestrator: None,
+            provisioning: None,
+            gateway_addr: None,
+            stop: watch::channel(true).0,
+            tasks: JoinSet::new(),
+        }
+    }
+
     /// Asks every service to stop and waits for them; the first error, if any.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
