@@ -62,17 +62,27 @@ async fn stand_in_services(bus: Bus, names: Names, server_id: &'static str, peer
                         body: m.body.map(dm_saga::as_received),
                     }),
                 };
-                let answer = bus
-                    .request(
-                        &peer.subject(Area::Req, "orchestrator.peer").unwrap(),
-                        Headers::new(),
-                        Bytes::from(inbound.encode_to_vec()),
-                        DEADLINE,
-                    )
-                    .await
-                    .unwrap();
-                let answer = InboundAnswer::decode(answer.payload).unwrap();
-                assert_eq!(answer.http_status, 202, "{answer:?}");
+                // 503 (a START that overtook the peer's own check) is retried with the same MsgID, as
+                // the gateway does (A.2).
+                let deadline = tokio::time::Instant::now() + DEADLINE;
+                loop {
+                    let answer = bus
+                        .request(
+                            &peer.subject(Area::Req, "orchestrator.peer").unwrap(),
+                            Headers::new(),
+                            Bytes::from(inbound.encode_to_vec()),
+                            DEADLINE,
+                        )
+                        .await
+                        .unwrap();
+                    let answer = InboundAnswer::decode(answer.payload).unwrap();
+                    if answer.http_status == 503 && tokio::time::Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                    assert_eq!(answer.http_status, 202, "{answer:?}");
+                    break;
+                }
                 None
             }
             Some(command::Kind::AskAcceptance(_)) => result(Work::Acceptance, None),
