@@ -278,6 +278,31 @@ pub struct Entry {
     pub revision: u64,
 }
 
+/// One change of a key-value bucket: the new value, or `None` when the key was deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvChange {
+    pub key: String,
+    pub value: Option<Bytes>,
+    pub revision: u64,
+}
+
+/// The changes of a key-value bucket, in the order they were made.
+#[derive(Debug)]
+pub enum KvWatch {
+    Memory(tokio::sync::mpsc::UnboundedReceiver<KvChange>),
+    Nats(Box<nats::NatsKvWatch>),
+}
+
+impl KvWatch {
+    /// The next change (waits for one); `None` when the bus is gone.
+    pub async fn next(&mut self) -> Result<Option<KvChange>, BusError> {
+        match self {
+            KvWatch::Memory(rx) => Ok(rx.recv().await),
+            KvWatch::Nats(w) => w.next().await,
+        }
+    }
+}
+
 /// A key-value bucket.
 #[derive(Debug, Clone)]
 pub enum Kv {
@@ -330,6 +355,14 @@ impl Kv {
         match self {
             Kv::Memory(k) => Some(k.touched()),
             Kv::Nats(_) => None,
+        }
+    }
+
+    /// Every change of the bucket from now on, by any writer (another replica's included).
+    pub async fn watch(&self) -> Result<KvWatch, BusError> {
+        match self {
+            Kv::Memory(k) => Ok(KvWatch::Memory(k.watch())),
+            Kv::Nats(k) => Ok(KvWatch::Nats(Box::new(k.watch().await?))),
         }
     }
 

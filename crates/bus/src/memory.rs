@@ -374,6 +374,19 @@ struct Bucket {
     entries: HashMap<String, Entry>,
     /// Entries read or written so far, one per key a listing returned (see `Kv::entries_touched`).
     touched: u64,
+    /// Who watches the bucket's changes.
+    watchers: Vec<tokio::sync::mpsc::UnboundedSender<crate::KvChange>>,
+}
+
+impl Bucket {
+    fn changed(&mut self, key: &str, value: Option<Bytes>) {
+        let change = crate::KvChange {
+            key: key.to_string(),
+            value,
+            revision: self.revision,
+        };
+        self.watchers.retain(|w| w.send(change.clone()).is_ok());
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -400,7 +413,14 @@ impl MemoryKv {
         }
         b.revision += 1;
         let revision = b.revision;
-        b.entries.insert(key.to_string(), Entry { value, revision });
+        b.entries.insert(
+            key.to_string(),
+            Entry {
+                value: value.clone(),
+                revision,
+            },
+        );
+        b.changed(key, Some(value));
         Ok(revision)
     }
 
@@ -413,7 +433,14 @@ impl MemoryKv {
         }
         b.revision += 1;
         let revision = b.revision;
-        b.entries.insert(key.to_string(), Entry { value, revision });
+        b.entries.insert(
+            key.to_string(),
+            Entry {
+                value: value.clone(),
+                revision,
+            },
+        );
+        b.changed(key, Some(value));
         Ok(revision)
     }
 
@@ -422,6 +449,13 @@ impl MemoryKv {
         b.touched += 1;
         b.revision += 1;
         b.entries.remove(key);
+        b.changed(key, None);
+    }
+
+    pub(crate) fn watch(&self) -> tokio::sync::mpsc::UnboundedReceiver<crate::KvChange> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        lock(&self.bucket).watchers.push(tx);
+        rx
     }
 
     pub(crate) fn keys(&self) -> Vec<String> {

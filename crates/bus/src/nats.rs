@@ -292,6 +292,36 @@ impl NatsKv {
         }
         Ok(out)
     }
+
+    /// Every change from now on.
+    pub(crate) async fn watch(&self) -> Result<NatsKvWatch, BusError> {
+        let watch = self.store.watch_all().await.map_err(nats_error)?;
+        Ok(NatsKvWatch { watch })
+    }
+}
+
+pub struct NatsKvWatch {
+    watch: kv::Watch,
+}
+
+impl std::fmt::Debug for NatsKvWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsKvWatch").finish_non_exhaustive()
+    }
+}
+
+impl NatsKvWatch {
+    pub(crate) async fn next(&mut self) -> Result<Option<crate::KvChange>, BusError> {
+        let Some(entry) = self.watch.next().await else {
+            return Ok(None);
+        };
+        let entry = entry.map_err(nats_error)?;
+        Ok(Some(crate::KvChange {
+            key: entry.key,
+            value: matches!(entry.operation, kv::Operation::Put).then_some(entry.value),
+            revision: entry.revision,
+        }))
+    }
 }
 
 pub struct NatsRequests {

@@ -352,3 +352,54 @@ async fn a_log_stream_gives_every_consumer_every_message() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_watcher_sees_every_change_of_a_bucket_in_order_from_any_writer() {
+    for (bus, server) in buses().await {
+        let kv = bus.kv("dmd_dms1_watched", 1).await.unwrap();
+        let mut watch = kv.watch().await.unwrap();
+        // Another client (another replica) writes too.
+        let other = match &server {
+            Some(s) => Bus::connect(s.url()).await.unwrap(),
+            None => bus.clone(),
+        };
+        let other_kv = other.kv("dmd_dms1_watched", 1).await.unwrap();
+        let r1 = kv.create("a", Bytes::from_static(b"1")).await.unwrap();
+        let r2 = other_kv
+            .update("a", Bytes::from_static(b"2"), r1)
+            .await
+            .unwrap();
+        other_kv
+            .create("b", Bytes::from_static(b"3"))
+            .await
+            .unwrap();
+        kv.delete("a").await.unwrap();
+        let mut seen = Vec::new();
+        while seen.len() < 4 {
+            let change = tokio::time::timeout(Duration::from_secs(10), watch.next())
+                .await
+                .expect("a change in time")
+                .unwrap()
+                .unwrap();
+            seen.push((
+                change.key,
+                change.value.map(|v| v.to_vec()),
+                change.revision,
+            ));
+        }
+        assert_eq!(
+            seen[0],
+            ("a".into(), Some(b"1".to_vec()), r1),
+            "{}",
+            label(&bus)
+        );
+        assert_eq!(
+            seen[1],
+            ("a".into(), Some(b"2".to_vec()), r2),
+            "{}",
+            label(&bus)
+        );
+        assert_eq!(seen[2].0, "b");
+        assert_eq!((seen[3].0.as_str(), seen[3].1.as_deref()), ("a", None));
+    }
+}

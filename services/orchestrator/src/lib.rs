@@ -24,7 +24,7 @@ use bytes::Bytes;
 use dm_bus::{Area, Bus, BusError, ConsumerConfig, Headers, Kv, Names};
 use dm_proto::bus::v1::{
     AuditEvent, CommandEnvelope, DelegationRef, EventEnvelope, InboundAnswer, InboundPeerMessage,
-    StoredDelegation,
+    StoredDelegation, StoredTimerView,
 };
 use dm_saga::pb::{self, DelegationState, Event, command, event};
 use dm_saga::{Answer, Claim, Decider, claim_of};
@@ -248,7 +248,9 @@ impl Orchestrator {
                 continue;
             };
             if let Some(state) = &stored.state {
-                self.inner.timers.track(&key, state.timer.as_ref());
+                self.inner
+                    .timers
+                    .track_at(&key, state.timer.as_ref(), revision);
                 if !stored.outbox.is_empty() {
                     self.flush(&key, state, &stored.outbox, revision).await?;
                 }
@@ -419,7 +421,9 @@ impl Orchestrator {
                 Err(BusError::Conflict(_)) => continue,
                 Err(e) => return Err(e.into()),
             };
-            self.inner.timers.track(&key, new_state.timer.as_ref());
+            self.inner
+                .timers
+                .track_at(&key, new_state.timer.as_ref(), revision);
             // A delegation that ended holds its device no more.
             let held_before = state.as_ref().map_or(Claim::None, claim_of);
             if claim_of(&new_state) == Claim::None
@@ -548,6 +552,9 @@ impl Orchestrator {
                 &names.queue_group("orchestrator")?,
             )
             .await?;
+        // Timers armed by any replica are indexed here too: whichever replica sees one due first fires
+        // it, and the decider's fence makes the others' firings no-ops (ARCHITECTURE rules 4 and 13).
+        let watcher = tokio::spawn(self.clone().watch_timers());
         let mut lanes = Vec::with_capacity(LANES);
         let mut workers = tokio::task::JoinSet::new();
         for _ in 0..LANES {
@@ -640,9 +647,69 @@ impl Orchestrator {
             }
         };
         // The lanes finish what they hold; what was not acked is delivered again later.
+        watcher.abort();
         drop(lanes);
         while workers.join_next().await.is_some() {}
         ended
+    }
+
+    /// Indexes the timer of every write to the delegations bucket, whoever made it. A broken watch is
+    /// opened again, after indexing what was stored meanwhile.
+    async fn watch_timers(self) {
+        let mut attempts = 0u64;
+        loop {
+            match self.inner.kv.watch().await {
+                Ok(mut watch) => {
+                    if attempts > 0 {
+                        // Writes made while the watch was down: read what is stored now.
+                        if let Err(e) = self.index_all_timers().await {
+                            tracing::warn!(error = %e, "timers could not be indexed again");
+                        }
+                    }
+                    attempts = 0;
+                    loop {
+                        match watch.next().await {
+                            Ok(Some(change)) => {
+                                let timer = change.value.as_ref().and_then(|v| {
+                                    StoredTimerView::decode(v.clone())
+                                        .ok()
+                                        .and_then(|view| view.state)
+                                        .and_then(|state| state.timer)
+                                });
+                                self.inner.timers.track_at(
+                                    &change.key,
+                                    timer.as_ref(),
+                                    change.revision,
+                                );
+                            }
+                            Ok(None) => return,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "the timer watch failed; reopening it");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "the timer watch cannot be opened yet"),
+            }
+            attempts += 1;
+            tokio::time::sleep(dm_bus::stack::backoff(
+                attempts,
+                Duration::from_millis(250),
+                Duration::from_secs(30),
+            ))
+            .await;
+        }
+    }
+
+    async fn index_all_timers(&self) -> Result<(), OrchestratorError> {
+        for key in self.inner.kv.keys().await? {
+            if let Some((stored, revision)) = self.load(&key).await? {
+                let timer = stored.state.and_then(|s| s.timer);
+                self.inner.timers.track_at(&key, timer.as_ref(), revision);
+            }
+        }
+        Ok(())
     }
 
     /// One lane: decides its inputs one at a time. No error ends it: an event that could not be decided

@@ -18,11 +18,28 @@ struct Index {
     /// (due time, delegation key, timer id)
     due: BTreeSet<(i64, String, u64)>,
     by_key: HashMap<String, (i64, u64)>,
+    /// The newest revision of each delegation indexed: the writes of all replicas arrive through a watch,
+    /// possibly after this replica indexed a newer one of its own.
+    revisions: HashMap<String, u64>,
 }
 
 impl Timers {
     fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the timer a delegation's state at `revision` holds (or that it holds none), unless a newer
+    /// revision was indexed already.
+    pub(crate) fn track_at(&self, key: &str, timer: Option<&Timer>, revision: u64) {
+        {
+            let mut index = self.lock();
+            let newest = index.revisions.entry(key.to_string()).or_default();
+            if *newest > revision {
+                return;
+            }
+            *newest = revision;
+        }
+        self.track(key, timer);
     }
 
     /// Records the timer a delegation has armed now (or that it has none).
