@@ -4,8 +4,9 @@
 //! `<delegation>:<revision>:<index>` and clears the outbox. A lost race (another replica advanced the same
 //! delegation) is retried on the fresh state; a crash between the write and the publish is repaired at start
 //! by publishing every outbox left behind. Timers live in the state, so they survive restarts: each replica
-//! keeps an index of the armed ones and fires them through the decider, which ignores a timer that no longer
-//! matches (ARCHITECTURE rules 2 and 4).
+//! keeps an index of the armed ones, fed by a watch of every write to the bucket (any replica's), and fires
+//! them through the decider, which ignores a timer that no longer matches (ARCHITECTURE rules 2 and 4).
+//! Device claims (rule 9) are compare-and-set entries per device in the `claims` bucket.
 //!
 //! Inputs: events from the services (work queue `evt.>`), inbound peer messages from the gateway
 //! (request/reply `req.orchestrator.peer`, answered after the commit, A.2), operator requests (the API of
