@@ -242,6 +242,21 @@ impl Delivery {
         }
     }
 
+    /// Still working on it: the ack wait starts again (a long task keeps its message this way, and a
+    /// replica that dies lets it go after one ack wait).
+    pub async fn progress(&self) -> Result<(), BusError> {
+        match &self.acker {
+            Acker::Memory(a) => {
+                a.progress();
+                Ok(())
+            }
+            Acker::Nats(m) => m
+                .ack_with(async_nats::jetstream::AckKind::Progress)
+                .await
+                .map_err(|e| BusError::Nats(e.to_string())),
+        }
+    }
+
     /// Not now: deliver it again after `delay`.
     pub async fn nak(self, delay: Duration) -> Result<(), BusError> {
         match self.acker {

@@ -42,6 +42,9 @@ struct Queue {
     attempts: HashMap<u64, u64>,
     /// Delivered and not yet settled, with the attempt that is out.
     inflight: HashMap<u64, u64>,
+    /// How many times the delivery out was reported in progress: an expiry armed before the last report
+    /// does nothing.
+    progress: HashMap<u64, u64>,
 }
 
 #[derive(Debug)]
@@ -57,6 +60,27 @@ impl Shared {
     fn push_ready(&self, seq: u64) {
         lock(&self.queue).ready.push_back(seq);
         self.notify.notify_one();
+    }
+
+    /// Delivers `seq` again unless attempt `attempt` is settled, or reported in progress since `epoch`,
+    /// within `ack_wait`.
+    fn expire_after_ack_wait(self: &Arc<Self>, seq: u64, attempt: u64, epoch: u64) {
+        let shared = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(shared.ack_wait).await;
+            let expired = {
+                let mut q = lock(&shared.queue);
+                let current = q.inflight.get(&seq) == Some(&attempt)
+                    && q.progress.get(&seq).copied().unwrap_or(0) == epoch;
+                if current {
+                    q.inflight.remove(&seq);
+                }
+                current
+            };
+            if expired {
+                shared.push_ready(seq);
+            }
+        });
     }
 }
 
@@ -295,22 +319,12 @@ impl MemoryConsumer {
             };
             if let Some((seq, attempt, message)) = taken {
                 // Not settled within ack_wait: delivered again.
-                let shared = self.shared.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(shared.ack_wait).await;
-                    let expired = {
-                        let mut q = lock(&shared.queue);
-                        if q.inflight.get(&seq) == Some(&attempt) {
-                            q.inflight.remove(&seq);
-                            true
-                        } else {
-                            false
-                        }
-                    };
-                    if expired {
-                        shared.push_ready(seq);
-                    }
-                });
+                let epoch = lock(&self.shared.queue)
+                    .progress
+                    .get(&seq)
+                    .copied()
+                    .unwrap_or(0);
+                self.shared.expire_after_ack_wait(seq, attempt, epoch);
                 return Some(Delivery {
                     message,
                     attempt,
@@ -344,12 +358,28 @@ impl MemoryAcker {
         if remove {
             q.messages.remove(&self.seq);
             q.attempts.remove(&self.seq);
+            q.progress.remove(&self.seq);
         }
         true
     }
 
     pub(crate) fn ack(self) {
         self.settle(true);
+    }
+
+    /// Still working on it: `ack_wait` starts again.
+    pub(crate) fn progress(&self) {
+        let epoch = {
+            let mut q = lock(&self.shared.queue);
+            if q.inflight.get(&self.seq) != Some(&self.attempt) {
+                return;
+            }
+            let epoch = q.progress.entry(self.seq).or_insert(0);
+            *epoch += 1;
+            *epoch
+        };
+        self.shared
+            .expire_after_ack_wait(self.seq, self.attempt, epoch);
     }
 
     pub(crate) fn term(self) {

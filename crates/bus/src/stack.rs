@@ -45,6 +45,12 @@ pub struct StackConfig {
     pub backoff_max: Duration,
     /// Where dead-letter records go (the audit stream), if anywhere.
     pub dead_letter_subject: Option<String>,
+    /// For handlers that take long (a device session): report the message in progress this often, so
+    /// that it stays with this replica while it works and goes to another one an ack wait after it died.
+    pub progress_every: Option<Duration>,
+    /// At shutdown, how long the lanes may take to finish what they hold; then they are dropped (what
+    /// they did not settle comes back after its ack wait).
+    pub drain: Duration,
 }
 
 impl StackConfig {
@@ -59,6 +65,8 @@ impl StackConfig {
             backoff_min: Duration::from_millis(250),
             backoff_max: Duration::from_secs(30),
             dead_letter_subject: None,
+            progress_every: None,
+            drain: Duration::from_secs(5),
         }
     }
 }
@@ -150,9 +158,17 @@ pub async fn consume<K, H, F>(
             }
         }
     }
-    // The lanes finish what they hold; what they did not settle comes back after its ack wait.
+    // The lanes finish what they hold, for a while; what they did not settle comes back after its ack
+    // wait.
     drop(lanes);
-    while workers.join_next().await.is_some() {}
+    let drained = tokio::time::timeout(config.drain, async {
+        while workers.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::info!(service = %config.service, "stopping with work in hand; it will be delivered again");
+        workers.abort_all();
+    }
 }
 
 async fn lane<H, F>(
@@ -166,7 +182,21 @@ async fn lane<H, F>(
 {
     while let Some(delivery) = deliveries.recv().await {
         let attempt = delivery.attempt;
-        let settle = handle(delivery.message.clone(), attempt).await;
+        let handled = handle(delivery.message.clone(), attempt);
+        tokio::pin!(handled);
+        let settle = match config.progress_every {
+            None => handled.await,
+            Some(every) => loop {
+                tokio::select! {
+                    settle = &mut handled => break settle,
+                    _ = tokio::time::sleep(every) => {
+                        if let Err(e) = delivery.progress().await {
+                            tracing::warn!(service = %config.service, error = %e, "progress not reported");
+                        }
+                    }
+                }
+            },
+        };
         let settle = match settle {
             Settle::Retry(reason) if attempt >= config.max_deliver => {
                 Settle::Poison(format!("gave up after {attempt} attempts: {reason}"))

@@ -50,6 +50,9 @@ pub struct Config {
     /// How long a device may stay silent, after its package #0 or between two of its messages, before
     /// its job fails with 408 (the session is cut off, or the device never came).
     pub session_timeout: Duration,
+    /// How long a command may go unreported before the bus gives it to another replica: while a job runs
+    /// it is reported in progress every third of this.
+    pub command_ack_wait: Duration,
 }
 
 impl Config {
@@ -59,6 +62,7 @@ impl Config {
             server_id: server_id.into(),
             public_url: public_url.into(),
             session_timeout: DEFAULT_SESSION_TIMEOUT,
+            command_ack_wait: Duration::from_secs(60),
         }
     }
 }

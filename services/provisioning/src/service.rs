@@ -3,7 +3,7 @@
 //! session can outlast an ack deadline); its outcome is published when the device is done, with the msg-id
 //! `<outbox_id>:result`. A command delivered again while its job is queued or running is not queued twice.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -109,9 +109,13 @@ fn account_from_tnds(bytes: &[u8]) -> Result<DmAccount, String> {
     DmAccount::from_tnds(&tree).map_err(|e| e.to_string())
 }
 
-/// Serves `cmd.provisioning.*` until `shutdown`, publishing outcomes as they come. Commands go through the
-/// consumer stack (`dm_bus::stack`): several devices at once, one command at a time per device; a bus error
-/// never ends the service.
+/// Jobs queued on the device channel, by id: the handler of their command waits for the outcome.
+type Waiters = Mutex<HashMap<u64, tokio::sync::oneshot::Sender<JobOutcome>>>;
+
+/// Serves `cmd.provisioning.*` until `shutdown`. Commands go through the consumer stack (several devices at
+/// once, one command at a time per device) and are acknowledged only once their outcome is published: the
+/// work in between is reported in progress, so a replica that dies mid-session leaves the command to be
+/// carried out again (a plan's snapshot is never retaken; every job is safe to repeat).
 pub async fn run(
     provisioning: Provisioning,
     mut outcomes: UnboundedReceiver<JobOutcome>,
@@ -119,21 +123,20 @@ pub async fn run(
     names: Names,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), BusError> {
-    let pending: Arc<Mutex<HashMap<u64, Pending>>> = Arc::default();
+    let waiters: Arc<Waiters> = Arc::default();
+    let running: Arc<Mutex<HashSet<String>>> = Arc::default();
     let loaded = provisioning.load_snapshots().await?;
     tracing::info!(snapshots = loaded, "provisioning serving");
-    // Outcomes are published in the order the jobs ended; one that cannot be published now is tried
-    // again (a lost outcome would leave its delegation waiting for its deadline).
-    let publisher = {
-        let (bus, names, pending) = (bus.clone(), names.clone(), pending.clone());
+    let router = {
+        let waiters = waiters.clone();
         tokio::spawn(async move {
             while let Some(outcome) = outcomes.recv().await {
-                let done = pending
+                let waiter = waiters
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&outcome.job_id);
-                if let Some(p) = done {
-                    publish_until_done(&bus, &names, &p, outcome).await;
+                if let Some(tx) = waiter {
+                    let _ = tx.send(outcome);
                 }
             }
         })
@@ -144,23 +147,28 @@ pub async fn run(
             stream: names.stream(Area::Cmd),
             durable: names.consumer("provisioning")?,
             filter: names.commands_for("provisioning")?,
-            ack_wait: Duration::from_secs(60),
+            ack_wait: provisioning.config().command_ack_wait,
         },
     );
     config.dead_letter_subject = Some(names.subject(Area::Audit, "dead")?);
+    config.progress_every = Some(provisioning.config().command_ack_wait / 3);
+    // A lane is held for a whole device session: many lanes, so that devices rarely wait for each other.
+    config.lanes = 4096;
+    config.lane_depth = 4;
     let handler = {
         let (bus, names) = (bus.clone(), names.clone());
         move |message: dm_bus::Message, _attempt: u64| {
-            let (provisioning, bus, names, pending) = (
+            let (provisioning, bus, names, waiters, running) = (
                 provisioning.clone(),
                 bus.clone(),
                 names.clone(),
-                pending.clone(),
+                waiters.clone(),
+                running.clone(),
             );
-            async move { command(&provisioning, &bus, &names, &pending, message).await }
+            async move { command(&provisioning, &bus, &names, &waiters, &running, message).await }
         }
     };
-    // One command at a time per device: an apply is queued before the restore that follows it.
+    // One command at a time per device: an apply is carried out before the restore that follows it.
     let device = |m: &dm_bus::Message| {
         CommandEnvelope::decode(m.payload.clone())
             .ok()
@@ -169,11 +177,127 @@ pub async fn run(
             .unwrap_or_default()
     };
     dm_bus::stack::consume(bus, config, device, handler, shutdown).await;
-    publisher.abort();
+    router.abort();
     Ok(())
 }
 
-/// Publishes an outcome, trying again with back-off until the bus takes it.
+/// One command: its job carried out on the device (or its outcome known at once when there is nothing
+/// to do there, or it cannot be done), and the outcome published; acknowledged then.
+async fn command(
+    provisioning: &Provisioning,
+    bus: &Bus,
+    names: &Names,
+    waiters: &Waiters,
+    running: &Mutex<HashSet<String>>,
+    message: dm_bus::Message,
+) -> Settle {
+    let Ok(env) = CommandEnvelope::decode(message.payload.clone()) else {
+        return Settle::Poison("undecodable provisioning command".into());
+    };
+    let trace: Vec<(String, String)> = ["traceparent", "tracestate"]
+        .into_iter()
+        .filter_map(|n| {
+            message
+                .headers
+                .get(n)
+                .map(|v| (n.to_string(), v.to_string()))
+        })
+        .collect();
+    // A copy delivered while this replica still works on the command: it is settled by the first.
+    if !running
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(env.outbox_id.clone())
+    {
+        return Settle::Retry("the same command is being carried out".into());
+    }
+    let settle = carry_out(provisioning, bus, names, waiters, &env, trace).await;
+    running
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&env.outbox_id);
+    settle
+}
+
+async fn carry_out(
+    provisioning: &Provisioning,
+    bus: &Bus,
+    names: &Names,
+    waiters: &Waiters,
+    env: &CommandEnvelope,
+    trace: Vec<(String, String)>,
+) -> Settle {
+    let delegation = env.delegation.clone().unwrap_or_default();
+    let failed = |status: u32, reason: String| JobOutcome {
+        job_id: 0,
+        dev_id: delegation.dev_id.clone(),
+        result: Err(crate::JobFailure {
+            status,
+            command: String::new(),
+            reason,
+        }),
+    };
+    let (p, outcome) = match job_for(provisioning, bus, names, env).await {
+        Ok(Some((work, job))) => {
+            let p = Pending {
+                outbox_id: env.outbox_id.clone(),
+                delegation: delegation.clone(),
+                work,
+                trace,
+            };
+            // Known before the job can end, so that its outcome finds its way here.
+            let id = provisioning.reserve_job_id();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            waiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, tx);
+            let outcome = match provisioning.enqueue_as(&delegation.dev_id, id, job).await {
+                Ok(()) => match rx.await {
+                    Ok(outcome) => outcome,
+                    Err(_) => return Settle::Retry("the job's outcome was lost".into()),
+                },
+                Err(e) => {
+                    waiters
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
+                    failed(404, e.to_string())
+                }
+            };
+            (p, outcome)
+        }
+        // Done at once (nothing to do on the device).
+        Ok(None) => match immediate(env, &trace) {
+            Some(p) => {
+                let ok = JobOutcome {
+                    job_id: 0,
+                    dev_id: delegation.dev_id.clone(),
+                    result: Ok(JobSuccess::Restored),
+                };
+                (p, ok)
+            }
+            None => return Settle::Done,
+        },
+        Err((_, _, reason)) if reason.starts_with(AUTH_AWAY) || reason.starts_with(STORE_AWAY) => {
+            return Settle::Retry(reason);
+        }
+        Err((work, status, reason)) => {
+            let p = Pending {
+                outbox_id: env.outbox_id.clone(),
+                delegation: delegation.clone(),
+                work,
+                trace,
+            };
+            (p, failed(status, reason))
+        }
+    };
+    publish_until_done(bus, names, &p, outcome).await;
+    Settle::Done
+}
+
+/// Publishes an outcome, trying again with back-off until the bus takes it (the command stays reported in
+/// progress meanwhile; a lost outcome would leave its delegation waiting for its deadline).
 async fn publish_until_done(bus: &Bus, names: &Names, p: &Pending, outcome: JobOutcome) {
     let mut attempt = 0;
     loop {
@@ -190,110 +314,6 @@ async fn publish_until_done(bus: &Bus, names: &Names, p: &Pending, outcome: JobO
                 tokio::time::sleep(pause).await;
             }
         }
-    }
-}
-
-/// One command: its job queued (acknowledged then: a device session can outlast the ack wait), or its
-/// outcome published at once when there is nothing to do on the device or it cannot be done.
-async fn command(
-    provisioning: &Provisioning,
-    bus: &Bus,
-    names: &Names,
-    pending: &Mutex<HashMap<u64, Pending>>,
-    message: dm_bus::Message,
-) -> Settle {
-    let Ok(env) = CommandEnvelope::decode(message.payload.clone()) else {
-        return Settle::Poison("undecodable provisioning command".into());
-    };
-    let trace: Vec<(String, String)> = ["traceparent", "tracestate"]
-        .into_iter()
-        .filter_map(|n| {
-            message
-                .headers
-                .get(n)
-                .map(|v| (n.to_string(), v.to_string()))
-        })
-        .collect();
-    let already = pending
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .values()
-        .any(|p| p.outbox_id == env.outbox_id);
-    if already {
-        return Settle::Done;
-    }
-    let delegation = env.delegation.clone().unwrap_or_default();
-    let published = match job_for(provisioning, bus, names, &env).await {
-        Ok(Some((work, job))) => {
-            let p = Pending {
-                outbox_id: env.outbox_id.clone(),
-                delegation: delegation.clone(),
-                work,
-                trace: trace.clone(),
-            };
-            // Known before the job can end, so that its outcome finds it.
-            let id = provisioning.reserve_job_id();
-            pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id, p.clone());
-            match provisioning.enqueue_as(&delegation.dev_id, id, job).await {
-                Ok(()) => Ok(()),
-                Err(e) => {
-                    pending
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&id);
-                    let failed = JobOutcome {
-                        job_id: 0,
-                        dev_id: delegation.dev_id.clone(),
-                        result: Err(crate::JobFailure {
-                            status: 404,
-                            command: String::new(),
-                            reason: e.to_string(),
-                        }),
-                    };
-                    publish_outcome(bus, names, &p, failed).await
-                }
-            }
-        }
-        // Done at once (nothing to do on the device).
-        Ok(None) => match immediate(&env, &trace) {
-            Some(p) => {
-                let ok = JobOutcome {
-                    job_id: 0,
-                    dev_id: delegation.dev_id.clone(),
-                    result: Ok(JobSuccess::Restored),
-                };
-                publish_outcome(bus, names, &p, ok).await
-            }
-            None => Ok(()),
-        },
-        Err((_, _, reason)) if reason.starts_with(AUTH_AWAY) || reason.starts_with(STORE_AWAY) => {
-            return Settle::Retry(reason);
-        }
-        Err((work, status, reason)) => {
-            let p = Pending {
-                outbox_id: env.outbox_id.clone(),
-                delegation: delegation.clone(),
-                work,
-                trace,
-            };
-            let failed = JobOutcome {
-                job_id: 0,
-                dev_id: delegation.dev_id.clone(),
-                result: Err(crate::JobFailure {
-                    status,
-                    command: String::new(),
-                    reason,
-                }),
-            };
-            publish_outcome(bus, names, &p, failed).await
-        }
-    };
-    match published {
-        Ok(()) => Settle::Done,
-        Err(e) => Settle::Retry(format!("the outcome could not be published: {e}")),
     }
 }
 

@@ -311,3 +311,163 @@ async fn a_restarted_service_restores_from_the_stored_snapshot() {
     let after = fleet.export(DEV).unwrap();
     assert_eq!(after.nodes.len(), before.nodes.len());
 }
+
+/// A channel whose devices never get their package #0 (a device out of reach), telling when it was tried.
+struct Unreachable(tokio::sync::Notify);
+
+impl Package0Channel for Unreachable {
+    fn deliver<'a>(
+        &'a self,
+        _: &'a str,
+        _: Vec<u8>,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<(), dm_notification::ChannelError>> + Send + 'a,
+        >,
+    > {
+        Box::pin(async move {
+            self.0.notify_one();
+            Ok(())
+        })
+    }
+}
+
+/// Issue 10: a command is acknowledged only once its outcome is published. A replica that stops while its
+/// device job runs leaves the command to the next one, which carries it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_left_by_a_stopped_replica_is_carried_out_by_the_next() {
+    let bus = Bus::in_process();
+    let names = Names::new("dms1").unwrap();
+    for area in [Area::Cmd, Area::Evt] {
+        bus.ensure_work_queue(&names.work_queue(area))
+            .await
+            .unwrap();
+    }
+    let mut fetches = bus
+        .serve(&names.subject(Area::Req, "auth.fetch").unwrap(), "auth")
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Some(r) = fetches.next().await {
+            let f = Fetch::decode(r.message.payload.clone()).unwrap();
+            let value = match f.what() {
+                fetch::What::PeerAccount => start_xml_account_tnds(),
+                fetch::What::TempKey => TEMP_KEY.as_bytes().to_vec(),
+                _ => Vec::new(),
+            };
+            let answer = FetchAnswer {
+                found: !value.is_empty(),
+                value,
+                reason: String::new(),
+            };
+            r.respond(Headers::new(), Bytes::from(answer.encode_to_vec()))
+                .await
+                .unwrap();
+        }
+    });
+    let fleet = Fleet::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fleet_url = format!("http://{}", listener.local_addr().unwrap());
+    let serving = fleet.clone();
+    tokio::spawn(async move { serving.serve(listener, std::future::pending()).await });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/dm", listener.local_addr().unwrap());
+    let account = DefaultAccount {
+        server_id: D1.into(),
+        addr: url.clone(),
+        server_secret: "s".into(),
+        server_nonce_b64: auth::encode_nonce(b"sn"),
+        client_name: DEV.into(),
+        client_secret: "c".into(),
+        client_nonce_b64: auth::encode_nonce(b"cn"),
+    };
+    fleet.insert(Device::with_default_tree(DEV, &account).unwrap());
+    let creds = DeviceCredentials {
+        server_secret: "s".into(),
+        server_nonce_b64: account.server_nonce_b64.clone(),
+        client_name: DEV.into(),
+        client_secret: "c".into(),
+        client_nonce_b64: account.client_nonce_b64.clone(),
+    };
+    let config = || {
+        let mut c = Config::new(D1, url.clone());
+        c.command_ack_wait = Duration::from_secs(1);
+        c
+    };
+
+    // The first replica takes the command, but its device cannot be reached; it stops.
+    let tried = Arc::new(Unreachable(tokio::sync::Notify::new()));
+    let (first, first_outcomes) = Provisioning::new(config(), tried.clone());
+    first.register_device(DEV, creds.clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let first_run = tokio::spawn(dm_provisioning::service::run(
+        first,
+        first_outcomes,
+        bus.clone(),
+        names.clone(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let mut apply = pb::ApplyPlan {
+        scope: vec!["./Vendor/Acme/Apps".into()],
+        ..Default::default()
+    };
+    apply.set_del_type(DelType::Partial);
+    let env = command("k:1:0", command::Kind::ApplyPlan(apply));
+    bus.publish(
+        &names.subject(Area::Cmd, "provisioning.apply").unwrap(),
+        Headers::new(),
+        Bytes::from(env.encode_to_vec()),
+        "k:1:0",
+    )
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), tried.0.notified())
+        .await
+        .expect("the first replica took the command");
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(20), first_run)
+        .await
+        .expect("the first replica stops")
+        .unwrap()
+        .unwrap();
+
+    // The next replica (the device reachable now) gets the command again and carries it out.
+    let channel: Arc<dyn Package0Channel> = Arc::new(HttpPushChannel::new(&fleet_url));
+    let (next, next_outcomes) = Provisioning::new(config(), channel);
+    next.register_device(DEV, creds);
+    tokio::spawn(next.clone().serve(listener, std::future::pending()));
+    tokio::spawn(dm_provisioning::service::run(
+        next,
+        next_outcomes,
+        bus.clone(),
+        names.clone(),
+        std::future::pending(),
+    ));
+    let mut events = bus
+        .consumer(&ConsumerConfig {
+            stream: names.stream(Area::Evt),
+            durable: names.consumer("test").unwrap(),
+            filter: names.area_wildcard(Area::Evt),
+            ack_wait: Duration::from_secs(30),
+        })
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(20), events.next())
+        .await
+        .expect("an outcome in time")
+        .unwrap()
+        .unwrap();
+    let outcome = EventEnvelope::decode(d.message.payload.clone()).unwrap();
+    let Some(event::Kind::Work(w)) = outcome.event.unwrap().kind else {
+        panic!("not a work result")
+    };
+    assert_eq!(w.work(), Work::ApplyPlan);
+    assert!(w.ok, "{} {}", w.status_code, w.reason);
+    assert!(
+        fleet
+            .with_device(DEV, |dv| dv.account_uri(D2).is_some())
+            .unwrap()
+    );
+}
