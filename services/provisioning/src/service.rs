@@ -1,7 +1,9 @@
 //! The provisioning service on the bus (docs/bus.md): turns the saga's device commands into jobs for the
-//! devices and their outcomes into events. A command is acknowledged once its job is queued (a device
-//! session can outlast an ack deadline); its outcome is published when the device is done, with the msg-id
-//! `<outbox_id>:result`. A command delivered again while its job is queued or running is not queued twice.
+//! devices and their outcomes into events. Its outcome is published when the device is done, with the
+//! msg-id `<outbox_id>:result`, and only then is the command acknowledged: a device session can outlast an
+//! ack wait, so the command is reported in progress meanwhile, and a replica that dies mid-way lets it go
+//! to another one after one ack wait (the job is safe to repeat: a plan's snapshot is kept in the store and
+//! never retaken). A command delivered again while this replica runs its job is not run twice.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
