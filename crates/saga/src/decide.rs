@@ -542,6 +542,22 @@ impl<'a> Step<'a> {
                     "DELEGATION_START came before this server finished checking the peer; retry",
                 )
             }
+            // Two messages the peer sends one right after the other may arrive in the other order when
+            // its gateway runs as several replicas: RES then START, CONFIRM then RELEASE. The later one
+            // waits (503, retried with the same MsgID) until the earlier one is in.
+            peer_message::Body::Start(_)
+                if role == Role::Delegating && phase == Phase::NotifSent =>
+            {
+                Answer::rejected(503, "DELEGATION_START came before DELEGATION_RES; retry")
+            }
+            peer_message::Body::Release(_)
+                if role == Role::Delegating && phase == Phase::PreparedSent =>
+            {
+                Answer::rejected(
+                    503,
+                    "DELEGATION_RELEASE came before DELEGATION_CONFIRM; retry",
+                )
+            }
             peer_message::Body::Start(_)
                 if role == Role::Delegating && phase == Phase::AwaitStart =>
             {

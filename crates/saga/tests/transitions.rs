@@ -497,10 +497,14 @@ fn check_table(t: DelType, table: &[Row]) {
                             event.kind,
                             Some(event::Kind::Work(_)) | Some(event::Kind::Timer(_))
                         );
-                        // A START that overtook our own check of the peer: retry, not refuse.
+                        // A message that overtook an earlier one (or our own check of the peer):
+                        // retry, not refuse.
                         let early_start = role == Role::Delegating
-                            && phase == Phase::Verifying
-                            && name == "start";
+                            && matches!(
+                                (phase, name),
+                                (Phase::Verifying | Phase::NotifSent, "start")
+                                    | (Phase::PreparedSent, "release")
+                            );
                         let ok = if is_local {
                             d.answer == Answer::Ignored
                         } else if early_start {
