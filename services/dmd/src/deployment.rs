@@ -158,7 +158,11 @@ pub async fn start(spec: DeploymentSpec, bus: Bus) -> anyhow::Result<Running> {
             .context("device bucket")?;
         let service = service
             .with_snapshot_store(store)
-            .with_device_store(devices, p.master_key);
+            .with_device_store(devices, p.master_key)
+            // Replicas share the device channel: a device may post to any of them.
+            .with_forwarding(bus.clone(), names.clone())
+            .await
+            .context("device channel forwarding")?;
         // The devices' nonces and secrets outlive this process (a restart must not lose them).
         let loaded = service.load_devices().await.context("device bucket")?;
         tracing::info!(devices = loaded, "device credentials loaded");

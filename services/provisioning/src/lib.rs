@@ -151,6 +151,53 @@ pub struct Provisioning {
     store: Option<dm_bus::Kv>,
     /// Where the devices' credentials and nonces are kept, sealed; `None`: in memory only.
     devices: Option<Arc<DeviceStore>>,
+    /// Replicas hand each other device messages: `None` for a lone replica.
+    forward: Option<Arc<Forwarding>>,
+}
+
+/// How replicas of the service share the device channel: a device posts to whichever replica its
+/// address reaches; the replica that queued the device's job (its owner, in the `device_owners` bucket)
+/// carries the session, and any other replica forwards the messages to it over the bus.
+struct Forwarding {
+    bus: dm_bus::Bus,
+    names: dm_bus::Names,
+    /// This replica's id (fresh at every start: an owner that is gone answers nobody, and its commands
+    /// come back to a live replica, which becomes the owner).
+    me: String,
+    owners: dm_bus::Kv,
+}
+
+/// How long a replica waits for the owner of a device to answer a forwarded message.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A device message's answer: HTTP status, content type, body.
+#[derive(Debug, Clone)]
+pub struct DeviceAnswer {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Bytes,
+}
+
+impl DeviceAnswer {
+    fn text(status: StatusCode, text: impl Into<String>) -> Self {
+        Self {
+            status: status.as_u16(),
+            content_type: "text/plain; charset=utf-8".into(),
+            body: Bytes::from(text.into()),
+        }
+    }
+}
+
+impl IntoResponse for DeviceAnswer {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (
+            status,
+            [(header::CONTENT_TYPE, self.content_type)],
+            self.body,
+        )
+            .into_response()
+    }
 }
 
 /// The devices' credentials at rest: one entry per device, sealed with the master key and bound to the
@@ -193,6 +240,7 @@ impl Provisioning {
                 outcomes,
                 store: None,
                 devices: None,
+                forward: None,
             },
             rx,
         )
@@ -342,6 +390,102 @@ impl Provisioning {
         Err(dm_bus::BusError::Conflict(key))
     }
 
+    /// Shares the device channel with the other replicas on `bus`: answers the device messages they
+    /// forward for devices whose jobs this replica holds, and forwards those it gets for others' devices.
+    pub async fn with_forwarding(
+        mut self,
+        bus: dm_bus::Bus,
+        names: dm_bus::Names,
+    ) -> Result<Self, dm_bus::BusError> {
+        let me = format!("{:032x}", rand::random::<u128>());
+        let owners = bus.kv(&names.bucket("device_owners")?, 1).await?;
+        let subject = names.subject(dm_bus::Area::Req, &format!("provisioning.device.{me}"))?;
+        let mut requests = bus
+            .serve(&subject, &names.queue_group(&format!("provisioning_{me}"))?)
+            .await?;
+        self.forward = Some(Arc::new(Forwarding {
+            bus,
+            names,
+            me,
+            owners,
+        }));
+        let p = self.clone();
+        tokio::spawn(async move {
+            while let Some(request) = requests.next().await {
+                let p = p.clone();
+                tokio::spawn(async move {
+                    let content_type = request
+                        .message
+                        .headers
+                        .get("content-type")
+                        .unwrap_or_default()
+                        .to_string();
+                    let answer = p
+                        .answer_device(&content_type, request.message.payload.clone())
+                        .await;
+                    let mut headers = dm_bus::Headers::new();
+                    headers.insert("content-type", answer.content_type);
+                    headers.insert("dmd-http-status", answer.status.to_string());
+                    if let Err(e) = request.respond(headers, answer.body).await {
+                        tracing::warn!(error = %e, "a forwarded device message could not be answered");
+                    }
+                });
+            }
+        });
+        Ok(self)
+    }
+
+    /// Whether this replica has work or a session for the device.
+    fn holds(&self, dev_id: &str) -> bool {
+        self.lock()
+            .devices
+            .get(dev_id)
+            .is_some_and(|d| d.session.is_some() || !d.queue.is_empty())
+    }
+
+    /// Records this replica as the one carrying the device's next session.
+    async fn own(&self, dev_id: &str) {
+        let Some(f) = &self.forward else {
+            return;
+        };
+        let key = dm_bus::subjects::encode_key(dev_id);
+        let me = Bytes::from(f.me.clone());
+        for _ in 0..8 {
+            let written = match f.owners.get(&key).await {
+                Ok(Some(entry)) if entry.value == me => return,
+                Ok(Some(entry)) => f.owners.update(&key, me.clone(), entry.revision).await,
+                Ok(None) => f.owners.create(&key, me.clone()).await,
+                Err(e) => Err(e),
+            };
+            match written {
+                Ok(_) => return,
+                Err(dm_bus::BusError::Conflict(_)) => continue,
+                Err(e) => {
+                    tracing::warn!(dev_id, error = %e, "the device's owner could not be recorded");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The answer to a device message, from the replica that holds the device (this one, or the owner
+    /// the message is forwarded to).
+    pub async fn route_device(&self, content_type: &str, body: Bytes) -> DeviceAnswer {
+        if let Some(f) = &self.forward {
+            let dev_id = syncml::decode(&body)
+                .ok()
+                .map(|m| m.hdr.source.loc_uri)
+                .or_else(|| session::guess_header(&body).map(|g| g.source));
+            if let Some(dev_id) = dev_id
+                && !self.holds(&dev_id)
+                && let Some(answer) = f.forward(&dev_id, content_type, &body).await
+            {
+                return answer;
+            }
+        }
+        self.answer_device(content_type, body).await
+    }
+
     pub fn config(&self) -> &Config {
         &self.config
     }
@@ -396,6 +540,8 @@ impl Provisioning {
             entry.queue.push_back((id, job));
             entry.session.is_none() && entry.queue.len() == 1
         };
+        // Before the device is woken: its first message may reach another replica.
+        self.own(dev_id).await;
         if wake {
             self.wake(dev_id).await;
         }
@@ -623,80 +769,138 @@ async fn dm_message(State(p): State<Provisioning>, headers: HeaderMap, body: Byt
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    // The answer has the type the device posted with (B.6: a client may use the DS type).
-    let answer_type = if content_type
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .eq_ignore_ascii_case(syncml::CONTENT_TYPE_DS_XML)
-    {
-        syncml::CONTENT_TYPE_DS_XML
-    } else {
-        syncml::CONTENT_TYPE_XML
-    };
-    let refused_type = match syncml::content_type_encoding(content_type) {
-        Some(syncml::Encoding::Xml) => None,
-        Some(syncml::Encoding::Wbxml) => Some("WBXML is not supported; use XML"),
-        None => Some("expected application/vnd.syncml.dm+xml"),
-    };
-    if let Some(reason) = refused_type {
-        tracing::warn!(
-            content_type,
-            size = body.len(),
-            "DM message refused (415): {reason}"
-        );
-        return (StatusCode::UNSUPPORTED_MEDIA_TYPE, reason).into_response();
-    }
-    let msg = match syncml::decode(&body).and_then(check_versions) {
-        Ok(m) => m,
-        Err(e) => return p.undecodable(&body, &e, answer_type),
-    };
-    tracing::debug!(
-        dev_id = %msg.hdr.source.loc_uri, session_id = %msg.hdr.session_id, size = body.len(),
-        "DM package received"
-    );
-    let dev_id = msg.hdr.source.loc_uri.clone();
-    let creds_before = p.credentials(&dev_id);
-    let (handled, created) = match p.handle(&msg) {
-        Ok(h) => h,
-        Err(refusal) => return (refusal.http_status(), refusal.to_string()).into_response(),
-    };
-    // Nonces and secrets given out in this answer are kept before it goes (a restart must not lose
-    // them). A store that fails is not fatal: the device's challenge and the zero-nonce resync (B.1)
-    // recover a lost nonce.
-    if p.credentials(&dev_id) != creds_before
-        && let Err(e) = p.store_device(&dev_id).await
-    {
-        tracing::warn!(dev_id, error = %e, "a device's new credentials could not be stored");
-    }
-    if let Err(e) = p.persist(created).await {
-        // The plan is not sent: the device's session breaks off and the job fails after the timeout.
-        tracing::warn!(error = %e, "a snapshot could not be stored; the plan is held back");
-        return (StatusCode::SERVICE_UNAVAILABLE, "try again later").into_response();
-    }
-    for outcome in handled.outcomes {
-        let _ = p.outcomes.send(outcome);
-    }
-    match handled.wake_again {
-        Some(dev_id) => {
-            let p = p.clone();
-            tokio::spawn(async move { p.wake(&dev_id).await });
+    p.route_device(content_type, body).await.into_response()
+}
+
+impl Provisioning {
+    /// The answer of this replica to a device message.
+    pub async fn answer_device(&self, content_type: &str, body: Bytes) -> DeviceAnswer {
+        let p = self;
+        // The answer has the type the device posted with (B.6: a client may use the DS type).
+        let answer_type = if content_type
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .eq_ignore_ascii_case(syncml::CONTENT_TYPE_DS_XML)
+        {
+            syncml::CONTENT_TYPE_DS_XML
+        } else {
+            syncml::CONTENT_TYPE_XML
+        };
+        let refused_type = match syncml::content_type_encoding(content_type) {
+            Some(syncml::Encoding::Xml) => None,
+            Some(syncml::Encoding::Wbxml) => Some("WBXML is not supported; use XML"),
+            None => Some("expected application/vnd.syncml.dm+xml"),
+        };
+        if let Some(reason) = refused_type {
+            tracing::warn!(
+                content_type,
+                size = body.len(),
+                "DM message refused (415): {reason}"
+            );
+            return DeviceAnswer::text(StatusCode::UNSUPPORTED_MEDIA_TYPE, reason);
         }
-        None => p.arm(&msg.hdr.source.loc_uri),
+        let msg = match syncml::decode(&body).and_then(check_versions) {
+            Ok(m) => m,
+            Err(e) => return p.undecodable(&body, &e, answer_type),
+        };
+        tracing::debug!(
+            dev_id = %msg.hdr.source.loc_uri, session_id = %msg.hdr.session_id, size = body.len(),
+            "DM package received"
+        );
+        let dev_id = msg.hdr.source.loc_uri.clone();
+        let creds_before = p.credentials(&dev_id);
+        let (handled, created) = match p.handle(&msg) {
+            Ok(h) => h,
+            Err(refusal) => return DeviceAnswer::text(refusal.http_status(), refusal.to_string()),
+        };
+        // Nonces and secrets given out in this answer are kept before it goes (a restart must not lose
+        // them). A store that fails is not fatal: the device's challenge and the zero-nonce resync (B.1)
+        // recover a lost nonce.
+        if p.credentials(&dev_id) != creds_before
+            && let Err(e) = p.store_device(&dev_id).await
+        {
+            tracing::warn!(dev_id, error = %e, "a device's new credentials could not be stored");
+        }
+        if let Err(e) = p.persist(created).await {
+            // The plan is not sent: the device's session breaks off and the job fails after the timeout.
+            tracing::warn!(error = %e, "a snapshot could not be stored; the plan is held back");
+            return DeviceAnswer::text(StatusCode::SERVICE_UNAVAILABLE, "try again later");
+        }
+        for outcome in handled.outcomes {
+            let _ = p.outcomes.send(outcome);
+        }
+        match handled.wake_again {
+            Some(dev_id) => {
+                let p = p.clone();
+                tokio::spawn(async move { p.wake(&dev_id).await });
+            }
+            None => p.arm(&msg.hdr.source.loc_uri),
+        }
+        let encoded = syncml::encode(&handled.answer);
+        tracing::debug!(
+            dev_id = %msg.hdr.source.loc_uri, session_id = %msg.hdr.session_id,
+            msg_id = %handled.answer.hdr.msg_id, size = encoded.len(),
+            commands = handled.answer.body.commands.len(), "DM package sent"
+        );
+        DeviceAnswer {
+            status: 200,
+            content_type: answer_type.to_string(),
+            body: Bytes::from(encoded),
+        }
     }
-    let encoded = syncml::encode(&handled.answer);
-    tracing::debug!(
-        dev_id = %msg.hdr.source.loc_uri, session_id = %msg.hdr.session_id,
-        msg_id = %handled.answer.hdr.msg_id, size = encoded.len(),
-        commands = handled.answer.body.commands.len(), "DM package sent"
-    );
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, answer_type)],
-        encoded,
-    )
-        .into_response()
+}
+
+impl Forwarding {
+    /// The owner's answer, when another replica owns the device and answers.
+    async fn forward(
+        &self,
+        dev_id: &str,
+        content_type: &str,
+        body: &Bytes,
+    ) -> Option<DeviceAnswer> {
+        let owner = self
+            .owners
+            .get(&dm_bus::subjects::encode_key(dev_id))
+            .await
+            .ok()
+            .flatten()
+            .and_then(|e| String::from_utf8(e.value.to_vec()).ok())?;
+        if owner == self.me {
+            return None;
+        }
+        let subject = self
+            .names
+            .subject(dm_bus::Area::Req, &format!("provisioning.device.{owner}"))
+            .ok()?;
+        let mut headers = dm_bus::Headers::new();
+        headers.insert("content-type", content_type);
+        match self
+            .bus
+            .request(&subject, headers, body.clone(), FORWARD_TIMEOUT)
+            .await
+        {
+            Ok(reply) => Some(DeviceAnswer {
+                status: reply
+                    .headers
+                    .get("dmd-http-status")
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(500),
+                content_type: reply
+                    .headers
+                    .get("content-type")
+                    .unwrap_or_default()
+                    .to_string(),
+                body: reply.payload,
+            }),
+            Err(e) => {
+                // The owner is gone: whatever it held comes back to a live replica; answer here.
+                tracing::debug!(dev_id, error = %e, "the device's owner does not answer");
+                None
+            }
+        }
+    }
 }
 
 /// A SyncML DM 1.2 header, or the error that says which of its versions is not (a wrong `SyncHdr` is
@@ -732,7 +936,7 @@ impl Provisioning {
         body: &[u8],
         error: &dm_protocol::DecodeError,
         answer_type: &'static str,
-    ) -> Response {
+    ) -> DeviceAnswer {
         let guess = session::guess_header(body);
         let handled = guess.as_ref().and_then(|g| {
             let mut inner = self.lock();
@@ -746,7 +950,7 @@ impl Provisioning {
             "DM message refused (400): {error}"
         );
         let Some(handled) = handled else {
-            return (StatusCode::BAD_REQUEST, error.to_string()).into_response();
+            return DeviceAnswer::text(StatusCode::BAD_REQUEST, error.to_string());
         };
         for outcome in handled.outcomes {
             let _ = self.outcomes.send(outcome);
@@ -755,11 +959,10 @@ impl Provisioning {
             let p = self.clone();
             tokio::spawn(async move { p.wake(&dev_id).await });
         }
-        (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, answer_type)],
-            syncml::encode(&handled.answer),
-        )
-            .into_response()
+        DeviceAnswer {
+            status: 200,
+            content_type: answer_type.to_string(),
+            body: Bytes::from(syncml::encode(&handled.answer)),
+        }
     }
 }

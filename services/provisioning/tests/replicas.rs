@@ -1,0 +1,97 @@
+//! Two replicas of the provisioning service (issue 10): a device posts to whichever replica its address
+//! reaches; the replica that holds the device's job carries the session, the other forwards the messages
+//! to it over the bus. Here the device's address is replica B's, the job is queued on replica A.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dm_bus::{Bus, Names};
+use dm_client::{DefaultAccount, Device, Fleet};
+use dm_notification::{HttpPushChannel, Package0Channel};
+use dm_protocol::auth;
+use dm_protocol::syncml::{Command, Item, ItemCommand};
+use dm_provisioning::{Config, DeviceCredentials, Job, JobSuccess, Provisioning};
+use dm_seal::MasterKey;
+
+const D1: &str = "dms1.operator.example";
+const DEV: &str = "IMEI:490154203237518";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_reaching_another_replica_is_served_by_the_one_with_its_job() {
+    let bus = Bus::in_process();
+    let names = Names::new("dms1").unwrap();
+    let devices = bus.kv("dmd_dms1_devices", 1).await.unwrap();
+    let key = MasterKey::random();
+    let fleet = Fleet::new();
+    let fleet_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fleet_url = format!("http://{}", fleet_listener.local_addr().unwrap());
+    let serving = fleet.clone();
+    tokio::spawn(async move { serving.serve(fleet_listener, std::future::pending()).await });
+    let replica = || async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/dm", listener.local_addr().unwrap());
+        let channel: Arc<dyn Package0Channel> = Arc::new(HttpPushChannel::new(&fleet_url));
+        let (p, outcomes) = Provisioning::new(Config::new(D1, url.clone()), channel);
+        let p = p
+            .with_device_store(devices.clone(), key.clone())
+            .with_forwarding(bus.clone(), names.clone())
+            .await
+            .unwrap();
+        tokio::spawn(p.clone().serve(listener, std::future::pending()));
+        (p, outcomes, url)
+    };
+    let (a, mut a_outcomes, _) = replica().await;
+    let (b, _b_outcomes, b_url) = replica().await;
+    let account = DefaultAccount {
+        server_id: D1.into(),
+        addr: b_url,
+        server_secret: "s".into(),
+        server_nonce_b64: auth::encode_nonce(b"sn"),
+        client_name: DEV.into(),
+        client_secret: "c".into(),
+        client_nonce_b64: auth::encode_nonce(b"cn"),
+    };
+    fleet.insert(Device::with_default_tree(DEV, &account).unwrap());
+    let creds = DeviceCredentials {
+        server_secret: "s".into(),
+        server_nonce_b64: account.server_nonce_b64.clone(),
+        client_name: DEV.into(),
+        client_secret: "c".into(),
+        client_nonce_b64: account.client_nonce_b64.clone(),
+    };
+    a.seed_device(DEV, creds.clone()).await.unwrap();
+    b.seed_device(DEV, creds).await.unwrap();
+
+    for value in ["de", "fr"] {
+        let id = a
+            .enqueue(
+                DEV,
+                Job::Commands(vec![Command::Replace(ItemCommand::new(
+                    "0",
+                    vec![Item::target("./DevInfo/Lang").with_data(value)],
+                ))]),
+            )
+            .await
+            .unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(20), a_outcomes.recv())
+            .await
+            .expect("the job's outcome in time")
+            .unwrap();
+        assert_eq!(outcome.job_id, id);
+        assert!(
+            matches!(outcome.result, Ok(JobSuccess::Commands { .. })),
+            "{outcome:?}"
+        );
+        let lang = fleet
+            .with_device(DEV, |d| {
+                d.tree()
+                    .value(&"./DevInfo/Lang".parse().unwrap())
+                    .unwrap()
+                    .to_string()
+            })
+            .unwrap();
+        assert_eq!(lang, value);
+    }
+}
