@@ -336,6 +336,35 @@ impl Provisioning {
         Ok(loaded)
     }
 
+    /// Reads a device's credentials again from the device store (unless a session of it runs here).
+    async fn refresh_device(&self, dev_id: &str) {
+        let Some(store) = &self.devices else {
+            return;
+        };
+        let entry = match store.kv.get(&dm_bus::subjects::encode_key(dev_id)).await {
+            Ok(Some(entry)) => entry,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(dev_id, error = %e, "the device store cannot be read; using what is known here");
+                return;
+            }
+        };
+        let Some(creds) = store
+            .key
+            .open(dev_id, DEVICE_PURPOSE, &entry.value)
+            .ok()
+            .and_then(|plain| serde_json::from_slice::<DeviceCredentials>(&plain).ok())
+        else {
+            return;
+        };
+        let mut inner = self.lock();
+        if let Some(d) = inner.devices.get_mut(dev_id)
+            && d.session.is_none()
+        {
+            d.creds = creds;
+        }
+    }
+
     /// Makes a device known and keeps its credentials in the device store.
     pub async fn register_device_durably(
         &self,
@@ -553,6 +582,8 @@ impl Provisioning {
     /// lost the server nonce); one that cannot be reached fails the job at the head of its queue with the
     /// channel's status (503 unreachable, 401 refused digest), and the next job is tried.
     async fn wake(&self, dev_id: &str) {
+        // Another replica may have run the device's last session: take the nonces in force from the store.
+        self.refresh_device(dev_id).await;
         loop {
             let Some((creds, zero)) = ({
                 let inner = self.lock();

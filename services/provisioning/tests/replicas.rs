@@ -43,7 +43,7 @@ async fn a_device_reaching_another_replica_is_served_by_the_one_with_its_job() {
         (p, outcomes, url)
     };
     let (a, mut a_outcomes, _) = replica().await;
-    let (b, _b_outcomes, b_url) = replica().await;
+    let (b, mut b_outcomes, b_url) = replica().await;
     let account = DefaultAccount {
         server_id: D1.into(),
         addr: b_url,
@@ -94,4 +94,27 @@ async fn a_device_reaching_another_replica_is_served_by_the_one_with_its_job() {
             .unwrap();
         assert_eq!(lang, value);
     }
+    // Now B gets a job for the device: it takes the nonces A left in the store, so its package #0 and
+    // session work at once (no resynchronisation over the zero nonce).
+    let id = b
+        .enqueue(
+            DEV,
+            Job::Commands(vec![Command::Replace(ItemCommand::new(
+                "0",
+                vec![Item::target("./DevInfo/Lang").with_data("it")],
+            ))]),
+        )
+        .await
+        .unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), b_outcomes.recv())
+        .await
+        .expect("the job's outcome in time")
+        .unwrap();
+    assert_eq!(outcome.job_id, id);
+    assert!(outcome.result.is_ok(), "{outcome:?}");
+    let sessions = fleet
+        .wait_for_sessions(DEV, 3, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(sessions.iter().all(|s| !s.zero_nonce), "{sessions:?}");
 }
