@@ -578,7 +578,8 @@ impl<'a> Step<'a> {
                 match mismatch {
                     Some(reason) => self.fail(400, 6, reason, false),
                     None => {
-                        self.s.plan = p.plan.clone();
+                        // The plan travels in the command (and the outbox), not in the state: no later
+                        // decision reads it, and it was 4 KB of every stored delegation.
                         self.cmd(command::Kind::RunFirstSession(RunFirstSession {
                             plan: p.plan.clone(),
                         }));
@@ -743,11 +744,10 @@ impl<'a> Step<'a> {
                     // The peer failed the delegation while the device was being changed.
                     self.fail(fault.status_code, fault.step, &fault.reason, true);
                 } else if w.ok {
-                    let plan = w.plan.clone().unwrap_or_default();
-                    self.s.plan = Some(plan.clone());
+                    // Sent, not stored in the state (see the PREPARED arm above).
                     self.send(send_message::Body::Prepared(pb::PreparedBody {
                         del_type: self.s.del_type,
-                        plan: Some(plan),
+                        plan: Some(w.plan.clone().unwrap_or_default()),
                         not_after_ms: self.s.not_after_ms,
                     }));
                     self.enter(Phase::PreparedSent, "device prepared");
