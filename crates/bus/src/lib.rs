@@ -1,14 +1,16 @@
 //! The bus of the delegation system (ARCHITECTURE.md "The bus").
 //!
 //! One API, two implementations with the same semantics:
-//! - [`Bus::connect`]: NATS with JetStream — durable work-queue streams with explicit ack, redelivery and
-//!   `Nats-Msg-Id` dedupe; key-value buckets with compare-and-set on the revision; core request/reply
-//!   with queue groups;
+//! - [`Bus::connect`] / [`Bus::connect_with`]: NATS with JetStream, one server or a cluster
+//!   ([`BusOptions`] sets the replicas of streams and buckets) — durable work-queue streams with explicit
+//!   ack, redelivery and `Nats-Msg-Id` dedupe; key-value buckets with compare-and-set on the revision;
+//!   core request/reply with queue groups;
 //! - [`Bus::in_process`]: the embedded default, in memory (nothing survives a restart), enforcing the same
 //!   rules (key syntax, dedupe, one delivery per durable consumer, redelivery after `ack_wait`), so a test
 //!   cannot pass in-process and fail on NATS.
 //!
-//! Names come from [`subjects::Names`] only. [`testing::NatsServer`] starts a real `nats-server` for tests.
+//! Names come from [`subjects::Names`] only. [`testing::NatsServer`] starts a real `nats-server` for tests,
+//! [`testing::NatsCluster`] a JetStream cluster of them.
 
 mod memory;
 mod nats;
@@ -42,6 +44,23 @@ pub enum BusError {
     Closed,
     #[error("NATS: {0}")]
     Nats(String),
+    #[error("invalid bus option: {0}")]
+    InvalidOption(String),
+}
+
+/// How the bus uses NATS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BusOptions {
+    /// How many servers of a JetStream cluster keep a copy of every stream and key-value bucket this bus
+    /// creates (JetStream allows 1 to 5): 1 on a single server, 3 on a three-node cluster so that losing
+    /// one node loses nothing. Streams and buckets that exist already keep their own count.
+    pub replicas: u8,
+}
+
+impl Default for BusOptions {
+    fn default() -> Self {
+        Self { replicas: 1 }
+    }
 }
 
 /// Message headers (trace context, event type and version, …), in order.
@@ -118,11 +137,41 @@ impl Bus {
         Bus::Memory(memory::MemoryBus::default())
     }
 
-    /// Connects to NATS at `url` (JetStream must be enabled on the server).
+    /// Connects to NATS at `url` (JetStream must be enabled on the server), with one replica of each
+    /// stream and bucket. `url` may list the servers of a cluster separated by commas
+    /// (`nats://a:4222,nats://b:4222`, as NATS clients accept): the client fails over between them.
     pub async fn connect(url: &str) -> Result<Self, BusError> {
-        nats::NatsBus::connect(url)
+        Self::connect_with(url, BusOptions::default()).await
+    }
+
+    /// As [`Bus::connect`], with `options` (e.g. 3 replicas on a three-node cluster).
+    pub async fn connect_with(url: &str, options: BusOptions) -> Result<Self, BusError> {
+        if !(1..=5).contains(&options.replicas) {
+            return Err(BusError::InvalidOption(format!(
+                "replicas {}: JetStream keeps 1 to 5",
+                options.replicas
+            )));
+        }
+        let urls: Vec<&str> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        if urls.is_empty() {
+            return Err(BusError::InvalidOption("no NATS URL".into()));
+        }
+        nats::NatsBus::connect(&urls, options)
             .await
             .map(|b| Bus::Nats(Box::new(b)))
+    }
+
+    /// The name of the NATS server this bus is connected to now (`None` in-process or between
+    /// connections): tests stop that one to make the client fail over.
+    pub fn connected_server(&self) -> Option<String> {
+        match self {
+            Bus::Memory(_) => None,
+            Bus::Nats(b) => b.connected_server(),
+        }
     }
 
     /// Creates the work-queue stream if it does not exist (idempotent).

@@ -8,7 +8,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use crate::{
-    Acker, BusError, ConsumerConfig, Delivery, Entry, Headers, Message, Reply, Request, WorkQueue,
+    Acker, BusError, BusOptions, ConsumerConfig, Delivery, Entry, Headers, Message, Reply, Request,
+    WorkQueue,
 };
 
 fn nats_error(e: impl std::fmt::Display) -> BusError {
@@ -37,17 +38,42 @@ fn from_header_map(map: Option<&HeaderMap>) -> Headers {
     headers
 }
 
+/// How long a JetStream request (stream and bucket operations, publish acks) waits for its answer. A
+/// request sent to a cluster node that dies is never answered: with the client's default for API requests
+/// (10 s) it held its caller longer than the cluster takes to elect a new leader. Publish acks already
+/// waited 5 s.
+const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone)]
 pub struct NatsBus {
     client: async_nats::Client,
     js: jetstream::Context,
+    /// Replicas of every stream and bucket this bus creates.
+    replicas: usize,
 }
 
 impl NatsBus {
-    pub(crate) async fn connect(url: &str) -> Result<Self, BusError> {
-        let client = async_nats::connect(url).await.map_err(nats_error)?;
-        let js = jetstream::new(client.clone());
-        Ok(Self { client, js })
+    /// Connects to the first of `urls` that answers; the client fails over to the others (and to servers
+    /// the cluster announces) when its server goes away.
+    pub(crate) async fn connect(urls: &[&str], options: BusOptions) -> Result<Self, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .connect(urls)
+            .await
+            .map_err(nats_error)?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(JETSTREAM_TIMEOUT);
+        Ok(Self {
+            client,
+            js,
+            replicas: usize::from(options.replicas),
+        })
+    }
+
+    pub(crate) fn connected_server(&self) -> Option<String> {
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => Some(self.client.server_info().server_name),
+            _ => None,
+        }
     }
 
     pub(crate) async fn ensure_work_queue(&self, q: &WorkQueue) -> Result<(), BusError> {
@@ -58,6 +84,7 @@ impl NatsBus {
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
                 duplicate_window: q.duplicate_window,
+                num_replicas: self.replicas,
                 ..Default::default()
             })
             .await
@@ -73,6 +100,7 @@ impl NatsBus {
                 retention: stream::RetentionPolicy::Limits,
                 storage: stream::StorageType::File,
                 max_age: l.max_age,
+                num_replicas: self.replicas,
                 ..Default::default()
             })
             .await
@@ -129,8 +157,12 @@ impl NatsBus {
             )
             .await
             .map_err(nats_error)?;
-        let messages = consumer.messages().await.map_err(nats_error)?;
-        Ok(NatsConsumer { messages })
+        let messages = open_messages(&consumer).await.map_err(nats_error)?;
+        Ok(NatsConsumer {
+            consumer,
+            messages,
+            pause: REOPEN_FIRST,
+        })
     }
 
     pub(crate) async fn kv(&self, bucket: &str, history: i64) -> Result<NatsKv, BusError> {
@@ -142,6 +174,7 @@ impl NatsBus {
                     bucket: bucket.to_string(),
                     history,
                     storage: stream::StorageType::File,
+                    num_replicas: self.replicas,
                     ..Default::default()
                 })
                 .await
@@ -194,8 +227,34 @@ impl NatsBus {
     }
 }
 
+/// How long one pull request waits at the server, and how often the server says it is still there when
+/// it has nothing. A pull request lives on the server that leads the consumer; when that server dies
+/// (a cluster node lost), the request dies with it and only missing heartbeats tell: two missed ones
+/// reopen the pull, so a consumer resumes seconds after a new leader is elected rather than after the
+/// client's default 30 s expiry.
+const PULL_EXPIRES: Duration = Duration::from_secs(10);
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+
+async fn open_messages(
+    consumer: &consumer::PullConsumer,
+) -> Result<consumer::pull::Stream, consumer::StreamError> {
+    consumer
+        .stream()
+        .expires(PULL_EXPIRES)
+        .heartbeat(PULL_HEARTBEAT)
+        .messages()
+        .await
+}
+
+/// The pause before the first pull again after a lost one, and the longest.
+const REOPEN_FIRST: Duration = Duration::from_millis(50);
+const REOPEN_MAX: Duration = Duration::from_secs(2);
+
 pub struct NatsConsumer {
+    consumer: consumer::PullConsumer,
     messages: consumer::pull::Stream,
+    /// The pause before the next pull again; back to the first once a message arrives.
+    pause: Duration,
 }
 
 impl std::fmt::Debug for NatsConsumer {
@@ -205,14 +264,46 @@ impl std::fmt::Debug for NatsConsumer {
 }
 
 impl NatsConsumer {
+    /// Opens a new pull after a pause that doubles (to 2 s) while pulls keep failing: with no server
+    /// leading the consumer yet, a pull fails at once, and pulling again at once would spin.
+    async fn reopen(&mut self) {
+        loop {
+            tokio::time::sleep(self.pause).await;
+            self.pause = (self.pause * 2).clamp(REOPEN_FIRST, REOPEN_MAX);
+            match open_messages(&self.consumer).await {
+                Ok(messages) => {
+                    self.messages = messages;
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "consumer cannot pull yet"),
+            }
+        }
+    }
+
     pub(crate) async fn next(&mut self) -> Result<Option<Delivery>, BusError> {
         loop {
             let Some(next) = self.messages.next().await else {
                 return Ok(None);
             };
             let m = match next {
-                Ok(m) => m,
-                // Heartbeat gaps and similar transient stream errors: keep reading.
+                Ok(m) => {
+                    self.pause = REOPEN_FIRST;
+                    m
+                }
+                // The pull request is gone (its server died, or no server leads the consumer yet):
+                // pull again. Nothing is lost: no message came since the last heartbeat.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        consumer::pull::MessagesErrorKind::MissingHeartbeat
+                            | consumer::pull::MessagesErrorKind::NoResponders
+                    ) =>
+                {
+                    tracing::warn!(error = %e, "consumer lost its pull request; pulling again");
+                    self.reopen().await;
+                    continue;
+                }
+                // Other transient stream errors: keep reading.
                 Err(e) => {
                     tracing::warn!(error = %e, "consumer stream error");
                     continue;
