@@ -6,7 +6,9 @@
 //! [deployment]
 //! name = "dms1"
 //! server_id = "dms1.operator.example"
-//! nats_url = "nats://nats:4222"        # absent: `dmd all` runs on the in-process bus (nothing is kept)
+//! nats_url = "nats://nats:4222"        # absent: `dmd all` runs on the in-process bus (nothing is kept);
+//!                                      # a cluster: "nats://n1:4222,nats://n2:4222,nats://n3:4222"
+//! nats_replicas = 1                    # optional: copies of each stream and bucket (3 on a 3-node cluster)
 //!
 //! [admin]
 //! listen = "0.0.0.0:7443"
@@ -48,7 +50,10 @@ use toml::Table;
 pub struct FileConfig {
     pub name: String,
     pub server_id: String,
+    /// One NATS URL, or the servers of a cluster separated by commas.
     pub nats_url: Option<String>,
+    /// How many cluster nodes keep each stream and bucket the deployment creates (1 to 5).
+    pub nats_replicas: u8,
     pub admin: Option<AdminConfig>,
     /// Where `/livez` and `/readyz` are served.
     pub health: Option<SocketAddr>,
@@ -88,6 +93,8 @@ struct Deployment {
     server_id: String,
     #[serde(default)]
     nats_url: Option<String>,
+    #[serde(default)]
+    nats_replicas: Option<u8>,
 }
 
 #[derive(Deserialize)]
@@ -173,6 +180,12 @@ pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> anyhow::Result
         }
     }
     let deployment: Deployment = part(&table, "deployment")?.context("[deployment] is required")?;
+    let nats_replicas = match (deployment.nats_replicas, &deployment.nats_url) {
+        (None, _) => 1,
+        (Some(_), None) => bail!("[deployment] nats_replicas: only with nats_url"),
+        (Some(n @ 1..=5), Some(_)) => n,
+        (Some(n), Some(_)) => bail!("[deployment] nats_replicas: {n}, JetStream keeps 1 to 5"),
+    };
     let health = part::<Health>(&table, "health")?
         .map(|h| {
             h.listen
@@ -244,6 +257,7 @@ pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> anyhow::Result
         name: deployment.name,
         server_id: deployment.server_id,
         nats_url: deployment.nats_url,
+        nats_replicas,
         admin,
         health,
         auth,
@@ -291,11 +305,39 @@ push_url = "http://push:8700"
         let c = parse(FILE, |k| (k == "TOKEN").then(|| "t0k3n".to_string())).unwrap();
         assert_eq!(c.name, "dms1");
         assert!(c.nats_url.is_none());
+        assert_eq!(c.nats_replicas, 1);
         assert_eq!(c.admin.unwrap().token, "t0k3n");
         assert!(c.auth.is_some());
         assert!(c.gateway.is_none());
         assert_eq!(c.acceptance.unwrap().offered_types, ["Partial"]);
         assert_eq!(c.provisioning.unwrap().push_url, "http://push:8700");
+    }
+
+    #[test]
+    fn a_cluster_and_its_replicas() {
+        let cluster = "[deployment]\nname = \"x\"\nserver_id = \"y\"\n\
+                       nats_url = \"nats://n1:4222,nats://n2:4222,nats://n3:4222\"\nnats_replicas = 3\n";
+        let c = parse(cluster, |_| None).unwrap();
+        assert_eq!(c.nats_replicas, 3);
+        assert_eq!(
+            c.nats_url.as_deref(),
+            Some("nats://n1:4222,nats://n2:4222,nats://n3:4222")
+        );
+        for (replicas, needs) in [("0", "1 to 5"), ("6", "1 to 5")] {
+            let e = parse(
+                &cluster.replace("nats_replicas = 3", &format!("nats_replicas = {replicas}")),
+                |_| None,
+            )
+            .unwrap_err();
+            assert!(format!("{e:#}").contains(needs), "{e:#}");
+            assert!(format!("{e:#}").contains("nats_replicas"), "{e:#}");
+        }
+        let e = parse(
+            "[deployment]\nname = \"x\"\nserver_id = \"y\"\nnats_replicas = 3\n",
+            |_| None,
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("only with nats_url"), "{e:#}");
     }
 
     #[test]

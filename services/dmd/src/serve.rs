@@ -143,12 +143,18 @@ async fn serve_health(
     axum::serve(listener, app).await.context("health endpoint")
 }
 
-/// A NATS URL as it may be printed: `nats://user:pass@host` shows as `nats://…@host`.
-fn without_credentials(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}…{}", &url[..scheme + 3], &url[at..]),
-        _ => url.to_string(),
-    }
+/// NATS URLs (one, or several separated by commas) as they may be printed: `nats://user:pass@host`
+/// shows as `nats://…@host`.
+fn without_credentials(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}…{}", &url[..scheme + 3], &url[at..])
+            }
+            _ => url.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Runs until a signal (then drains) or until a service fails.
@@ -163,9 +169,14 @@ pub async fn run(only: Option<Service>, text: &str) -> anyhow::Result<()> {
         tokio::spawn(serve_health(listener, ready.clone()));
     }
     let bus = match (&c.nats_url, only) {
-        (Some(url), _) => Bus::connect(url)
-            .await
-            .with_context(|| format!("cannot connect to NATS at {}", without_credentials(url)))?,
+        (Some(url), _) => Bus::connect_with(
+            url,
+            dm_bus::BusOptions {
+                replicas: c.nats_replicas,
+            },
+        )
+        .await
+        .with_context(|| format!("cannot connect to NATS at {}", without_credentials(url)))?,
         (None, None) => {
             eprintln!(
                 "WARNING: no [deployment] nats_url: running on the in-process bus. Nothing is kept across a \
