@@ -1,9 +1,13 @@
 //! The orchestrator: the delegation saga over the bus. For every event it loads the delegation's state
 //! from the key-value bucket, calls the pure decider (`dm-saga`), stores the new state **and** the commands
 //! in one compare-and-set write (the outbox), then publishes the commands with the msg-id
-//! `<delegation>:<revision>:<index>` and clears the outbox. A lost race (another replica advanced the same
-//! delegation) is retried on the fresh state; a crash between the write and the publish is repaired at start
-//! by publishing every outbox left behind. Timers live in the state, so they survive restarts: each replica
+//! `<delegation>:<revision>:<index>`. The outbox is not cleared by a second write while the delegation is
+//! in progress: the next decision's write replaces it, and a replica that finds an outbox it did not see
+//! published (a failed publish, a crash, another replica's decision) publishes it again with the same ids
+//! before deciding (duplicates are dropped by the msg-id and by idempotent consumers). Only a delegation
+//! that comes to rest (Active or ended) gets its outbox cleared, so that a resting record is never
+//! republished. A lost race (another replica advanced the same delegation) is retried on the fresh state; a
+//! crash between the write and the publish is repaired at start by publishing every outbox left behind. Timers live in the state, so they survive restarts: each replica
 //! keeps an index of the armed ones, fed by a watch of every write to the bucket (any replica's), and fires
 //! them through the decider, which ignores a timer that no longer matches (ARCHITECTURE rules 2 and 4).
 //! Device claims (rule 9) are compare-and-set entries per device in the `claims` bucket.
@@ -18,6 +22,7 @@ mod claims;
 mod route;
 mod timers;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -91,6 +96,27 @@ struct Inner {
     shards: Vec<Mutex<()>>,
     /// Every state this replica stored, for watchers.
     changes: tokio::sync::broadcast::Sender<DelegationState>,
+    /// The revision whose outbox this replica published in full, per delegation in progress: such an
+    /// outbox is left for the next decision to replace (a second write per decision was 12 of a
+    /// delegation's ~80 JetStream writes). A hint only: a missing entry means publishing again.
+    published: std::sync::Mutex<HashMap<String, u64>>,
+}
+
+/// Entries of [`Inner::published`] before it is emptied (each costs one republish at most).
+const PUBLISHED_MAX: usize = 65_536;
+
+/// A delegation at rest waits for no work of its own: its outbox is cleared once published, so that a
+/// late decision or a restart does not publish it again.
+fn at_rest(state: &DelegationState) -> bool {
+    matches!(
+        state.phase(),
+        pb::Phase::Active
+            | pb::Phase::Declined
+            | pb::Phase::Failed
+            | pb::Phase::Revoked
+            | pb::Phase::Expired
+            | pb::Phase::Released
+    )
 }
 
 pub use dm_bus::subjects::delegation_key;
@@ -194,6 +220,7 @@ impl Orchestrator {
                 claims,
                 shards: (0..SHARDS).map(|_| Mutex::new(())).collect(),
                 changes: tokio::sync::broadcast::channel(1024).0,
+                published: std::sync::Mutex::new(HashMap::new()),
             }),
         };
         o.recover().await?;
@@ -254,6 +281,7 @@ impl Orchestrator {
                     .track_at(&key, state.timer.as_ref(), revision);
                 if !stored.outbox.is_empty() {
                     self.flush(&key, state, &stored.outbox, revision).await?;
+                    self.settle(&key, state, revision).await?;
                 }
             }
         }
@@ -360,9 +388,15 @@ impl Orchestrator {
             if let Some((stored, rev)) = &loaded
                 && !stored.outbox.is_empty()
                 && let Some(state) = &stored.state
+                && !self.was_published(&key, *rev)
             {
                 self.flush(&key, state, &stored.outbox, *rev).await?;
-                continue;
+                self.settle(&key, state, *rev).await?;
+                // In progress, nothing was written: decide on what was loaded (this decision's write
+                // replaces the outbox). A resting record was cleared: read it again.
+                if at_rest(state) {
+                    continue;
+                }
             }
             let (state, revision) = match &loaded {
                 Some((stored, rev)) => (stored.state.clone(), Some(*rev)),
@@ -438,6 +472,9 @@ impl Orchestrator {
             let _ = self.inner.changes.send(new_state.clone());
             self.flush(&key, &new_state, &decision.commands, revision)
                 .await?;
+            if !decision.commands.is_empty() {
+                self.settle(&key, &new_state, revision).await?;
+            }
             return Ok(Applied {
                 answer: decision.answer,
                 state: Some(new_state),
@@ -446,7 +483,57 @@ impl Orchestrator {
         Err(OrchestratorError::Contention(key))
     }
 
-    /// Publishes the commands of a committed decision, then clears the outbox (if the state is unchanged).
+    /// Whether this replica published the outbox stored at `revision` in full.
+    fn was_published(&self, key: &str, revision: u64) -> bool {
+        let published = self
+            .inner
+            .published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        published.get(key) == Some(&revision)
+    }
+
+    /// After a flush: a delegation at rest gets its outbox cleared (if the state is unchanged) and is
+    /// forgotten here; one in progress is noted as published, its outbox left for the next decision.
+    async fn settle(
+        &self,
+        key: &str,
+        state: &DelegationState,
+        revision: u64,
+    ) -> Result<(), OrchestratorError> {
+        {
+            let mut published = self
+                .inner
+                .published
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if at_rest(state) {
+                published.remove(key);
+            } else {
+                if published.len() >= PUBLISHED_MAX {
+                    published.clear();
+                }
+                published.insert(key.to_string(), revision);
+                return Ok(());
+            }
+        }
+        let cleared = StoredDelegation {
+            state: Some(state.clone()),
+            outbox: Vec::new(),
+        };
+        // A newer decision may have been stored meanwhile: its own outbox stays.
+        match self
+            .inner
+            .kv
+            .update(key, Bytes::from(cleared.encode_to_vec()), revision)
+            .await
+        {
+            Ok(_) | Err(BusError::Conflict(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Publishes the commands of a committed decision (the outbox stays; see [`Self::settle`]).
     async fn flush(
         &self,
         key: &str,
@@ -507,22 +594,6 @@ impl Orchestrator {
                         )
                         .await?;
                 }
-            }
-        }
-        if !commands.is_empty() {
-            let cleared = StoredDelegation {
-                state: Some(state.clone()),
-                outbox: Vec::new(),
-            };
-            // A newer decision may have been stored meanwhile: its own outbox stays.
-            match self
-                .inner
-                .kv
-                .update(key, Bytes::from(cleared.encode_to_vec()), revision)
-                .await
-            {
-                Ok(_) | Err(BusError::Conflict(_)) => {}
-                Err(e) => return Err(e.into()),
             }
         }
         Ok(())
