@@ -28,10 +28,18 @@
 //! [acceptance]                         # dm-notification's policy
 //! offered_types = ["Partial", "Temporary"]
 //!
+//! [orchestrator]                       # optional; the defaults are shown
+//! ack_wait_secs = 30                   # an event not settled within this is delivered again
+//! [orchestrator.deadlines]             # seconds each step may take (await_res, decide, verify,
+//! apply = 1800                         # await_start, await_prepared, create_key, apply,
+//!                                      # await_confirm, first_session, await_release)
+//!
 //! [provisioning]
 //! listen = "0.0.0.0:8080"
 //! public_url = "https://dm.dms1.operator.example/dm"
 //! push_url = "http://push-gateway:8700"
+//! session_timeout_secs = 120           # optional: a silent device fails its job with 408 after this
+//! command_ack_wait_secs = 60           # optional: a replica that died lets its commands go after this
 //! [[provisioning.device]]
 //! dev_id = "IMEI:490154203237518"
 //! ...
@@ -61,6 +69,7 @@ pub struct FileConfig {
     pub gateway: Option<dm_gateway::Config>,
     pub acceptance: Option<AcceptancePolicy>,
     pub provisioning: Option<ProvisioningConfig>,
+    pub orchestrator: OrchestratorConfig,
 }
 
 #[derive(Clone)]
@@ -84,6 +93,90 @@ pub struct ProvisioningConfig {
     pub public_url: String,
     pub push_url: String,
     pub devices: Vec<(String, DeviceCredentials)>,
+    pub session_timeout: std::time::Duration,
+    pub command_ack_wait: std::time::Duration,
+}
+
+/// The orchestrator's timing: the saga's step deadlines and how long an event may stay unsettled.
+#[derive(Debug, Clone)]
+pub struct OrchestratorConfig {
+    pub saga: dm_saga::Config,
+    pub ack_wait: std::time::Duration,
+}
+
+impl Default for OrchestratorConfig {
+    fn default() -> Self {
+        Self {
+            saga: dm_saga::Config::default(),
+            ack_wait: std::time::Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Orchestrator {
+    #[serde(default)]
+    ack_wait_secs: Option<u64>,
+    #[serde(default)]
+    deadlines: Deadlines,
+}
+
+/// Step deadlines in seconds; absent: the saga's default.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Deadlines {
+    await_res: Option<u64>,
+    decide: Option<u64>,
+    verify: Option<u64>,
+    await_start: Option<u64>,
+    await_prepared: Option<u64>,
+    create_key: Option<u64>,
+    apply: Option<u64>,
+    await_confirm: Option<u64>,
+    first_session: Option<u64>,
+    await_release: Option<u64>,
+}
+
+/// A positive number of seconds, or the error that names the key.
+fn seconds(key: &str, value: u64) -> anyhow::Result<std::time::Duration> {
+    if value == 0 {
+        bail!("{key}: must be more than 0 seconds");
+    }
+    Ok(std::time::Duration::from_secs(value))
+}
+
+impl Orchestrator {
+    fn resolve(self) -> anyhow::Result<OrchestratorConfig> {
+        let mut out = OrchestratorConfig::default();
+        if let Some(v) = self.ack_wait_secs {
+            out.ack_wait = seconds("[orchestrator] ack_wait_secs", v)?;
+        }
+        let d = self.deadlines;
+        let saga = &mut out.saga;
+        for (name, value, field) in [
+            ("await_res", d.await_res, &mut saga.await_res_ms),
+            ("decide", d.decide, &mut saga.decide_ms),
+            ("verify", d.verify, &mut saga.verify_ms),
+            ("await_start", d.await_start, &mut saga.await_start_ms),
+            (
+                "await_prepared",
+                d.await_prepared,
+                &mut saga.await_prepared_ms,
+            ),
+            ("create_key", d.create_key, &mut saga.create_key_ms),
+            ("apply", d.apply, &mut saga.apply_ms),
+            ("await_confirm", d.await_confirm, &mut saga.await_confirm_ms),
+            ("first_session", d.first_session, &mut saga.first_session_ms),
+            ("await_release", d.await_release, &mut saga.await_release_ms),
+        ] {
+            if let Some(v) = value {
+                let d = seconds(&format!("[orchestrator.deadlines] {name}"), v)?;
+                *field = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+            }
+        }
+        Ok(out)
+    }
 }
 
 #[derive(Deserialize)]
@@ -116,6 +209,10 @@ struct Provisioning {
     listen: String,
     public_url: String,
     push_url: String,
+    #[serde(default)]
+    session_timeout_secs: Option<u64>,
+    #[serde(default)]
+    command_ack_wait_secs: Option<u64>,
     #[serde(default)]
     device: Vec<Device>,
 }
@@ -170,12 +267,13 @@ pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> anyhow::Result
             "auth",
             "gateway",
             "acceptance",
+            "orchestrator",
             "provisioning",
         ]
         .contains(&key.as_str())
         {
             bail!(
-                "unknown table [{key}]: expected deployment, admin, health, auth, gateway, acceptance, provisioning"
+                "unknown table [{key}]: expected deployment, admin, health, auth, gateway, acceptance, orchestrator, provisioning"
             );
         }
     }
@@ -234,6 +332,14 @@ pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> anyhow::Result
                     .context("[provisioning] listen: not an address:port")?,
                 public_url: p.public_url,
                 push_url: p.push_url,
+                session_timeout: match p.session_timeout_secs {
+                    Some(v) => seconds("[provisioning] session_timeout_secs", v)?,
+                    None => dm_provisioning::DEFAULT_SESSION_TIMEOUT,
+                },
+                command_ack_wait: match p.command_ack_wait_secs {
+                    Some(v) => seconds("[provisioning] command_ack_wait_secs", v)?,
+                    None => std::time::Duration::from_secs(60),
+                },
                 devices: p
                     .device
                     .into_iter()
@@ -253,7 +359,11 @@ pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> anyhow::Result
             })
         })
         .transpose()?;
+    let orchestrator = part::<Orchestrator>(&table, "orchestrator")?
+        .unwrap_or_default()
+        .resolve()?;
     Ok(FileConfig {
+        orchestrator,
         name: deployment.name,
         server_id: deployment.server_id,
         nats_url: deployment.nats_url,
@@ -299,6 +409,46 @@ listen = "0.0.0.0:8080"
 public_url = "http://dm.example/dm"
 push_url = "http://push:8700"
 "#;
+
+    #[test]
+    fn deadlines_and_ack_waits_are_configuration_with_defaults() {
+        let c = parse(FILE, |k| (k == "TOKEN").then(|| "t0k3n".to_string())).unwrap();
+        assert_eq!(c.orchestrator.saga, dm_saga::Config::default());
+        assert_eq!(c.orchestrator.ack_wait, std::time::Duration::from_secs(30));
+        let p = c.provisioning.unwrap();
+        assert_eq!(p.session_timeout, dm_provisioning::DEFAULT_SESSION_TIMEOUT);
+        assert_eq!(p.command_ack_wait, std::time::Duration::from_secs(60));
+
+        let file = FILE.replace(
+            "[provisioning]\n",
+            "[orchestrator]\nack_wait_secs = 45\n[orchestrator.deadlines]\napply = 600\nawait_res = 90\n\n\
+             [provisioning]\nsession_timeout_secs = 30\ncommand_ack_wait_secs = 20\n",
+        );
+        let c = parse(&file, |k| (k == "TOKEN").then(|| "t0k3n".to_string())).unwrap();
+        assert_eq!(c.orchestrator.ack_wait, std::time::Duration::from_secs(45));
+        assert_eq!(c.orchestrator.saga.apply_ms, 600_000);
+        assert_eq!(c.orchestrator.saga.await_res_ms, 90_000);
+        assert_eq!(
+            c.orchestrator.saga.verify_ms,
+            dm_saga::Config::default().verify_ms
+        );
+        let p = c.provisioning.unwrap();
+        assert_eq!(p.session_timeout, std::time::Duration::from_secs(30));
+        assert_eq!(p.command_ack_wait, std::time::Duration::from_secs(20));
+
+        for (bad, says) in [
+            (
+                "[orchestrator.deadlines]\napply = 0\n",
+                "apply: must be more than 0",
+            ),
+            ("[orchestrator.deadlines]\nsoon = 5\n", "soon"),
+            ("[orchestrator]\nack_wait_secs = 0\n", "ack_wait_secs"),
+        ] {
+            let file = format!("{FILE}\n{bad}");
+            let e = parse(&file, |k| (k == "TOKEN").then(|| "t0k3n".to_string())).unwrap_err();
+            assert!(format!("{e:#}").contains(says), "{bad}: {e:#}");
+        }
+    }
 
     #[test]
     fn every_service_reads_its_table() {

@@ -192,6 +192,7 @@ fn spec(side: SideSpec<'_>, pki: &pki::Pki, push_url: &str) -> anyhow::Result<De
         name: name.to_string(),
         server_id: me.to_string(),
         saga: Some(dm_saga::Config::default()),
+        orchestrator_ack_wait: Duration::from_secs(30),
         admin: None,
         auth: Some(auth),
         gateway: Some((gateway_config, Some(gateway_listener))),

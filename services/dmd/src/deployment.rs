@@ -22,6 +22,8 @@ pub struct DeploymentSpec {
     pub server_id: String,
     /// The orchestrator's deadlines; `None`: no orchestrator here.
     pub saga: Option<dm_saga::Config>,
+    /// How long an event may stay unsettled with the orchestrator before it is delivered again.
+    pub orchestrator_ack_wait: Duration,
     /// The operator API (needs the orchestrator): where it listens and the token it requires.
     pub admin: Option<(TcpListener, dm_protocol::dmacc::Secret)>,
     pub auth: Option<dm_auth::Config>,
@@ -100,7 +102,7 @@ pub async fn start(spec: DeploymentSpec, bus: Bus) -> anyhow::Result<Running> {
                 names: names.clone(),
                 server_id: spec.server_id.clone(),
                 saga,
-                ack_wait: Duration::from_secs(30),
+                ack_wait: spec.orchestrator_ack_wait,
             },
             bus.clone(),
         )

@@ -71,7 +71,11 @@ pub async fn spec(only: Option<Service>, c: FileConfig) -> anyhow::Result<Deploy
         .unwrap_or_else(dm_auth::MasterKey::random);
     let provisioning = match (c.provisioning, wanted(only, Service::Provisioning)) {
         (Some(p), true) => Some(ProvisioningSpec {
-            config: dm_provisioning::Config::new(&c.server_id, p.public_url),
+            config: dm_provisioning::Config {
+                session_timeout: p.session_timeout,
+                command_ack_wait: p.command_ack_wait,
+                ..dm_provisioning::Config::new(&c.server_id, p.public_url)
+            },
             listener: TcpListener::bind(p.listen)
                 .await
                 .with_context(|| format!("[provisioning] listen {}", p.listen))?,
@@ -84,7 +88,8 @@ pub async fn spec(only: Option<Service>, c: FileConfig) -> anyhow::Result<Deploy
     Ok(DeploymentSpec {
         name: c.name,
         server_id: c.server_id,
-        saga: wanted(only, Service::Orchestrator).then(dm_saga::Config::default),
+        saga: wanted(only, Service::Orchestrator).then(|| c.orchestrator.saga.clone()),
+        orchestrator_ack_wait: c.orchestrator.ack_wait,
         admin,
         auth: c.auth.filter(|_| wanted(only, Service::Auth)),
         gateway: c
