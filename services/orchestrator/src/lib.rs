@@ -135,6 +135,13 @@ fn typed_headers(type_name: &str) -> Headers {
     h
 }
 
+/// A device claimed by this call for a new delegation, and whether its state may have been written.
+#[derive(Debug)]
+struct NewClaim {
+    dev_id: String,
+    written: bool,
+}
+
 /// The device and scope an event would start a delegation over (an operator start, a peer's NOTIF).
 fn start_of(event: &Event) -> Option<(String, Vec<String>)> {
     let (device, scope) = match &event.kind {
@@ -343,23 +350,20 @@ impl Orchestrator {
         let key = delegation_key(peer_server_id, session_id);
         let _guard = self.shard(&key).lock().await;
         // Set once this call claimed the device for a new delegation: released if nothing is stored.
-        let mut claimed: Option<String> = None;
+        let mut claimed: Option<NewClaim> = None;
         let result = self
             .decide_and_commit(&key, event, traceparent, &mut claimed)
             .await;
-        let stored_nothing = !matches!(
-            &result,
-            Ok(Applied {
-                answer: Answer::Accepted,
-                state: Some(_)
-            })
-        );
-        if let (Some(dev_id), true) = (&claimed, stored_nothing) {
-            // Refused, or failed before the state was stored: the claim goes (a replica that dies right
-            // here leaves it for PENDING_MS at most).
-            if let Err(e) = self.inner.claims.release(dev_id, &key).await {
-                tracing::warn!(error = %e, "a claim could not be released; it lapses by itself");
-            }
+        // Refused before anything was written: the claim goes. Once the state may have been written
+        // (even if the call then failed: a publish, a write whose answer was lost), the claim stays with
+        // the stored delegation, or lapses after PENDING_MS if nothing was stored.
+        if let Some(NewClaim {
+            dev_id,
+            written: false,
+        }) = &claimed
+            && let Err(e) = self.inner.claims.release(dev_id, &key).await
+        {
+            tracing::warn!(error = %e, "a claim could not be released; it lapses by itself");
         }
         result
     }
@@ -377,7 +381,7 @@ impl Orchestrator {
         key: &str,
         event: &Event,
         traceparent: Option<&str>,
-        claimed: &mut Option<String>,
+        claimed: &mut Option<NewClaim>,
     ) -> Result<Applied, OrchestratorError> {
         let key = key.to_string();
         for _ in 0..16 {
@@ -410,7 +414,12 @@ impl Orchestrator {
                 && let Some((dev_id, scope)) = start_of(event)
             {
                 match self.inner.claims.claim(&dev_id, &scope, &key, now).await? {
-                    Claimed::Yes => *claimed = Some(dev_id),
+                    Claimed::Yes => {
+                        *claimed = Some(NewClaim {
+                            dev_id,
+                            written: false,
+                        })
+                    }
                     Claimed::Conflict => {
                         return Ok(Applied {
                             answer: Answer::Rejected {
@@ -447,6 +456,9 @@ impl Orchestrator {
                 outbox: decision.commands.clone(),
             };
             let bytes = Bytes::from(stored.encode_to_vec());
+            if let Some(c) = claimed.as_mut() {
+                c.written = true;
+            }
             let written = match revision {
                 None => self.inner.kv.create(&key, bytes).await,
                 Some(rev) => self.inner.kv.update(&key, bytes, rev).await,
