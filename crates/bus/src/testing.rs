@@ -7,7 +7,7 @@
 //! key-value API of async-nats 0.51 (STACK.md), so the version is checked.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -115,9 +115,36 @@ impl NatsServer {
         let bin = find_binary().ok_or(StartError::NotFound)?;
         check_version(&bin)?;
         let store = tempfile_dir::TempDir::new().map_err(|e| StartError::Start(e.to_string()))?;
-        let mut child = Command::new(&bin)
-            .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
-            .arg(store.path())
+        let (child, url) = Self::spawn(&bin, "-1", store.path())?;
+        Ok(Self {
+            child,
+            url,
+            _store: store,
+        })
+    }
+
+    /// Kills the server (an outage begins).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port with the same store (the outage ends; JetStream's
+    /// streams and buckets are as they were written).
+    pub fn restart(&mut self) -> Result<(), StartError> {
+        self.kill();
+        let bin = find_binary().ok_or(StartError::NotFound)?;
+        let port = self.url.rsplit(':').next().unwrap_or_default().to_string();
+        let (child, url) = Self::spawn(&bin, &port, self._store.path())?;
+        self.child = child;
+        self.url = url;
+        Ok(())
+    }
+
+    fn spawn(bin: &Path, port: &str, store: &Path) -> Result<(Child, String), StartError> {
+        let mut child = Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", port, "-js", "-sd"])
+            .arg(store)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -141,11 +168,7 @@ impl NatsServer {
             }
         });
         match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(addr) => Ok(Self {
-                child,
-                url: format!("nats://{addr}"),
-                _store: store,
-            }),
+            Ok(addr) => Ok((child, format!("nats://{addr}"))),
             Err(_) => {
                 let _ = child.kill();
                 Err(StartError::Start(
