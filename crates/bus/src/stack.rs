@@ -228,10 +228,22 @@ async fn dead_letter(bus: &Bus, config: &StackConfig, message: &Message, reason:
     let Some(subject) = &config.dead_letter_subject else {
         return;
     };
+    record_dead_letter(bus, &config.service, subject, message, reason).await;
+}
+
+/// Writes the dead-letter record of `message`, dropped by `service`, on `subject` (for consumers that
+/// keep their own loop, like the orchestrator's).
+pub async fn record_dead_letter(
+    bus: &Bus,
+    service: &str,
+    subject: &str,
+    message: &Message,
+    reason: &str,
+) {
     let mut headers = Headers::new();
     headers.insert("dmd-type", "dmd.bus.v1.DeadLetter");
     headers.insert("dmd-version", "1");
-    headers.insert(DEAD_LETTER_SERVICE, config.service.clone());
+    headers.insert(DEAD_LETTER_SERVICE, service);
     headers.insert(DEAD_LETTER_REASON, reason);
     headers.insert("dmd-dead-letter-subject", message.subject.clone());
     for (name, value) in &message.headers.0 {
@@ -242,9 +254,9 @@ async fn dead_letter(bus: &Bus, config: &StackConfig, message: &Message, reason:
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    let id = format!("dead:{}:{nanos}", config.service);
+    let id = format!("dead:{service}:{nanos}");
     if let Err(e) = bus.publish(subject, headers, Bytes::new(), &id).await {
-        tracing::warn!(service = %config.service, error = %e, "a dead-letter record could not be written");
+        tracing::warn!(service, error = %e, "a dead-letter record could not be written");
     }
 }
 

@@ -811,9 +811,32 @@ impl Orchestrator {
                         .await
                     {
                         Ok(_) => delivery.ack().await,
+                        // An event that keeps failing is poison: dropped, with a dead-letter record in
+                        // the audit stream, instead of looping for ever.
+                        Err(e) if delivery.attempt >= MAX_DELIVER => {
+                            tracing::warn!(error = %e, attempt = delivery.attempt, "event dropped as poison");
+                            if let Ok(subject) =
+                                self.inner.config.names.subject(Area::Audit, "dead")
+                            {
+                                dm_bus::stack::record_dead_letter(
+                                    &self.inner.bus,
+                                    "orchestrator",
+                                    &subject,
+                                    &delivery.message,
+                                    &format!("gave up after {} attempts: {e}", delivery.attempt),
+                                )
+                                .await;
+                            }
+                            delivery.term().await
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "event not applied; will be delivered again");
-                            delivery.nak(Duration::from_secs(1)).await
+                            let pause = dm_bus::stack::backoff(
+                                delivery.attempt,
+                                Duration::from_millis(250),
+                                Duration::from_secs(30),
+                            );
+                            delivery.nak(pause).await
                         }
                     };
                     if let Err(e) = settled {
@@ -897,6 +920,9 @@ impl Orchestrator {
         }
     }
 }
+
+/// Attempts after which an event that cannot be decided is dropped as poison (with a dead-letter record).
+const MAX_DELIVER: u64 = 20;
 
 /// How many lanes decide inputs at once, and how many inputs each holds before the intake waits.
 const LANES: usize = 64;
