@@ -133,15 +133,14 @@ impl Outbound {
         self: Arc<Self>,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), BusError> {
-        let mut consumer = self
-            .bus
-            .consumer(&ConsumerConfig {
-                stream: self.names.stream(Area::Cmd),
-                durable: self.names.consumer("gateway")?,
-                filter: self.names.commands_for("gateway")?,
-                ack_wait: self.timeouts.ack_wait,
-            })
-            .await?;
+        let consumer_config = ConsumerConfig {
+            stream: self.names.stream(Area::Cmd),
+            durable: self.names.consumer("gateway")?,
+            filter: self.names.commands_for("gateway")?,
+            ack_wait: self.timeouts.ack_wait,
+        };
+        let mut consumer = self.bus.consumer(&consumer_config).await?;
+        let mut reopen_attempts = 0u64;
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
         // Per lane: the queue into its worker and how many commands it holds.
         let mut lanes: HashMap<
@@ -171,18 +170,44 @@ impl Outbound {
                 }
                 Some(_) = workers.join_next(), if !workers.is_empty() => {}
                 delivery = consumer.next() => {
-                    let Some(delivery) = delivery? else { break };
+                    let delivery = match delivery {
+                        Ok(Some(d)) => {
+                            reopen_attempts = 0;
+                            d
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            // A NATS outage or a lost consumer never ends the gateway: open it again.
+                            reopen_attempts += 1;
+                            let pause = dm_bus::stack::backoff(
+                                reopen_attempts,
+                                Duration::from_millis(250),
+                                Duration::from_secs(30),
+                            );
+                            tracing::warn!(error = %e, ?pause, "the command queue failed; reopening it");
+                            tokio::time::sleep(pause).await;
+                            match self.bus.consumer(&consumer_config).await {
+                                Ok(c) => consumer = c,
+                                Err(e) => tracing::warn!(error = %e, "the command queue cannot be opened yet"),
+                            }
+                            continue;
+                        }
+                    };
                     let envelope = match CommandEnvelope::decode(delivery.message.payload.clone()) {
                         Ok(e) => e,
                         Err(_) => {
                             tracing::error!("undecodable gateway command dropped");
-                            delivery.term().await?;
+                            if let Err(e) = delivery.term().await {
+                                tracing::warn!(error = %e, "a command could not be dropped; it comes back");
+                            }
                             continue;
                         }
                     };
                     let Some(delegation) = envelope.delegation.clone() else {
                         tracing::error!(outbox_id = %envelope.outbox_id, "gateway command without delegation dropped");
-                        delivery.term().await?;
+                        if let Err(e) = delivery.term().await {
+                            tracing::warn!(error = %e, "a command could not be dropped; it comes back");
+                        }
                         continue;
                     };
                     let key = lane_key(&delegation);
