@@ -799,6 +799,19 @@ impl<'a> Step<'a> {
             }
             (Work::Restore, Phase::Compensating) if delegating => {
                 if w.ok {
+                    // Given up waiting for CONFIRM (step 9): the peer may have sent it and be Active,
+                    // where a FAILURE is refused (A.1). Authority is back with us, so tell it as a
+                    // revocation too; a peer that was not Active refuses that one instead.
+                    let waited_for_confirm = self
+                        .s
+                        .fault
+                        .as_ref()
+                        .is_some_and(|f| f.step == 9 && !f.from_peer);
+                    if waited_for_confirm {
+                        self.send(send_message::Body::Revoke(RevokeBody {
+                            reason: EndReason::Revoked as i32,
+                        }));
+                    }
                     self.enter(Phase::Failed, "device restored");
                 } else {
                     self.retry_later();
