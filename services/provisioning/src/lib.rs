@@ -501,10 +501,8 @@ impl Provisioning {
     /// the message is forwarded to).
     pub async fn route_device(&self, content_type: &str, body: Bytes) -> DeviceAnswer {
         if let Some(f) = &self.forward {
-            let dev_id = syncml::decode(&body)
-                .ok()
-                .map(|m| m.hdr.source.loc_uri)
-                .or_else(|| session::guess_header(&body).map(|g| g.source));
+            // A scan of the header is enough to route (decoding the whole message twice is not).
+            let dev_id = session::guess_header(&body).map(|g| g.source);
             if let Some(dev_id) = dev_id
                 && !self.holds(&dev_id)
                 && let Some(answer) = f.forward(&dev_id, content_type, &body).await
