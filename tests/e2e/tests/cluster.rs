@@ -15,8 +15,10 @@ use dm_saga::Answer;
 use dm_saga::pb::{self, DelType, Phase, Role, event};
 use dmd::demo::{D1, D2, World, device_id};
 
-/// How long one delegation may take to reach Active, failover included (raft elections take seconds).
-const STEP: Duration = Duration::from_secs(45);
+/// How long one delegation may take to reach Active around a node's death: a message the dead node had
+/// handed out waits its consumer's ack wait (30 s) and the retries' back-off (up to 30 s) before it comes
+/// back, possibly twice on the way (NOTIF, then RES).
+const STEP: Duration = Duration::from_secs(150);
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
