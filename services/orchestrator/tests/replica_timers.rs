@@ -84,3 +84,67 @@ async fn a_deadline_armed_by_one_replica_is_fired_by_another() {
     let fault = state.fault.unwrap();
     assert_eq!((fault.step, fault.status_code), (1, 408), "{fault:?}");
 }
+
+/// The state a replica keeps of the delegations it decided is only a shortcut: when another replica
+/// moved the delegation on, an answer is never given from the old state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_never_answers_from_a_state_another_replica_moved_on() {
+    let bus = dm_bus::Bus::in_process();
+    let a = Orchestrator::new(config(), bus.clone()).await.unwrap();
+    let b = Orchestrator::new(config(), bus).await.unwrap();
+    let mut start = pb::OperatorStart {
+        session_id: SESSION.into(),
+        peer_server_id: PEER.into(),
+        device: Some(pb::Device {
+            dev_id: "IMEI:2".into(),
+            ..Default::default()
+        }),
+        scope: vec!["./Vendor".into()],
+        ..Default::default()
+    };
+    start.set_role(Role::Delegating);
+    start.set_del_type(DelType::Partial);
+    let started = a
+        .apply(
+            PEER,
+            SESSION,
+            &Event {
+                kind: Some(event::Kind::OperatorStart(start)),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(started.state.unwrap().phase(), Phase::NotifSent);
+    // B takes the peer's acceptance: Verifying.
+    let res = Event {
+        kind: Some(event::Kind::Peer(pb::PeerMessage {
+            msg_id: "r1".into(),
+            sender: PEER.into(),
+            session_id: SESSION.into(),
+            body: Some(pb::peer_message::Body::Res(pb::ResBody {
+                ack: true,
+                ..Default::default()
+            })),
+        })),
+    };
+    let moved = b.apply(PEER, SESSION, &res).await.unwrap();
+    assert_eq!(moved.state.unwrap().phase(), Phase::Verifying);
+    // A, which last saw NotifSent, gets the verification's result: it is taken, not ignored.
+    let mut verified = pb::WorkResult {
+        ok: true,
+        ..Default::default()
+    };
+    verified.set_work(pb::Work::VerifyPeer);
+    let applied = a
+        .apply(
+            PEER,
+            SESSION,
+            &Event {
+                kind: Some(event::Kind::Work(verified)),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied.answer, dm_saga::Answer::Accepted);
+    assert_eq!(applied.state.unwrap().phase(), Phase::AwaitStart);
+}
