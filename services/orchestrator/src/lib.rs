@@ -100,10 +100,6 @@ struct Inner {
     /// outbox is left for the next decision to replace (a second write per decision was 12 of a
     /// delegation's ~80 JetStream writes). A hint only: a missing entry means publishing again.
     published: std::sync::Mutex<HashMap<String, u64>>,
-    /// What this replica last stored for delegations in progress, with its revision: the next decision
-    /// starts from it instead of reading the bucket again; compare-and-set catches a newer write by
-    /// another replica (the entry is then dropped and the bucket read).
-    cache: std::sync::Mutex<HashMap<String, (StoredDelegation, u64)>>,
 }
 
 /// Entries of [`Inner::published`] before it is emptied (each costs one republish at most).
@@ -232,7 +228,6 @@ impl Orchestrator {
                 shards: (0..SHARDS).map(|_| Mutex::new(())).collect(),
                 changes: tokio::sync::broadcast::channel(1024).0,
                 published: std::sync::Mutex::new(HashMap::new()),
-                cache: std::sync::Mutex::new(HashMap::new()),
             }),
         };
         o.recover().await?;
@@ -390,17 +385,7 @@ impl Orchestrator {
     ) -> Result<Applied, OrchestratorError> {
         let key = key.to_string();
         for _ in 0..16 {
-            let cached = self
-                .inner
-                .cache
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&key);
-            let from_cache = cached.is_some();
-            let loaded = match cached {
-                Some(entry) => Some(entry),
-                None => self.load(&key).await?,
-            };
+            let loaded = self.load(&key).await?;
             // A decision committed earlier whose commands were not all published (a failed publish, a
             // crash between write and publish): publish them now, with their ids, before anything else
             // overwrites the outbox (ARCHITECTURE rule 2).
@@ -449,11 +434,6 @@ impl Orchestrator {
                 }
             }
             let decision = self.inner.decider.decide(state.clone(), event, now);
-            // An answer that writes nothing is not checked by compare-and-set: never give it from a
-            // state another replica may have moved on from; decide again on what is stored.
-            if from_cache && (decision.answer != Answer::Accepted || decision.state.is_none()) {
-                continue;
-            }
             if decision.answer != Answer::Accepted {
                 return Ok(Applied {
                     answer: decision.answer,
@@ -485,17 +465,9 @@ impl Orchestrator {
             };
             let revision = match written {
                 Ok(rev) => rev,
-                // Another replica (or a stale cache entry) was behind: read the bucket again.
                 Err(BusError::Conflict(_)) => continue,
                 Err(e) => return Err(e.into()),
             };
-            if !at_rest(&new_state) {
-                let mut cache = self.inner.cache.lock().unwrap_or_else(|e| e.into_inner());
-                if cache.len() >= PUBLISHED_MAX {
-                    cache.clear();
-                }
-                cache.insert(key.clone(), (stored, revision));
-            }
             self.inner
                 .timers
                 .track_at(&key, new_state.timer.as_ref(), revision);
