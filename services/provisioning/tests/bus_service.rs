@@ -52,16 +52,13 @@ fn command(outbox_id: &str, kind: command::Kind) -> CommandEnvelope {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn apply_and_restore_over_the_bus() {
-    let bus = Bus::in_process();
-    let names = Names::new("dms1").unwrap();
+/// The deployment's work queues, and auth's part: the secrets of the delegation, on `req.auth.fetch`.
+async fn work_queues_and_auth(bus: &Bus, names: &Names) {
     for area in [Area::Cmd, Area::Evt] {
         bus.ensure_work_queue(&names.work_queue(area))
             .await
             .unwrap();
     }
-    // Auth's part: the secrets of the delegation.
     let mut fetches = bus
         .serve(&names.subject(Area::Req, "auth.fetch").unwrap(), "auth")
         .await
@@ -84,6 +81,13 @@ async fn apply_and_restore_over_the_bus() {
                 .unwrap();
         }
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_and_restore_over_the_bus() {
+    let bus = Bus::in_process();
+    let names = Names::new("dms1").unwrap();
+    work_queues_and_auth(&bus, &names).await;
     // The device and DMS-1's provisioning.
     let fleet = Fleet::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -338,33 +342,7 @@ impl Package0Channel for Unreachable {
 async fn a_command_left_by_a_stopped_replica_is_carried_out_by_the_next() {
     let bus = Bus::in_process();
     let names = Names::new("dms1").unwrap();
-    for area in [Area::Cmd, Area::Evt] {
-        bus.ensure_work_queue(&names.work_queue(area))
-            .await
-            .unwrap();
-    }
-    let mut fetches = bus
-        .serve(&names.subject(Area::Req, "auth.fetch").unwrap(), "auth")
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        while let Some(r) = fetches.next().await {
-            let f = Fetch::decode(r.message.payload.clone()).unwrap();
-            let value = match f.what() {
-                fetch::What::PeerAccount => start_xml_account_tnds(),
-                fetch::What::TempKey => TEMP_KEY.as_bytes().to_vec(),
-                _ => Vec::new(),
-            };
-            let answer = FetchAnswer {
-                found: !value.is_empty(),
-                value,
-                reason: String::new(),
-            };
-            r.respond(Headers::new(), Bytes::from(answer.encode_to_vec()))
-                .await
-                .unwrap();
-        }
-    });
+    work_queues_and_auth(&bus, &names).await;
     let fleet = Fleet::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let fleet_url = format!("http://{}", listener.local_addr().unwrap());
