@@ -6,156 +6,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::sync::{Arc, Mutex};
+mod support;
+
 use std::time::Duration;
 
-use bytes::Bytes;
 use dm_bus::testing::NatsServer;
-use dm_bus::{Area, Bus, ConsumerConfig, Headers, Names};
+use dm_bus::{Bus, Names};
 use dm_orchestrator::{Config, Orchestrator};
-use dm_proto::bus::v1::{CommandEnvelope, EventEnvelope, InboundAnswer, InboundPeerMessage};
-use dm_saga::pb::{self, DelType, Event, Phase, Role, Work, command, event};
-use prost::Message as _;
+use dm_saga::pb::{self, DelType, Event, Phase, Role, Work, event};
+use support::{DEADLINE, Fault, StandIns};
 
-const DEADLINE: Duration = Duration::from_secs(20);
 const D1: &str = "dms1.example";
 const D2: &str = "dms2.example";
-
-/// What goes wrong in a case.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fault {
-    None,
-    /// This side's stand-in reports this work failed.
-    Work(&'static str, Work),
-    /// This side's gateway never delivers messages of this kind (the peer's deadline ends it).
-    Lose(&'static str, &'static str),
-}
-
-/// Restores carried out by DMS-1's stand-in, by session.
-type Restores = Arc<Mutex<Vec<String>>>;
-
-fn kind_of(body: &Option<pb::send_message::Body>) -> &'static str {
-    match body {
-        Some(pb::send_message::Body::Notif(_)) => "NOTIF",
-        Some(pb::send_message::Body::Res(_)) => "RES",
-        Some(pb::send_message::Body::Start(_)) => "START",
-        Some(pb::send_message::Body::Prepared(_)) => "PREPARED",
-        Some(pb::send_message::Body::Confirm(_)) => "CONFIRM",
-        Some(pb::send_message::Body::Failure(_)) => "FAILURE",
-        _ => "OTHER",
-    }
-}
-
-async fn stand_ins(
-    bus: Bus,
-    names: Names,
-    me: &'static str,
-    peer: Names,
-    fault: Arc<Mutex<Fault>>,
-    restores: Restores,
-) {
-    let mut commands = bus
-        .consumer(&ConsumerConfig {
-            stream: names.stream(Area::Cmd),
-            durable: names.consumer("standins").unwrap(),
-            filter: names.area_wildcard(Area::Cmd),
-            ack_wait: Duration::from_secs(30),
-        })
-        .await
-        .unwrap();
-    while let Ok(Some(d)) = commands.next().await {
-        let env = CommandEnvelope::decode(d.message.payload.clone()).unwrap();
-        let delegation = env.delegation.clone().unwrap();
-        let now = *fault.lock().unwrap();
-        let done = |w: Work, plan: Option<pb::PlanOutcome>| {
-            let failed = now == Fault::Work(me, w);
-            let mut r = pb::WorkResult {
-                ok: !failed,
-                status_code: if failed { 500 } else { 0 },
-                reason: if failed {
-                    "stand-in failure".into()
-                } else {
-                    String::new()
-                },
-                plan: plan.filter(|_| !failed),
-                ..Default::default()
-            };
-            r.set_work(w);
-            Some(r)
-        };
-        let work = match env.command.as_ref().and_then(|c| c.kind.clone()) {
-            Some(command::Kind::Send(m)) => {
-                if now != Fault::Lose(me, kind_of(&m.body)) {
-                    let inbound = InboundPeerMessage {
-                        message: Some(pb::PeerMessage {
-                            msg_id: m.msg_id,
-                            sender: me.into(),
-                            session_id: delegation.session_id.clone(),
-                            body: m.body.map(dm_saga::as_received),
-                        }),
-                    };
-                    // The gateway: 503 is tried again with the same MsgID; other answers are final.
-                    let deadline = tokio::time::Instant::now() + DEADLINE;
-                    loop {
-                        let answer = bus
-                            .request(
-                                &peer.subject(Area::Req, "orchestrator.peer").unwrap(),
-                                Headers::new(),
-                                Bytes::from(inbound.encode_to_vec()),
-                                DEADLINE,
-                            )
-                            .await
-                            .unwrap();
-                        let answer = InboundAnswer::decode(answer.payload).unwrap();
-                        if answer.http_status != 503 || tokio::time::Instant::now() > deadline {
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
-                None
-            }
-            Some(command::Kind::AskAcceptance(_)) => done(Work::Acceptance, None),
-            Some(command::Kind::VerifyPeer(_)) => done(Work::VerifyPeer, None),
-            Some(command::Kind::CreateTempKey(_)) => done(Work::CreateKey, None),
-            Some(command::Kind::ApplyPlan(_)) => done(
-                Work::ApplyPlan,
-                Some(pb::PlanOutcome {
-                    account_uri: "./DMAcc/dms2".into(),
-                    ..Default::default()
-                }),
-            ),
-            Some(command::Kind::RestoreDevice(_)) => {
-                restores.lock().unwrap().push(delegation.session_id.clone());
-                let mut r = pb::WorkResult {
-                    ok: true,
-                    ..Default::default()
-                };
-                r.set_work(Work::Restore);
-                Some(r)
-            }
-            Some(command::Kind::RunFirstSession(_)) => done(Work::FirstSession, None),
-            _ => None,
-        };
-        if let Some(work) = work {
-            let evt = EventEnvelope {
-                delegation: Some(delegation),
-                event: Some(Event {
-                    kind: Some(event::Kind::Work(work)),
-                }),
-            };
-            bus.publish(
-                &names.subject(Area::Evt, "work.done").unwrap(),
-                Headers::new(),
-                Bytes::from(evt.encode_to_vec()),
-                &format!("{}:done", env.outbox_id),
-            )
-            .await
-            .unwrap();
-        }
-        d.ack().await.unwrap();
-    }
-}
 
 /// DMS-1 waits briefly for the peer's messages (a lost one ends its delegation within a test's patience),
 /// DMS-2 as long as by default: so DMS-1's deadline decides, and tells DMS-2.
@@ -241,24 +103,13 @@ async fn a_failure_at_each_step_from_either_side_ends_both_and_frees_the_device(
     let (n1, n2) = (Names::new("dms1").unwrap(), Names::new("dms2").unwrap());
     let d1 = deploy(&bus, "dms1", D1).await;
     let d2 = deploy(&bus, "dms2", D2).await;
-    let fault = Arc::new(Mutex::new(Fault::None));
-    let restores: Restores = Arc::default();
-    tokio::spawn(stand_ins(
-        bus.clone(),
-        n1.clone(),
-        D1,
-        n2.clone(),
-        fault.clone(),
-        restores.clone(),
-    ));
-    tokio::spawn(stand_ins(
-        bus.clone(),
-        n2,
-        D2,
-        n1,
-        fault.clone(),
-        restores.clone(),
-    ));
+    let first = StandIns::new(bus.clone(), n1.clone(), D1, n2.clone());
+    let (fault, restores) = (first.fault.clone(), first.seen.restores.clone());
+    let mut second = StandIns::new(bus.clone(), n2, D2, n1);
+    second.fault = fault.clone();
+    second.seen = first.seen.clone();
+    tokio::spawn(first.run());
+    tokio::spawn(second.run());
 
     // (fault, the step both sides record, its status, whether DMS-1 had touched the device, DMS-2's end)
     let cases = [

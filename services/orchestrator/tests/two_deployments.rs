@@ -6,15 +6,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod support;
+
 use std::time::Duration;
 
-use bytes::Bytes;
 use dm_bus::testing::NatsServer;
-use dm_bus::{Area, Bus, ConsumerConfig, Headers, Names};
+use dm_bus::{Bus, Names};
 use dm_orchestrator::{Config, Orchestrator};
-use dm_proto::bus::v1::{CommandEnvelope, EventEnvelope, InboundAnswer, InboundPeerMessage};
-use dm_saga::pb::{self, DelType, Event, Phase, Role, Work, command, event};
-use prost::Message as _;
+use dm_saga::pb::{self, DelType, Event, Phase, Role, event};
+use support::StandIns;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 const SESSION: &str = "9d2f0f7e-2b8a-4d6e-8a51-2a7e6b0c4d11";
@@ -25,98 +25,6 @@ fn config(deployment: &str, server_id: &str) -> Config {
         server_id: server_id.into(),
         saga: dm_saga::Config::default(),
         ack_wait: Duration::from_secs(5),
-    }
-}
-
-/// The services of one deployment, reduced to answering each command with success.
-async fn stand_in_services(bus: Bus, names: Names, server_id: &'static str, peer: Names) {
-    let mut commands = bus
-        .consumer(&ConsumerConfig {
-            stream: names.stream(Area::Cmd),
-            durable: names.consumer("standins").unwrap(),
-            filter: names.area_wildcard(Area::Cmd),
-            ack_wait: Duration::from_secs(5),
-        })
-        .await
-        .unwrap();
-    while let Ok(Some(d)) = commands.next().await {
-        let env = CommandEnvelope::decode(d.message.payload.clone()).unwrap();
-        let delegation = env.delegation.clone().unwrap();
-        let result = |w: Work, plan: Option<pb::PlanOutcome>| {
-            let mut r = pb::WorkResult {
-                ok: true,
-                plan,
-                ..Default::default()
-            };
-            r.set_work(w);
-            Some(r)
-        };
-        let work = match env.command.as_ref().and_then(|c| c.kind.clone()) {
-            Some(command::Kind::Send(m)) => {
-                // The gateway: the other deployment's orchestrator decides, then answers.
-                let inbound = InboundPeerMessage {
-                    message: Some(pb::PeerMessage {
-                        msg_id: m.msg_id,
-                        sender: server_id.into(),
-                        session_id: delegation.session_id.clone(),
-                        body: m.body.map(dm_saga::as_received),
-                    }),
-                };
-                // 503 (a START that overtook the peer's own check) is retried with the same MsgID, as
-                // the gateway does (A.2).
-                let deadline = tokio::time::Instant::now() + DEADLINE;
-                loop {
-                    let answer = bus
-                        .request(
-                            &peer.subject(Area::Req, "orchestrator.peer").unwrap(),
-                            Headers::new(),
-                            Bytes::from(inbound.encode_to_vec()),
-                            DEADLINE,
-                        )
-                        .await
-                        .unwrap();
-                    let answer = InboundAnswer::decode(answer.payload).unwrap();
-                    if answer.http_status == 503 && tokio::time::Instant::now() < deadline {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                    assert_eq!(answer.http_status, 202, "{answer:?}");
-                    break;
-                }
-                None
-            }
-            Some(command::Kind::AskAcceptance(_)) => result(Work::Acceptance, None),
-            Some(command::Kind::VerifyPeer(_)) => result(Work::VerifyPeer, None),
-            Some(command::Kind::CreateTempKey(_)) => result(Work::CreateKey, None),
-            Some(command::Kind::ApplyPlan(_)) => result(
-                Work::ApplyPlan,
-                Some(pb::PlanOutcome {
-                    account_uri: "./DMAcc/dms2".into(),
-                    ..Default::default()
-                }),
-            ),
-            Some(command::Kind::RestoreDevice(_)) => result(Work::Restore, None),
-            Some(command::Kind::RunFirstSession(_)) => result(Work::FirstSession, None),
-            Some(command::Kind::FinalizeDevice(_)) => result(Work::Finalize, None),
-            _ => None,
-        };
-        if let Some(work) = work {
-            let evt = EventEnvelope {
-                delegation: Some(delegation),
-                event: Some(Event {
-                    kind: Some(event::Kind::Work(work)),
-                }),
-            };
-            bus.publish(
-                &names.subject(Area::Evt, "work.done").unwrap(),
-                Headers::new(),
-                Bytes::from(evt.encode_to_vec()),
-                &format!("{}:done", env.outbox_id),
-            )
-            .await
-            .unwrap();
-        }
-        d.ack().await.unwrap();
     }
 }
 
@@ -178,18 +86,8 @@ async fn every_type_reaches_active_on(bus: Bus) {
     let (n1, n2) = (Names::new("dms1").unwrap(), Names::new("dms2").unwrap());
     let d1 = deploy(&bus, "dms1", "dms1.example").await;
     let d2 = deploy(&bus, "dms2", "dms2.example").await;
-    tokio::spawn(stand_in_services(
-        bus.clone(),
-        n1.clone(),
-        "dms1.example",
-        n2.clone(),
-    ));
-    tokio::spawn(stand_in_services(
-        bus.clone(),
-        n2.clone(),
-        "dms2.example",
-        n1.clone(),
-    ));
+    tokio::spawn(StandIns::new(bus.clone(), n1.clone(), "dms1.example", n2.clone()).run());
+    tokio::spawn(StandIns::new(bus.clone(), n2.clone(), "dms2.example", n1.clone()).run());
     // Partial initiated by DMS-1; it reaches Active on both sides.
     let applied = d1
         .orchestrator
@@ -252,12 +150,7 @@ async fn an_orchestrator_restarted_mid_way_finishes_from_the_stored_state() {
     // DMS-1 comes up without its services: the delegation stops after NOTIF/RES, waiting on auth.
     let d1 = deploy(&bus, "dms1", "dms1.example").await;
     let d2 = deploy(&bus, "dms2", "dms2.example").await;
-    tokio::spawn(stand_in_services(
-        bus.clone(),
-        n2.clone(),
-        "dms2.example",
-        n1.clone(),
-    ));
+    tokio::spawn(StandIns::new(bus.clone(), n2.clone(), "dms2.example", n1.clone()).run());
     // DMS-1's gateway alone, so that NOTIF reaches DMS-2 (the other commands wait in the stream).
     d1.orchestrator
         .apply(
@@ -270,12 +163,7 @@ async fn an_orchestrator_restarted_mid_way_finishes_from_the_stored_state() {
     // Stop DMS-1's orchestrator, start a new one on the same bus, then the services.
     d1.task.abort();
     let d1 = deploy(&bus, "dms1", "dms1.example").await;
-    tokio::spawn(stand_in_services(
-        bus.clone(),
-        n1.clone(),
-        "dms1.example",
-        n2.clone(),
-    ));
+    tokio::spawn(StandIns::new(bus.clone(), n1.clone(), "dms1.example", n2.clone()).run());
     wait_for(&d1.orchestrator, "dms2.example", Phase::Active).await;
     let s = wait_for(&d2.orchestrator, "dms1.example", Phase::Active).await;
     assert_eq!(s.role(), Role::Delegated);
