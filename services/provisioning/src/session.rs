@@ -398,6 +398,21 @@ impl Session {
                 })
                 .unwrap_or_default()
         };
+        // The reads of `leaf` below each child of `uri`.
+        let read_leaf_of_children = |uri: &DmUri, leaf: &str| -> Vec<(Command, Purpose)> {
+            children(uri)
+                .iter()
+                .filter_map(|c| c.join(leaf).ok())
+                .map(|u| read_node(&u))
+                .collect()
+        };
+        // The node whose leaf was read with the value `value`.
+        let parent_of_leaf_read_as = |value: &str| -> Option<DmUri> {
+            reads
+                .iter()
+                .find(|(_, (code, v))| *code == Some(200) && v.as_str() == value)
+                .and_then(|(uri, _)| uri.parent())
+        };
         let give_up = |why: &str| {
             tracing::warn!(
                 server_id = %self.server_id, session_id = %self.session_id,
@@ -408,22 +423,14 @@ impl Session {
         let (next, round): (Prelude, Vec<(Command, Purpose)>) = match step {
             Prelude::Start => (Prelude::Accounts, vec![read_node(&dmacc)]),
             Prelude::Accounts => {
-                let round: Vec<_> = children(&dmacc)
-                    .iter()
-                    .filter_map(|a| a.join("ServerID").ok())
-                    .map(|u| read_node(&u))
-                    .collect();
+                let round = read_leaf_of_children(&dmacc, "ServerID");
                 if round.is_empty() {
                     return give_up("./DMAcc cannot be read");
                 }
                 (Prelude::ServerIds, round)
             }
             Prelude::ServerIds => {
-                let Some(account) = reads
-                    .iter()
-                    .find(|(_, (code, v))| *code == Some(200) && *v == self.server_id)
-                    .and_then(|(uri, _)| uri.parent())
-                else {
+                let Some(account) = parent_of_leaf_read_as(&self.server_id) else {
                     return give_up("no account with this ServerID");
                 };
                 let app_auth = account.join("AppAuth").ok()?;
@@ -433,21 +440,14 @@ impl Session {
                 )
             }
             Prelude::Credentials(app_auth) => {
-                let round: Vec<_> = children(&app_auth)
-                    .iter()
-                    .filter_map(|c| c.join("AAuthLevel").ok())
-                    .map(|u| read_node(&u))
-                    .collect();
+                let round = read_leaf_of_children(&app_auth, "AAuthLevel");
                 if round.is_empty() {
                     return give_up("the account has no AppAuth");
                 }
                 (Prelude::Levels, round)
             }
             Prelude::Levels => {
-                let Some(target) = reads
-                    .iter()
-                    .find(|(_, (code, v))| *code == Some(200) && v.as_str() == "SRVCRED")
-                    .and_then(|(uri, _)| uri.parent())
+                let Some(target) = parent_of_leaf_read_as("SRVCRED")
                     .and_then(|cred| cred.join("AAuthSecret").ok())
                 else {
                     return give_up("the account has no SRVCRED");
@@ -1060,6 +1060,30 @@ fn device_commands(msg: &SyncMl) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
+/// The header of a message to the device `dev_id`, signed with this server's credential over the nonce
+/// the device gave it.
+fn server_header(
+    config: &Config,
+    entry: &DeviceEntry,
+    session_id: &str,
+    msg_id: u32,
+    dev_id: &str,
+) -> SyncHdr {
+    let mut hdr = SyncHdr::new(
+        session_id,
+        msg_id.to_string(),
+        Location::new(dev_id),
+        Location::new(config.public_url.clone()),
+    );
+    let nonce = auth::decode_nonce(&entry.creds.server_nonce_b64).unwrap_or_default();
+    hdr.cred = Some(auth::cred_md5(
+        &config.server_id,
+        &entry.creds.server_secret,
+        &nonce,
+    ));
+    hdr
+}
+
 /// Builds the answer: our header with our credential, the header status (CmdID 1), a status `code` for
 /// each of the device's commands (CmdIDs 2, 3, …), then `commands` (numbered after them), and `Final`.
 fn answer(
@@ -1071,18 +1095,13 @@ fn answer(
     msg_id: u32,
     code: StatusCode,
 ) -> SyncMl {
-    let mut hdr = SyncHdr::new(
-        msg.hdr.session_id.clone(),
-        msg_id.to_string(),
-        Location::new(msg.hdr.source.loc_uri.clone()),
-        Location::new(config.public_url.clone()),
+    let hdr = server_header(
+        config,
+        entry,
+        &msg.hdr.session_id,
+        msg_id,
+        &msg.hdr.source.loc_uri,
     );
-    let nonce = auth::decode_nonce(&entry.creds.server_nonce_b64).unwrap_or_default();
-    hdr.cred = Some(auth::cred_md5(
-        &config.server_id,
-        &entry.creds.server_secret,
-        &nonce,
-    ));
     let mut body = vec![Command::Status(header_status)];
     let mut status_id = 2u32;
     for c in &msg.body.commands {
@@ -1506,18 +1525,7 @@ pub(crate) fn undecodable(
     log_outcome(&guess.source, &guess.session_id, session.job_id, &result);
     let msg_id = Exchange::next(&mut entry.exchange, &guess.session_id);
     Exchange::end(&mut entry.exchange);
-    let mut hdr = SyncHdr::new(
-        guess.session_id.clone(),
-        msg_id.to_string(),
-        Location::new(guess.source.clone()),
-        Location::new(config.public_url.clone()),
-    );
-    let nonce = auth::decode_nonce(&entry.creds.server_nonce_b64).unwrap_or_default();
-    hdr.cred = Some(auth::cred_md5(
-        &config.server_id,
-        &entry.creds.server_secret,
-        &nonce,
-    ));
+    let hdr = server_header(config, entry, &guess.session_id, msg_id, &guess.source);
     let mut status = Status::new(
         "1",
         guess.msg_id.clone(),
