@@ -210,6 +210,42 @@ struct DeviceStore {
 /// What a device's sealed credentials are bound to.
 const DEVICE_PURPOSE: &str = "device-credentials";
 
+impl DeviceStore {
+    fn seal(&self, dev_id: &str, creds: &DeviceCredentials) -> Result<Bytes, dm_bus::BusError> {
+        let unsealable = || dm_bus::BusError::InvalidName("device credentials".into());
+        let plain = serde_json::to_vec(creds).map_err(|_| unsealable())?;
+        let sealed = self
+            .key
+            .seal(dev_id, DEVICE_PURPOSE, &plain)
+            .map_err(|_| unsealable())?;
+        Ok(Bytes::from(sealed))
+    }
+
+    /// The credentials sealed for `dev_id`; `None` for another master key, or tampering.
+    fn open(&self, dev_id: &str, sealed: &[u8]) -> Option<DeviceCredentials> {
+        let plain = self.key.open(dev_id, DEVICE_PURPOSE, sealed).ok()?;
+        serde_json::from_slice(&plain).ok()
+    }
+}
+
+/// Writes `value` under `key` whatever revision it is at (retried on a concurrent write); nothing is
+/// written when the key holds that value already.
+async fn put(kv: &dm_bus::Kv, key: &str, value: Bytes) -> Result<(), dm_bus::BusError> {
+    for _ in 0..8 {
+        let written = match kv.get(key).await? {
+            Some(entry) if entry.value == value => return Ok(()),
+            Some(entry) => kv.update(key, value.clone(), entry.revision).await,
+            None => kv.create(key, value.clone()).await,
+        };
+        match written {
+            Ok(_) => return Ok(()),
+            Err(dm_bus::BusError::Conflict(_)) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(dm_bus::BusError::Conflict(key.to_string()))
+}
+
 impl std::fmt::Debug for Provisioning {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Provisioning")
@@ -317,12 +353,7 @@ impl Provisioning {
             let Some(dev_id) = dm_bus::subjects::decode_key(&key) else {
                 continue;
             };
-            let creds = store
-                .key
-                .open(&dev_id, DEVICE_PURPOSE, &entry.value)
-                .ok()
-                .and_then(|plain| serde_json::from_slice::<DeviceCredentials>(&plain).ok());
-            let Some(creds) = creds else {
+            let Some(creds) = store.open(&dev_id, &entry.value) else {
                 // Another master key, or tampered: the device is not usable; say which, never why.
                 tracing::warn!(
                     dev_id,
@@ -349,12 +380,7 @@ impl Provisioning {
                 return;
             }
         };
-        let Some(creds) = store
-            .key
-            .open(dev_id, DEVICE_PURPOSE, &entry.value)
-            .ok()
-            .and_then(|plain| serde_json::from_slice::<DeviceCredentials>(&plain).ok())
-        else {
+        let Some(creds) = store.open(dev_id, &entry.value) else {
             return;
         };
         let mut inner = self.lock();
@@ -393,30 +419,8 @@ impl Provisioning {
         let (Some(store), Some(creds)) = (&self.devices, self.credentials(dev_id)) else {
             return Ok(());
         };
-        let plain = serde_json::to_vec(&creds)
-            .map_err(|_| dm_bus::BusError::InvalidName("device credentials".into()))?;
-        let sealed = store
-            .key
-            .seal(dev_id, DEVICE_PURPOSE, &plain)
-            .map_err(|_| dm_bus::BusError::InvalidName("device credentials".into()))?;
-        let key = dm_bus::subjects::encode_key(dev_id);
-        for _ in 0..8 {
-            let written = match store.kv.get(&key).await? {
-                Some(entry) => {
-                    store
-                        .kv
-                        .update(&key, sealed.clone().into(), entry.revision)
-                        .await
-                }
-                None => store.kv.create(&key, sealed.clone().into()).await,
-            };
-            match written {
-                Ok(_) => return Ok(()),
-                Err(dm_bus::BusError::Conflict(_)) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(dm_bus::BusError::Conflict(key))
+        let sealed = store.seal(dev_id, &creds)?;
+        put(&store.kv, &dm_bus::subjects::encode_key(dev_id), sealed).await
     }
 
     /// Shares the device channel with the other replicas on `bus`: answers the device messages they
@@ -478,22 +482,8 @@ impl Provisioning {
             return;
         };
         let key = dm_bus::subjects::encode_key(dev_id);
-        let me = Bytes::from(f.me.clone());
-        for _ in 0..8 {
-            let written = match f.owners.get(&key).await {
-                Ok(Some(entry)) if entry.value == me => return,
-                Ok(Some(entry)) => f.owners.update(&key, me.clone(), entry.revision).await,
-                Ok(None) => f.owners.create(&key, me.clone()).await,
-                Err(e) => Err(e),
-            };
-            match written {
-                Ok(_) => return,
-                Err(dm_bus::BusError::Conflict(_)) => continue,
-                Err(e) => {
-                    tracing::warn!(dev_id, error = %e, "the device's owner could not be recorded");
-                    return;
-                }
-            }
+        if let Err(e) = put(&f.owners, &key, Bytes::from(f.me.clone())).await {
+            tracing::warn!(dev_id, error = %e, "the device's owner could not be recorded");
         }
     }
 
