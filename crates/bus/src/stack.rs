@@ -76,6 +76,99 @@ pub const DEAD_LETTER_REASON: &str = "dmd-dead-letter-reason";
 /// The header of a dead-letter record naming the consumer that dropped it.
 pub const DEAD_LETTER_SERVICE: &str = "dmd-dead-letter-service";
 
+/// A work queue that opens itself again when it fails (a NATS outage, a deleted consumer), after a pause
+/// that doubles with every failure in a row: no bus error ends its reader. Cancel-safe: a reader that
+/// stops waiting in the middle of a pause finds the same pause when it asks again.
+pub struct Reopening {
+    bus: Bus,
+    config: ConsumerConfig,
+    service: String,
+    backoff: (Duration, Duration),
+    consumer: Option<crate::Consumer>,
+    failures: u64,
+    reopen_at: Option<tokio::time::Instant>,
+}
+
+impl std::fmt::Debug for Reopening {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reopening")
+            .field("durable", &self.config.durable)
+            .field("failures", &self.failures)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Reopening {
+    /// Opens the queue now (an error at start is the caller's to report).
+    pub async fn open(
+        bus: Bus,
+        config: ConsumerConfig,
+        service: &str,
+        backoff: (Duration, Duration),
+    ) -> Result<Self, crate::BusError> {
+        let consumer = bus.consumer(&config).await?;
+        let mut queue = Self::lazy(bus, config, service, backoff);
+        queue.consumer = Some(consumer);
+        Ok(queue)
+    }
+
+    /// Opens the queue when first read (and again until it opens).
+    pub fn lazy(
+        bus: Bus,
+        config: ConsumerConfig,
+        service: &str,
+        backoff: (Duration, Duration),
+    ) -> Self {
+        Self {
+            bus,
+            config,
+            service: service.to_string(),
+            backoff,
+            consumer: None,
+            failures: 0,
+            reopen_at: None,
+        }
+    }
+
+    /// The next message; `None` when the bus is gone.
+    pub async fn next(&mut self) -> Option<Delivery> {
+        loop {
+            if let Some(at) = self.reopen_at {
+                tokio::time::sleep_until(at).await;
+                self.reopen_at = None;
+            }
+            let consumer = match self.consumer.as_mut() {
+                Some(c) => c,
+                None => match self.bus.consumer(&self.config).await {
+                    Ok(c) => self.consumer.insert(c),
+                    Err(e) => {
+                        self.failed(&e, "cannot open the work queue; trying again");
+                        continue;
+                    }
+                },
+            };
+            match consumer.next().await {
+                Ok(Some(d)) => {
+                    self.failures = 0;
+                    return Some(d);
+                }
+                Ok(None) => return None,
+                Err(e) => {
+                    self.consumer = None;
+                    self.failed(&e, "the work queue failed; reopening it");
+                }
+            }
+        }
+    }
+
+    fn failed(&mut self, error: &crate::BusError, what: &str) {
+        self.failures += 1;
+        let pause = backoff(self.failures, self.backoff.0, self.backoff.1);
+        tracing::warn!(service = %self.service, error = %error, ?pause, "{what}");
+        self.reopen_at = Some(tokio::time::Instant::now() + pause);
+    }
+}
+
 /// The back-off before attempt `attempt + 1`: doubling from `min`, capped at `max`.
 pub fn backoff(attempt: u64, min: Duration, max: Duration) -> Duration {
     let shift = u32::try_from(attempt.saturating_sub(1).min(20)).unwrap_or(20);
@@ -112,50 +205,27 @@ pub async fn consume<K, H, F>(
         workers.spawn(lane(bus.clone(), config.clone(), handle.clone(), rx));
     }
     tokio::pin!(shutdown);
-    let mut consumer = None;
-    let mut failures = 0u64;
+    let mut queue = Reopening::lazy(
+        bus.clone(),
+        config.consumer.clone(),
+        &config.service,
+        (config.backoff_min, config.backoff_max),
+    );
     loop {
-        let reader = match consumer.as_mut() {
-            Some(c) => c,
-            None => match bus.consumer(&config.consumer).await {
-                Ok(c) => {
-                    failures = 0;
-                    consumer.insert(c)
-                }
-                Err(e) => {
-                    failures += 1;
-                    let pause = backoff(failures, config.backoff_min, config.backoff_max);
-                    tracing::warn!(service = %config.service, error = %e, ?pause, "cannot open the work queue; trying again");
-                    tokio::select! {
-                        _ = &mut shutdown => break,
-                        _ = tokio::time::sleep(pause) => continue,
-                    }
-                }
-            },
-        };
         let delivery = tokio::select! {
             _ = &mut shutdown => break,
-            next = reader.next() => next,
+            next = queue.next() => next,
         };
-        match delivery {
-            Ok(Some(delivery)) => {
-                let at = lane_of(&key(&delivery.message), lanes.len());
-                let sent = tokio::select! {
-                    _ = &mut shutdown => break,
-                    sent = lanes[at].send(delivery) => sent,
-                };
-                if sent.is_err() {
-                    // A lane ended (it cannot, short of a panic): the message comes back after its ack wait.
-                    tracing::error!(service = %config.service, "a consumer lane is gone");
-                }
-            }
-            // The bus was closed: nothing more will come.
-            Ok(None) => break,
-            Err(e) => {
-                // A NATS outage or a deleted consumer: open it again after a pause.
-                tracing::warn!(service = %config.service, error = %e, "the work queue failed; reopening it");
-                consumer = None;
-            }
+        // The bus was closed: nothing more will come.
+        let Some(delivery) = delivery else { break };
+        let at = lane_of(&key(&delivery.message), lanes.len());
+        let sent = tokio::select! {
+            _ = &mut shutdown => break,
+            sent = lanes[at].send(delivery) => sent,
+        };
+        if sent.is_err() {
+            // A lane ended (it cannot, short of a panic): the message comes back after its ack wait.
+            tracing::error!(service = %config.service, "a consumer lane is gone");
         }
     }
     // The lanes finish what they hold, for a while; what they did not settle comes back after its ack

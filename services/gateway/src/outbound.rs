@@ -139,8 +139,14 @@ impl Outbound {
             filter: self.names.commands_for("gateway")?,
             ack_wait: self.timeouts.ack_wait,
         };
-        let mut consumer = self.bus.consumer(&consumer_config).await?;
-        let mut reopen_attempts = 0u64;
+        // A NATS outage or a lost consumer never ends the gateway: the queue opens itself again.
+        let mut consumer = dm_bus::stack::Reopening::open(
+            self.bus.clone(),
+            consumer_config,
+            "gateway",
+            (Duration::from_millis(250), Duration::from_secs(30)),
+        )
+        .await?;
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
         // Per lane: the queue into its worker and how many commands it holds.
         let mut lanes: HashMap<
@@ -170,29 +176,7 @@ impl Outbound {
                 }
                 Some(_) = workers.join_next(), if !workers.is_empty() => {}
                 delivery = consumer.next() => {
-                    let delivery = match delivery {
-                        Ok(Some(d)) => {
-                            reopen_attempts = 0;
-                            d
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            // A NATS outage or a lost consumer never ends the gateway: open it again.
-                            reopen_attempts += 1;
-                            let pause = dm_bus::stack::backoff(
-                                reopen_attempts,
-                                Duration::from_millis(250),
-                                Duration::from_secs(30),
-                            );
-                            tracing::warn!(error = %e, ?pause, "the command queue failed; reopening it");
-                            tokio::time::sleep(pause).await;
-                            match self.bus.consumer(&consumer_config).await {
-                                Ok(c) => consumer = c,
-                                Err(e) => tracing::warn!(error = %e, "the command queue cannot be opened yet"),
-                            }
-                            continue;
-                        }
-                    };
+                    let Some(delivery) = delivery else { break };
                     let envelope = match CommandEnvelope::decode(delivery.message.payload.clone()) {
                         Ok(e) => e,
                         Err(_) => {

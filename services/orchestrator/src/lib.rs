@@ -626,8 +626,14 @@ impl Orchestrator {
             filter: names.area_wildcard(Area::Evt),
             ack_wait: self.inner.config.ack_wait,
         };
-        let mut events = self.inner.bus.consumer(&events_config).await?;
-        let mut reopen_attempts = 0u64;
+        // A NATS outage or a lost consumer never ends the service: the queue opens itself again.
+        let mut events = dm_bus::stack::Reopening::open(
+            self.inner.bus.clone(),
+            events_config,
+            "orchestrator",
+            (Duration::from_millis(250), Duration::from_secs(30)),
+        )
+        .await?;
         let mut peer = self
             .inner
             .bus
@@ -661,29 +667,7 @@ impl Orchestrator {
             let job = tokio::select! {
                 _ = &mut shutdown => break Ok(()),
                 delivery = events.next() => {
-                    let delivery = match delivery {
-                        Ok(Some(d)) => {
-                            reopen_attempts = 0;
-                            d
-                        }
-                        Ok(None) => break Ok(()),
-                        Err(e) => {
-                            // A NATS outage or a lost consumer never ends the service: open it again.
-                            reopen_attempts += 1;
-                            let pause = dm_bus::stack::backoff(
-                                reopen_attempts,
-                                Duration::from_millis(250),
-                                Duration::from_secs(30),
-                            );
-                            tracing::warn!(error = %e, ?pause, "the event queue failed; reopening it");
-                            tokio::time::sleep(pause).await;
-                            match self.inner.bus.consumer(&events_config).await {
-                                Ok(c) => events = c,
-                                Err(e) => tracing::warn!(error = %e, "the event queue cannot be opened yet"),
-                            }
-                            continue;
-                        }
-                    };
+                    let Some(delivery) = delivery else { break Ok(()) };
                     match EventEnvelope::decode(delivery.message.payload.clone()) {
                         Ok(EventEnvelope { delegation: Some(d), event: Some(event) }) => {
                             let key = delegation_key(&d.peer_server_id, &d.session_id);
