@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod support;
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,7 +14,7 @@ use dm_bus::{Bus, Kv, Names};
 use dm_orchestrator::{Config, Orchestrator, delegation_key};
 use dm_proto::bus::v1::StoredDelegation;
 use dm_saga::Answer;
-use dm_saga::pb::{self, DelType, Event, Phase, Role, event, peer_message};
+use dm_saga::pb::{self, Event, Phase, Role, event, peer_message};
 use prost::Message as _;
 
 const PEER: &str = "dms2.example";
@@ -31,21 +33,7 @@ fn session(n: u64) -> String {
 }
 
 fn start(dev_id: &str, scope: &str, session_id: &str) -> Event {
-    let mut s = pb::OperatorStart {
-        session_id: session_id.into(),
-        peer_server_id: PEER.into(),
-        device: Some(pb::Device {
-            dev_id: dev_id.into(),
-            ..Default::default()
-        }),
-        scope: vec![scope.into()],
-        ..Default::default()
-    };
-    s.set_role(Role::Delegating);
-    s.set_del_type(DelType::Partial);
-    Event {
-        kind: Some(event::Kind::OperatorStart(s)),
-    }
+    support::partial_start(PEER, session_id, dev_id, scope)
 }
 
 /// Stores `count` Active delegations of other devices directly, as earlier runs would have left them.

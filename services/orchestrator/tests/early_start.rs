@@ -14,7 +14,7 @@ use std::time::Duration;
 use dm_bus::testing::NatsServer;
 use dm_bus::{Bus, Names};
 use dm_orchestrator::{Config, Orchestrator};
-use dm_saga::pb::{self, DelType, Event, Phase, Role, event};
+use dm_saga::pb::Phase;
 use support::{DEADLINE, StandIns};
 use tokio::sync::Notify;
 
@@ -75,25 +75,16 @@ async fn a_start_that_overtakes_the_peer_check_is_retried_not_lost() {
     let answers = first.seen.answers.clone();
     tokio::spawn(first.run());
     tokio::spawn(second.run());
-    let mut start = pb::OperatorStart {
-        session_id: SESSION.into(),
-        peer_server_id: "dms2.example".into(),
-        device: Some(pb::Device {
-            dev_id: "IMEI:490154203237518".into(),
-            ..Default::default()
-        }),
-        scope: vec!["./Vendor/Acme/Apps".into()],
-        ..Default::default()
-    };
-    start.set_role(Role::Delegating);
-    start.set_del_type(DelType::Partial);
     let applied = d1
         .apply(
             "dms2.example",
             SESSION,
-            &Event {
-                kind: Some(event::Kind::OperatorStart(start)),
-            },
+            &support::partial_start(
+                "dms2.example",
+                SESSION,
+                "IMEI:490154203237518",
+                "./Vendor/Acme/Apps",
+            ),
         )
         .await
         .unwrap();

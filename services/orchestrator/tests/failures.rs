@@ -13,7 +13,7 @@ use std::time::Duration;
 use dm_bus::testing::NatsServer;
 use dm_bus::{Bus, Names};
 use dm_orchestrator::{Config, Orchestrator};
-use dm_saga::pb::{self, DelType, Event, Phase, Role, Work, event};
+use dm_saga::pb::{self, Event, Phase, Work};
 use support::{DEADLINE, Fault, StandIns};
 
 const D1: &str = "dms1.example";
@@ -75,21 +75,7 @@ async fn wait_until(
 }
 
 fn start(dev_id: &str, session: &str) -> Event {
-    let mut s = pb::OperatorStart {
-        session_id: session.into(),
-        peer_server_id: D2.into(),
-        device: Some(pb::Device {
-            dev_id: dev_id.into(),
-            ..Default::default()
-        }),
-        scope: vec!["./Vendor/Acme".into()],
-        ..Default::default()
-    };
-    s.set_role(Role::Delegating);
-    s.set_del_type(DelType::Partial);
-    Event {
-        kind: Some(event::Kind::OperatorStart(s)),
-    }
+    support::partial_start(D2, session, dev_id, "./Vendor/Acme")
 }
 
 fn session(n: u64) -> String {

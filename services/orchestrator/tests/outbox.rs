@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod support;
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,21 +29,7 @@ fn config() -> Config {
 }
 
 fn start() -> Event {
-    let mut s = pb::OperatorStart {
-        session_id: SESSION.into(),
-        peer_server_id: PEER.into(),
-        device: Some(pb::Device {
-            dev_id: "IMEI:1".into(),
-            ..Default::default()
-        }),
-        scope: vec!["./Vendor".into()],
-        ..Default::default()
-    };
-    s.set_role(Role::Delegating);
-    s.set_del_type(DelType::Partial);
-    Event {
-        kind: Some(event::Kind::OperatorStart(s)),
-    }
+    support::partial_start(PEER, SESSION, "IMEI:1", "./Vendor")
 }
 
 fn res(ack: bool) -> Event {

@@ -4,12 +4,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod support;
+
 use std::time::Duration;
 
 use dm_bus::testing::NatsServer;
 use dm_bus::{Bus, Names};
 use dm_orchestrator::{Config, Orchestrator};
-use dm_saga::pb::{self, DelType, Event, Phase, Role, event};
+use dm_saga::pb::{self, Event, Phase, event};
 
 const PEER: &str = "dms2.example";
 const SESSION: &str = "3b0f5a8e-1c2d-4e5f-8a9b-0c1d2e3f4a5b";
@@ -42,25 +44,11 @@ async fn a_deadline_armed_by_one_replica_is_fired_by_another() {
     let a = Orchestrator::new(config(), Bus::connect(server.url()).await.unwrap())
         .await
         .unwrap();
-    let mut start = pb::OperatorStart {
-        session_id: SESSION.into(),
-        peer_server_id: PEER.into(),
-        device: Some(pb::Device {
-            dev_id: "IMEI:1".into(),
-            ..Default::default()
-        }),
-        scope: vec!["./Vendor".into()],
-        ..Default::default()
-    };
-    start.set_role(Role::Delegating);
-    start.set_del_type(DelType::Partial);
     let applied = a
         .apply(
             PEER,
             SESSION,
-            &Event {
-                kind: Some(event::Kind::OperatorStart(start)),
-            },
+            &support::partial_start(PEER, SESSION, "IMEI:1", "./Vendor"),
         )
         .await
         .unwrap();
@@ -92,25 +80,11 @@ async fn a_replica_never_answers_from_a_state_another_replica_moved_on() {
     let bus = dm_bus::Bus::in_process();
     let a = Orchestrator::new(config(), bus.clone()).await.unwrap();
     let b = Orchestrator::new(config(), bus).await.unwrap();
-    let mut start = pb::OperatorStart {
-        session_id: SESSION.into(),
-        peer_server_id: PEER.into(),
-        device: Some(pb::Device {
-            dev_id: "IMEI:2".into(),
-            ..Default::default()
-        }),
-        scope: vec!["./Vendor".into()],
-        ..Default::default()
-    };
-    start.set_role(Role::Delegating);
-    start.set_del_type(DelType::Partial);
     let started = a
         .apply(
             PEER,
             SESSION,
-            &Event {
-                kind: Some(event::Kind::OperatorStart(start)),
-            },
+            &support::partial_start(PEER, SESSION, "IMEI:2", "./Vendor"),
         )
         .await
         .unwrap();

@@ -20,6 +20,25 @@ use tokio::sync::Notify;
 
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
+/// An operator's start of a Partial delegation of `dev_id` over `scope`, this side delegating.
+pub fn partial_start(peer: &str, session_id: &str, dev_id: &str, scope: &str) -> Event {
+    let mut s = pb::OperatorStart {
+        session_id: session_id.into(),
+        peer_server_id: peer.into(),
+        device: Some(pb::Device {
+            dev_id: dev_id.into(),
+            ..Default::default()
+        }),
+        scope: vec![scope.into()],
+        ..Default::default()
+    };
+    s.set_role(pb::Role::Delegating);
+    s.set_del_type(pb::DelType::Partial);
+    Event {
+        kind: Some(event::Kind::OperatorStart(s)),
+    }
+}
+
 /// What goes wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
