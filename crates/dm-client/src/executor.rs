@@ -79,6 +79,10 @@ pub struct Execution {
     pub executed: usize,
     /// The server sent `Alert` 1223 (session abort): the session ends without an answer.
     pub abort: bool,
+    /// Every change that stayed on the tree (rolled back ones are not here), one line each:
+    /// `<Add|Replace|Delete> <target> <digest of the data>` (the data may be a secret; only a digest is
+    /// kept). Lets a test see a change that reached the device twice.
+    pub changes: Vec<String>,
 }
 
 /// Runs `commands` (the body of one server message whose `MsgID` is `msg_ref`) on `tree` as `server`.
@@ -134,6 +138,7 @@ pub fn execute_with_options(
         abort: false,
         atomic: !options.without_atomic,
         quirks: options.quirks,
+        changes: Vec::new(),
     };
     for command in commands {
         run.command(command, false);
@@ -147,6 +152,7 @@ pub fn execute_with_options(
         responses,
         executed: run.executed,
         abort: run.abort,
+        changes: run.changes,
     }
 }
 
@@ -168,6 +174,7 @@ pub fn refuse_all(
         abort: false,
         atomic: true,
         quirks: Quirks::NONE,
+        changes: Vec::new(),
     };
     for command in commands {
         run.skip(command, code);
@@ -214,6 +221,15 @@ fn address(item: &Item) -> Result<Address, StatusCode> {
         Some("prop=ACL") => Ok(Address::Acl(uri)),
         Some(_) => Ok(Address::Other),
     }
+}
+
+/// One line of [`Execution::changes`]: the command, its target and a digest of its data.
+fn change_line(name: &str, item: &Item) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut digest = std::collections::hash_map::DefaultHasher::new();
+    item.data.hash(&mut digest);
+    let target = item.target.as_ref().map_or("", |t| t.loc_uri.as_str());
+    format!("{name} {target} {:016x}", digest.finish())
 }
 
 fn parse_uri(path: &str) -> Option<DmUri> {
@@ -272,6 +288,7 @@ struct Run<'a> {
     /// `Atomic` is implemented (false: the B.6 client's behaviour, see [`execute_without_atomic`]).
     atomic: bool,
     quirks: Quirks,
+    changes: Vec<String>,
 }
 
 impl Run<'_> {
@@ -343,6 +360,9 @@ impl Run<'_> {
         for (i, item) in c.items.iter().enumerate() {
             let target = item.target.as_ref().map(|t| t.loc_uri.as_str());
             let (data, result) = self.item(kind, c.meta.as_deref(), item);
+            if data.is_success() && matches!(kind, Kind::Add | Kind::Replace | Kind::Delete) {
+                self.changes.push(change_line(name, item));
+            }
             if !c.no_resp {
                 self.status(name, &c.cmd_id, data, target);
             }
@@ -380,6 +400,7 @@ impl Run<'_> {
             self.status("Atomic", &c.cmd_id, StatusCode::Ok, None);
         }
         let snapshot = self.tree.clone();
+        let changes_before = self.changes.len();
         let mut failed_at = None;
         for (i, inner) in c.commands.iter().enumerate() {
             if !self.command(inner, true) {
@@ -391,6 +412,7 @@ impl Run<'_> {
             return true;
         };
         *self.tree = snapshot;
+        self.changes.truncate(changes_before);
         // The atomic's own status (if any) is the first; what ran inside is rolled back: its successes
         // become 216, its Results are dropped, the failure keeps its code.
         let inner_start = if c.no_resp { start } else { start + 1 };
@@ -1142,6 +1164,20 @@ mod tests {
         assert_eq!(codes(&e), vec![200, 200, 200, 200]);
         assert_eq!(e.executed, 3);
         assert!(t.exists(&u("./Vendor/Acme/Apps/App2/Version")));
+        // The journal of changes names each one (the data only as a digest).
+        let changed: Vec<_> = e
+            .changes
+            .iter()
+            .map(|c| c.rsplit_once(' ').unwrap().0)
+            .collect();
+        assert_eq!(
+            changed,
+            [
+                "Add ./Vendor/Acme/Apps/App2",
+                "Add ./Vendor/Acme/Apps/App2/Version",
+                "Replace ./Vendor/Acme/Apps/App2?prop=ACL",
+            ]
+        );
     }
 
     #[test]
@@ -1167,6 +1203,7 @@ mod tests {
             ))],
         );
         assert_eq!(export(&t), before);
+        assert!(e.changes.is_empty(), "rolled back: {:?}", e.changes);
         assert_eq!(
             statuses(&e),
             vec![

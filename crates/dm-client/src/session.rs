@@ -124,6 +124,9 @@ pub struct SessionRecord {
     /// The session followed a package #0 that verified only with the zero nonce (B.1): package #1's
     /// `Cred` was computed over `0x00000000`.
     pub zero_nonce: bool,
+    /// The changes that stayed on the tree, in order (see [`executor::Execution::changes`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<String>,
 }
 
 /// Settings of a session.
@@ -221,6 +224,7 @@ struct Session<'a> {
     msg_id: u32,
     sent: u32,
     executed: usize,
+    changes: Vec<String>,
     trailing_bytes: usize,
     /// `trailing-bytes`: what followed the root end of the server's last message, to put in front of
     /// the device's next one.
@@ -267,6 +271,7 @@ pub async fn run_session_with(
         msg_id: 0,
         sent: 0,
         executed: 0,
+        changes: Vec::new(),
         trailing_bytes: 0,
         carried: Vec::new(),
     };
@@ -296,6 +301,7 @@ pub async fn run_session_with(
         messages_sent: session.sent,
         trailing_bytes: session.trailing_bytes,
         zero_nonce,
+        changes: session.changes,
     }
 }
 
@@ -563,6 +569,7 @@ impl Session<'_> {
                 execution
             };
             self.executed += execution.executed;
+            self.changes.extend(execution.changes);
             if execution.abort {
                 return Err(Outcome::Aborted);
             }

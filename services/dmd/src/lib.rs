@@ -2,6 +2,7 @@
 //! demo (`demo`), and its throw-away PKI (`pki`). The binary (`main.rs`) is a thin command line over it.
 
 pub mod bench;
+pub mod chaos;
 pub mod config;
 pub mod demo;
 pub mod deployment;

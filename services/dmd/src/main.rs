@@ -70,6 +70,31 @@ enum Command {
         #[arg(long)]
         no_targets: bool,
     },
+    /// The fault program (issue 10): nats-server and every service of both deployments as separate
+    /// processes, two replicas each, the simulated fleet; N delegations of every type while a random
+    /// process is killed (SIGKILL) every few hundred milliseconds and started again. Prints a table; the
+    /// last line is `chaos: <n> delegations, <k> kills, stuck <a>, inconsistent <b>, twice <c>`. Exits 1
+    /// unless stuck, inconsistent and twice are all 0.
+    Chaos {
+        /// How many delegations (and devices).
+        #[arg(long, default_value_t = 1000)]
+        delegations: usize,
+        /// How many processes are killed in all.
+        #[arg(long, default_value_t = 200)]
+        kills: usize,
+        /// Seeds the kill schedule (which process, and when).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// How many delegations are in progress at once.
+        #[arg(long, default_value_t = 50)]
+        in_flight: usize,
+        /// After the kills, how long every delegation has to settle before it counts as stuck.
+        #[arg(long, default_value_t = 300)]
+        settle_secs: u64,
+        /// Keep the working directory (configurations, logs, NATS store) even when all went well.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Every service of a deployment in this process: on NATS when `[deployment] nats_url` is set,
     /// otherwise on the in-process bus (nothing is kept across a restart).
     All {
@@ -146,6 +171,17 @@ fn bench(options: dmd::bench::BenchOptions, json: bool, targets: bool) -> anyhow
     Ok(ExitCode::SUCCESS)
 }
 
+fn chaos(options: dmd::chaos::ChaosOptions) -> anyhow::Result<ExitCode> {
+    let report = runtime()?.block_on(dmd::chaos::run(options))?;
+    println!("{}", report.text());
+    println!("{}", report.last_line());
+    Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -197,6 +233,22 @@ fn main() -> ExitCode {
             *json,
             !*no_targets,
         ),
+        Command::Chaos {
+            delegations,
+            kills,
+            seed,
+            in_flight,
+            settle_secs,
+            keep,
+        } => chaos(dmd::chaos::ChaosOptions {
+            delegations: *delegations,
+            kills: *kills,
+            seed: *seed,
+            in_flight: *in_flight,
+            settle: std::time::Duration::from_secs(*settle_secs),
+            keep: *keep,
+            ..Default::default()
+        }),
         Command::All { config } => serve(None, config),
         Command::Orchestrator { config } => serve(Some(dmd::serve::Service::Orchestrator), config),
         Command::Auth { config } => serve(Some(dmd::serve::Service::Auth), config),

@@ -259,6 +259,10 @@ impl std::fmt::Debug for Provisioning {
 pub enum EnqueueError {
     #[error("device {0} is not known to this server")]
     UnknownDevice(String),
+    /// The snapshot store could not be read: the job must wait (a restore that ran without the
+    /// snapshot would put nothing back).
+    #[error("the snapshot store cannot be read: {0}")]
+    SnapshotStore(String),
 }
 
 impl Provisioning {
@@ -289,27 +293,25 @@ impl Provisioning {
         self
     }
 
-    /// Loads the snapshots kept in the store (at start). Returns how many there are.
-    pub async fn load_snapshots(&self) -> Result<usize, dm_bus::BusError> {
+    /// Brings the stored snapshot of `plan_id`, if there is one, into memory (unless it is there).
+    async fn fetch_snapshot(&self, plan_id: &str) -> Result<(), String> {
         let Some(store) = &self.store else {
-            return Ok(0);
+            return Ok(());
         };
-        let mut loaded = 0;
-        for key in store.keys().await? {
-            let Some(entry) = store.get(&key).await? else {
-                continue;
-            };
-            let (Some(plan_id), Ok(snapshot)) = (
-                dm_bus::subjects::decode_key(&key),
-                serde_json::from_slice::<Snapshot>(&entry.value),
-            ) else {
-                tracing::warn!(key, "a stored snapshot cannot be read; skipped");
-                continue;
-            };
-            self.lock().snapshots.insert(plan_id, snapshot);
-            loaded += 1;
+        if self.lock().snapshots.contains_key(plan_id) {
+            return Ok(());
         }
-        Ok(loaded)
+        let key = dm_bus::subjects::encode_key(plan_id);
+        let Some(entry) = store.get(&key).await.map_err(|e| e.to_string())? else {
+            return Ok(());
+        };
+        let snapshot = serde_json::from_slice::<Snapshot>(&entry.value)
+            .map_err(|e| format!("the stored snapshot of {plan_id} cannot be read: {e}"))?;
+        self.lock()
+            .snapshots
+            .entry(plan_id.to_string())
+            .or_insert(snapshot);
+        Ok(())
     }
 
     /// Writes the snapshots `handle` just took; on failure forgets them (their plans were not sent yet).
@@ -548,6 +550,12 @@ impl Provisioning {
 
     /// [`Provisioning::enqueue`] under an id from [`Provisioning::reserve_job_id`].
     pub async fn enqueue_as(&self, dev_id: &str, id: u64, job: Job) -> Result<(), EnqueueError> {
+        if let Job::Apply { plan_id, .. } | Job::Restore { plan_id } = &job {
+            // Another replica may have taken the plan's snapshot (or this one, before a restart).
+            self.fetch_snapshot(plan_id)
+                .await
+                .map_err(EnqueueError::SnapshotStore)?;
+        }
         let wake = {
             let mut inner = self.lock();
             let entry = inner

@@ -127,8 +127,8 @@ pub async fn run(
 ) -> Result<(), BusError> {
     let waiters: Arc<Waiters> = Arc::default();
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let loaded = provisioning.load_snapshots().await?;
-    tracing::info!(snapshots = loaded, "provisioning serving");
+    // Snapshots are read from the store when a job needs one (any replica may get any plan's restore).
+    tracing::info!("provisioning serving");
     let router = {
         let waiters = waiters.clone();
         tokio::spawn(async move {
@@ -259,6 +259,13 @@ async fn carry_out(
                     Ok(outcome) => outcome,
                     Err(_) => return Settle::Retry("the job's outcome was lost".into()),
                 },
+                Err(e @ crate::EnqueueError::SnapshotStore(_)) => {
+                    waiters
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
+                    return Settle::Retry(e.to_string());
+                }
                 Err(e) => {
                     waiters
                         .lock()
