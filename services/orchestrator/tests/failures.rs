@@ -33,6 +33,10 @@ fn config(deployment: &str, server_id: &str) -> Config {
     } else {
         dm_saga::Config::default()
     };
+    with_saga(deployment, server_id, saga)
+}
+
+fn with_saga(deployment: &str, server_id: &str, saga: dm_saga::Config) -> Config {
     Config {
         names: Names::new(deployment).unwrap(),
         server_id: server_id.into(),
@@ -41,10 +45,8 @@ fn config(deployment: &str, server_id: &str) -> Config {
     }
 }
 
-async fn deploy(bus: &Bus, deployment: &str, server_id: &str) -> Orchestrator {
-    let o = Orchestrator::new(config(deployment, server_id), bus.clone())
-        .await
-        .unwrap();
+async fn deploy(bus: &Bus, config: Config) -> Orchestrator {
+    let o = Orchestrator::new(config, bus.clone()).await.unwrap();
     let runner = o.clone();
     tokio::spawn(async move { runner.run(std::future::pending()).await.unwrap() });
     o
@@ -86,18 +88,8 @@ fn session(n: u64) -> String {
 async fn a_failure_at_each_step_from_either_side_ends_both_and_frees_the_device() {
     let server = NatsServer::start().unwrap();
     let bus = Bus::connect(server.url()).await.unwrap();
-    let (n1, n2) = (Names::new("dms1").unwrap(), Names::new("dms2").unwrap());
-    let d1 = deploy(&bus, "dms1", D1).await;
-    let d2 = deploy(&bus, "dms2", D2).await;
-    let first = StandIns::new(bus.clone(), n1.clone(), D1, n2.clone());
-    let (fault, restores) = (first.fault.clone(), first.seen.restores.clone());
-    let mut second = StandIns::new(bus.clone(), n2, D2, n1);
-    second.fault = fault.clone();
-    second.seen = first.seen.clone();
-    tokio::spawn(first.run());
-    tokio::spawn(second.run());
-
-    // (fault, the step both sides record, its status, whether DMS-1 had touched the device, DMS-2's end)
+    let d1 = deploy(&bus, config("dms1", D1)).await;
+    let d2 = deploy(&bus, config("dms2", D2)).await;
     let cases = [
         (
             Fault::Work(D2, Work::Acceptance),
@@ -147,7 +139,61 @@ async fn a_failure_at_each_step_from_either_side_ends_both_and_frees_the_device(
         // DMS-2 sent CONFIRM and is Active, where a FAILURE is refused: DMS-1 revokes as well.
         (Fault::Lose(D2, "CONFIRM"), 9, 408, true, Phase::Revoked),
     ];
-    for (n, (case, step, status, touched, d2_end)) in cases.into_iter().enumerate() {
+    run_cases(&bus, &d1, &d2, &cases).await;
+}
+
+/// Steps 5, 6 and 8 end by a deadline: the device does not answer DMS-1's plan (5, DMS-1's deadline),
+/// DELEGATION_PREPARED never reaches DMS-2 (6, DMS-2's deadline, DMS-1 told by the FAILURE), DMS-2's first
+/// session never ends (8, DMS-2's deadline). Each side's deadline is the first to pass in its case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_at_steps_5_6_and_8_end_both_sides_and_restore_the_device() {
+    let server = NatsServer::start().unwrap();
+    let bus = Bus::connect(server.url()).await.unwrap();
+    let d1 = dm_saga::Config {
+        apply_ms: 1_000,
+        ..dm_saga::Config::default()
+    };
+    let d2 = dm_saga::Config {
+        await_prepared_ms: 3_000,
+        first_session_ms: 1_000,
+        ..dm_saga::Config::default()
+    };
+    let d1 = deploy(&bus, with_saga("dms1", D1, d1)).await;
+    let d2 = deploy(&bus, with_saga("dms2", D2, d2)).await;
+    let cases = [
+        (
+            Fault::Hang(D1, Work::ApplyPlan),
+            5,
+            408,
+            true,
+            Phase::Failed,
+        ),
+        (Fault::Lose(D1, "PREPARED"), 6, 408, true, Phase::Failed),
+        (
+            Fault::Hang(D2, Work::FirstSession),
+            8,
+            408,
+            true,
+            Phase::Failed,
+        ),
+    ];
+    run_cases(&bus, &d1, &d2, &cases).await;
+}
+
+/// (fault, the step both sides record, its status, whether DMS-1 had touched the device, DMS-2's end)
+type Case = (Fault, u32, u32, bool, Phase);
+
+/// Runs each case with the stand-ins of both sides, then checks the device is free again.
+async fn run_cases(bus: &Bus, d1: &Orchestrator, d2: &Orchestrator, cases: &[Case]) {
+    let (n1, n2) = (d1.names().clone(), d2.names().clone());
+    let first = StandIns::new(bus.clone(), n1.clone(), D1, n2.clone());
+    let (fault, restores) = (first.fault.clone(), first.seen.restores.clone());
+    let mut second = StandIns::new(bus.clone(), n2, D2, n1);
+    second.fault = fault.clone();
+    second.seen = first.seen.clone();
+    tokio::spawn(first.run());
+    tokio::spawn(second.run());
+    for (n, &(case, step, status, touched, d2_end)) in cases.iter().enumerate() {
         let n = n as u64;
         let dev = format!("IMEI:{n}");
         *fault.lock().unwrap() = case;
@@ -157,11 +203,11 @@ async fn a_failure_at_each_step_from_either_side_ends_both_and_frees_the_device(
             .await
             .unwrap();
         assert_eq!(applied.answer, dm_saga::Answer::Accepted, "{case:?}");
-        let s1 = wait_until(&d1, D2, &failing, |p| {
+        let s1 = wait_until(d1, D2, &failing, |p| {
             matches!(p, Phase::Failed | Phase::Declined)
         })
         .await;
-        let s2 = wait_until(&d2, D1, &failing, |p| p == d2_end || p == Phase::Failed).await;
+        let s2 = wait_until(d2, D1, &failing, |p| p == d2_end || p == Phase::Failed).await;
         assert_eq!(s2.phase(), d2_end, "{case:?}: DMS-2 {:?}", s2.fault);
         let faulted: &[(&str, &pb::DelegationState)] = if d2_end == Phase::Revoked {
             &[("DMS-1", &s1)]
@@ -193,7 +239,7 @@ async fn a_failure_at_each_step_from_either_side_ends_both_and_frees_the_device(
             dm_saga::Answer::Accepted,
             "{case:?}: the device stayed claimed"
         );
-        wait_until(&d1, D2, &next, |p| p == Phase::Active).await;
-        wait_until(&d2, D1, &next, |p| p == Phase::Active).await;
+        wait_until(d1, D2, &next, |p| p == Phase::Active).await;
+        wait_until(d2, D1, &next, |p| p == Phase::Active).await;
     }
 }

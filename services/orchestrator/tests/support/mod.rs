@@ -47,6 +47,8 @@ pub enum Fault {
     Work(&'static str, Work),
     /// This side's gateway never delivers messages of this kind.
     Lose(&'static str, &'static str),
+    /// This side's stand-in never reports this work (a device that does not answer, say).
+    Hang(&'static str, Work),
 }
 
 /// What the stand-ins saw: each peer message's kind and the status it was answered with, in order, and
@@ -115,6 +117,9 @@ impl StandIns {
             let delegation = env.delegation.clone().unwrap();
             let now = *self.fault.lock().unwrap();
             let done = |w: Work, plan: Option<pb::PlanOutcome>| {
+                if now == Fault::Hang(self.me, w) {
+                    return None;
+                }
                 let failed = now == Fault::Work(self.me, w);
                 let mut r = pb::WorkResult {
                     ok: !failed,
