@@ -699,10 +699,7 @@ fn judge(
         (a, b) if settled(a) && settled(b) => {
             let ended = p1.or(p2).map(|p| p as i32).unwrap_or_default();
             let restored = fleet
-                .with_device(&p.device, |d| {
-                    let ignore: Vec<_> = d.account_uri(D1).into_iter().collect();
-                    dm_protocol::tree::same_tree(&p.before, &d.export(), &ignore)
-                })
+                .with_device(&p.device, |d| restored_exactly(&p.before, d))
                 .unwrap_or(Ok(()));
             match restored {
                 Ok(()) => (Some(Verdict::Ended(ended)), shown),
@@ -723,6 +720,28 @@ fn judge(
         }
         _ => (None, shown),
     }
+}
+
+/// B.7 on the device: the tree as it was before the delegation. DMS-1's own credentials are not
+/// compared: their nonces change at every session, and a resynchronisation (B.1) may have rotated its
+/// server secret; neither is a trace of the delegation.
+fn restored_exactly(
+    before: &MgmtTree,
+    device: &Device,
+) -> Result<(), dm_protocol::tree::Difference> {
+    let mut now = device.tree().clone();
+    let own: Vec<_> = device.account_uri(D1).into_iter().collect();
+    if let (Ok(then), Some(account)) = (dm_protocol::tree::DmTree::from_tnds(before), own.first()) {
+        for cred in ["SRVCRED", "CLCRED"] {
+            let Ok(uri) = format!("{account}/AppAuth/{cred}/AAuthSecret").parse() else {
+                continue;
+            };
+            if let Ok(value) = then.value(&uri) {
+                let _ = now.replace_value(&uri, value.to_string());
+            }
+        }
+    }
+    dm_protocol::tree::same_tree(before, &now.to_tnds(), &own)
 }
 
 /// The device's sessions in short: server, outcome, changes.
@@ -1019,7 +1038,12 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<ChaosReport> {
         if let Some(line) = changed_twice(&fleet, &p.device) {
             twice += 1;
             if details.len() < 30 {
-                details.push(format!("Twice: {line}"));
+                details.push(format!(
+                    "Twice: {line} ({:?} by {}); {}",
+                    p.del_type,
+                    p.initiator,
+                    sessions_of(&fleet, &p.device)
+                ));
             }
         }
     }

@@ -352,6 +352,7 @@ pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> anyhow::Result
                                 client_name: d.client_name,
                                 client_secret: d.client_secret,
                                 client_nonce_b64: d.client_nonce_b64,
+                                ..Default::default()
                             },
                         )
                     })

@@ -303,6 +303,7 @@ impl World {
                         client_name: dev_id.clone(),
                         client_secret: account.client_secret.clone(),
                         client_nonce_b64: account.client_nonce_b64.clone(),
+                        ..Default::default()
                     },
                 )
                 .await?;

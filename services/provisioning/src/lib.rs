@@ -81,6 +81,14 @@ pub struct DeviceCredentials {
     pub client_secret: String,
     /// The nonce the device must use next (CLCRED `AAuthData`), base64.
     pub client_nonce_b64: String,
+    /// A new server secret sent to the device whose acceptance this server has not seen yet: stored
+    /// before it goes (the device may hold it even if the replica that sent it died), tried when the
+    /// current one is refused, and made current once the device proves it holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_server_secret: Option<String>,
+    /// The same for the device's own secret (CLCRED), rotated by a delegated server's first session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_client_secret: Option<String>,
 }
 
 impl std::fmt::Debug for DeviceCredentials {
@@ -580,6 +588,8 @@ impl Provisioning {
     async fn wake(&self, dev_id: &str) {
         // Another replica may have run the device's last session: take the nonces in force from the store.
         self.refresh_device(dev_id).await;
+        // Whether the pending server secret was tried (swapped with the current one) in this wake.
+        let mut swapped = false;
         loop {
             let Some((creds, zero)) = ({
                 let inner = self.lock();
@@ -615,6 +625,12 @@ impl Provisioning {
                         "package #0 delivered"
                     );
                     self.arm(dev_id);
+                    // The device verified the digest: it holds the secret used, not the other one.
+                    if self.settle_pending_server_secret(dev_id)
+                        && let Err(e) = self.store_device(dev_id).await
+                    {
+                        tracing::warn!(dev_id, error = %e, "a device's credentials could not be stored");
+                    }
                     return;
                 }
                 Err(e) => e,
@@ -623,6 +639,16 @@ impl Provisioning {
                 tracing::info!(
                     dev_id,
                     "the device refused the package #0 digest; sending it with the zero nonce"
+                );
+                continue;
+            }
+            if e.status() == 401 && !swapped && self.swap_pending_server_secret(dev_id) {
+                // A replica sent the device a new secret and died before it heard back: the device may
+                // hold that one.
+                swapped = true;
+                tracing::info!(
+                    dev_id,
+                    "the device refused the package #0 digest; trying the secret it was last sent"
                 );
                 continue;
             }
@@ -661,6 +687,32 @@ impl Provisioning {
 
     /// Marks the device's next package #0 as a zero-nonce one, unless it already was or a session is
     /// in progress. Returns whether it did.
+    /// Makes the pending server secret the current one (and the current one pending), and starts the
+    /// package #0 attempts again. False when there is no pending secret or the device has a session.
+    fn swap_pending_server_secret(&self, dev_id: &str) -> bool {
+        let mut inner = self.lock();
+        match inner.devices.get_mut(dev_id) {
+            Some(d) if d.session.is_none() && d.creds.pending_server_secret.is_some() => {
+                let pending = d.creds.pending_server_secret.take().unwrap_or_default();
+                let current = std::mem::replace(&mut d.creds.server_secret, pending);
+                d.creds.pending_server_secret = Some(current);
+                d.zero_nonce_sent = false;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Forgets the pending server secret once the device accepted a digest made with the current one.
+    /// True when something changed.
+    fn settle_pending_server_secret(&self, dev_id: &str) -> bool {
+        let mut inner = self.lock();
+        inner
+            .devices
+            .get_mut(dev_id)
+            .is_some_and(|d| d.creds.pending_server_secret.take().is_some())
+    }
+
     fn start_resync(&self, dev_id: &str) -> bool {
         let mut inner = self.lock();
         match inner.devices.get_mut(dev_id) {
@@ -845,10 +897,24 @@ impl Provisioning {
         // Nonces and secrets given out in this answer are kept before it goes (a restart must not lose
         // them). A store that fails is not fatal: the device's challenge and the zero-nonce resync (B.1)
         // recover a lost nonce.
-        if p.credentials(&dev_id) != creds_before
+        let creds_after = p.credentials(&dev_id);
+        if creds_after != creds_before
             && let Err(e) = p.store_device(&dev_id).await
         {
             tracing::warn!(dev_id, error = %e, "a device's new credentials could not be stored");
+            let pending = |c: &Option<DeviceCredentials>| {
+                c.as_ref().map(|c| {
+                    (
+                        c.pending_server_secret.clone(),
+                        c.pending_client_secret.clone(),
+                    )
+                })
+            };
+            if pending(&creds_after) != pending(&creds_before) {
+                // A new secret goes to the device only once it is stored: the session breaks off
+                // here and its job fails after the timeout.
+                return DeviceAnswer::text(StatusCode::SERVICE_UNAVAILABLE, "try again later");
+            }
         }
         if let Err(e) = p.persist(created).await {
             // The plan is not sent: the device's session breaks off and the job fails after the timeout.

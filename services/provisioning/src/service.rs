@@ -434,6 +434,7 @@ async fn job_for(
                             .map(|s| s.expose().to_string())
                             .unwrap_or_default(),
                         client_nonce_b64: client.data.clone().unwrap_or_default(),
+                        ..Default::default()
                     },
                 )
                 .await

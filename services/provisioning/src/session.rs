@@ -196,6 +196,8 @@ pub struct Session {
     prelude: Option<Prelude>,
     /// The server secret the prelude put on the device: from now on this server signs with it.
     new_server_secret: Option<Secret>,
+    /// New secrets (server, client) the last round sends: they are stored as pending before it goes.
+    sending_secrets: (Option<Secret>, Option<Secret>),
     /// The plan whose snapshot the last round took: it must be stored before the plan is sent.
     took_snapshot: Option<String>,
 }
@@ -340,6 +342,7 @@ impl Session {
             server_id: server_id.to_string(),
             prelude: None,
             new_server_secret: None,
+            sending_secrets: (None, None),
             took_snapshot: None,
         }
     }
@@ -457,6 +460,7 @@ impl Session {
                     "0",
                     vec![Item::target(target.as_str()).with_data(secret.expose().to_string())],
                 ));
+                self.sending_secrets.0 = Some(secret.clone());
                 (Prelude::Replacing(secret), vec![(replace, Purpose::Change)])
             }
             Prelude::Replacing(secret) => {
@@ -997,6 +1001,7 @@ impl Session {
                         replace(leaf(&rotation.client_cred_key), &client_secret),
                     ],
                 ));
+                self.sending_secrets = (Some(server_secret.clone()), Some(client_secret.clone()));
                 self.stage = Stage::Rotating {
                     server_secret,
                     client_secret,
@@ -1222,22 +1227,31 @@ pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result
             let nonce = auth::decode_nonce(&entry.creds.client_nonce_b64).unwrap_or_default();
             // Only auth-md5 authenticates (B.1, B.6): a basic credential, even a right one, gets 401
             // with an auth-md5 Chal, and the client resends with auth-md5.
-            let verifies = |nonce: &[u8]| {
+            let verifies = |secret: &str, nonce: &[u8]| {
                 matches!(
-                    auth::verify_cred(
-                        cred,
-                        &entry.creds.client_name,
-                        &entry.creds.client_secret,
-                        nonce,
-                    ),
+                    auth::verify_cred(cred, &entry.creds.client_name, secret, nonce),
                     Ok(AuthScheme::Md5)
                 )
             };
-            let mut ok = verifies(&nonce);
-            // B.1: after a zero-nonce package #0 (and only then) the device may sign over that nonce.
-            if !ok && starts && entry.zero_nonce_sent {
-                over_zero_nonce = verifies(&ZERO_NONCE);
-                ok = over_zero_nonce;
+            // The current secret, then one sent to the device that it may have applied unseen.
+            let mut candidates = vec![entry.creds.client_secret.clone()];
+            candidates.extend(entry.creds.pending_client_secret.clone());
+            let mut ok = false;
+            for (i, secret) in candidates.iter().enumerate() {
+                ok = verifies(secret, &nonce);
+                // B.1: after a zero-nonce package #0 (and only then) the device may sign over that nonce.
+                if !ok && starts && entry.zero_nonce_sent {
+                    over_zero_nonce = verifies(secret, &ZERO_NONCE);
+                    ok = over_zero_nonce;
+                }
+                if ok {
+                    if i > 0 {
+                        // The device proved it holds the pending secret: it is the current one now.
+                        entry.creds.client_secret = secret.clone();
+                        entry.creds.pending_client_secret = None;
+                    }
+                    break;
+                }
             }
             // Nonces are single-use: a fresh one for the device's next credential, either way.
             entry.creds.client_nonce_b64 = new_nonce();
@@ -1420,6 +1434,8 @@ pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result
                     // From now on the device knows this server, and itself, by the new secrets.
                     entry.creds.server_secret = server_secret.expose().to_string();
                     entry.creds.client_secret = client_secret.expose().to_string();
+                    entry.creds.pending_server_secret = None;
+                    entry.creds.pending_client_secret = None;
                 }
                 log_outcome(&dev_id, &session_id, session.job_id, &result);
                 outcomes.push(JobOutcome {
@@ -1433,6 +1449,16 @@ pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result
         if let Some(secret) = session.new_server_secret.take() {
             // The device holds it since the command that just reported 200: sign with it now.
             entry.creds.server_secret = secret.expose().to_string();
+            entry.creds.pending_server_secret = None;
+        }
+        // Written ahead: the answer carrying them goes only once they are stored (the device may apply
+        // them and this replica die before it hears so).
+        let (server, client) = std::mem::take(&mut session.sending_secrets);
+        if let Some(secret) = server {
+            entry.creds.pending_server_secret = Some(secret.expose().to_string());
+        }
+        if let Some(secret) = client {
+            entry.creds.pending_client_secret = Some(secret.expose().to_string());
         }
     }
     if commands.is_empty() {

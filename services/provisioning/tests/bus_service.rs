@@ -117,6 +117,7 @@ async fn apply_and_restore_over_the_bus() {
             client_name: DEV.into(),
             client_secret: "c".into(),
             client_nonce_b64: account.client_nonce_b64.clone(),
+            ..Default::default()
         },
     );
     tokio::spawn(dm_provisioning::service::run(
@@ -240,6 +241,7 @@ async fn a_restarted_service_restores_from_the_stored_snapshot() {
             client_name: DEV.into(),
             client_secret: "c".into(),
             client_nonce_b64: account.client_nonce_b64.clone(),
+            ..Default::default()
         },
     );
     let before = fleet.export(DEV).unwrap();
@@ -366,6 +368,7 @@ async fn a_command_left_by_a_stopped_replica_is_carried_out_by_the_next() {
         client_name: DEV.into(),
         client_secret: "c".into(),
         client_nonce_b64: account.client_nonce_b64.clone(),
+        ..Default::default()
     };
     let config = || {
         let mut c = Config::new(D1, url.clone());

@@ -107,6 +107,7 @@ async fn sessions_packages_and_refusals_are_logged() {
             client_name: DEV.into(),
             client_secret: "client-secret".into(),
             client_nonce_b64: auth::encode_nonce(b"c"),
+            ..Default::default()
         },
     );
 

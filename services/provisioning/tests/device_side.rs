@@ -134,6 +134,7 @@ impl World {
                 client_name: account.client_name.clone(),
                 client_secret: account.client_secret.clone(),
                 client_nonce_b64: account.client_nonce_b64.clone(),
+                ..Default::default()
             },
         );
         Self {
@@ -207,6 +208,7 @@ impl World {
                 client_name: client.name.clone().unwrap(),
                 client_secret: client.secret.as_ref().unwrap().expose().to_string(),
                 client_nonce_b64: client.data.clone().unwrap(),
+                ..Default::default()
             },
         );
         account_uri
@@ -670,6 +672,7 @@ fn raw_credentials() -> DeviceCredentials {
         client_name: DEV.into(),
         client_secret: "client-secret".into(),
         client_nonce_b64: auth::encode_nonce(b"client-nonce-0"),
+        ..Default::default()
     }
 }
 
@@ -879,6 +882,7 @@ fn credentials_of(account: &DefaultAccount) -> DeviceCredentials {
         client_name: account.client_name.clone(),
         client_secret: account.client_secret.clone(),
         client_nonce_b64: account.client_nonce_b64.clone(),
+        ..Default::default()
     }
 }
 
@@ -905,6 +909,7 @@ async fn a_package0_lost_twice_fails_its_job_with_408_and_the_next_job_runs() {
             client_name: account.client_name.clone(),
             client_secret: account.client_secret.clone(),
             client_nonce_b64: account.client_nonce_b64.clone(),
+            ..Default::default()
         },
     );
     let lost = dms1

@@ -99,6 +99,7 @@ async fn a_restarted_service_reaches_its_devices_with_the_nonces_in_force() {
         client_name: DEV.into(),
         client_secret: account.client_secret.clone(),
         client_nonce_b64: account.client_nonce_b64.clone(),
+        ..Default::default()
     };
 
     let mut first = start(addr, &fleet_url, devices.clone(), key.clone()).await;
@@ -137,4 +138,64 @@ async fn a_restarted_service_reaches_its_devices_with_the_nonces_in_force() {
     let other = other.with_device_store(devices, MasterKey::random());
     assert_eq!(other.load_devices().await.unwrap(), 0);
     assert!(other.credentials(DEV).is_none());
+}
+
+/// A replica sent the device new secrets (a resynchronisation's server secret, a delegated server's
+/// rotation) and died before it heard that the device applied them: the secrets were stored as pending
+/// before they went, so a replica that takes over reaches the device with them (package #0 over the
+/// pending server secret, package #1 checked against the pending client secret) and makes them current.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_sent_but_never_confirmed_still_reach_the_device() {
+    let bus = Bus::in_process();
+    let devices = bus.kv("dmd_dms1_devices", 1).await.unwrap();
+    let key = MasterKey::random();
+    let fleet = Fleet::new();
+    let fleet_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fleet_url = format!("http://{}", fleet_listener.local_addr().unwrap());
+    let serving = fleet.clone();
+    tokio::spawn(async move { serving.serve(fleet_listener, std::future::pending()).await });
+    let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    // The device already holds the new secrets.
+    let account = DefaultAccount {
+        server_id: D1.into(),
+        addr: format!("http://{addr}/dm"),
+        server_secret: "new-server-secret".into(),
+        server_nonce_b64: auth::encode_nonce(b"sn"),
+        client_name: DEV.into(),
+        client_secret: "new-client-secret".into(),
+        client_nonce_b64: auth::encode_nonce(b"cn"),
+    };
+    fleet.insert(Device::with_default_tree(DEV, &account).unwrap());
+    let stored = DeviceCredentials {
+        server_secret: "old-server-secret".into(),
+        server_nonce_b64: account.server_nonce_b64.clone(),
+        client_name: DEV.into(),
+        client_secret: "old-client-secret".into(),
+        client_nonce_b64: account.client_nonce_b64.clone(),
+        pending_server_secret: Some("new-server-secret".into()),
+        pending_client_secret: Some("new-client-secret".into()),
+    };
+    let mut replica = start(addr, &fleet_url, devices.clone(), key.clone()).await;
+    replica.p.seed_device(DEV, stored).await.unwrap();
+    run(&mut replica, "de").await;
+    let now = replica.p.credentials(DEV).unwrap();
+    assert_eq!(now.server_secret, "new-server-secret");
+    assert_eq!(now.client_secret, "new-client-secret");
+    assert_eq!(
+        (now.pending_server_secret, now.pending_client_secret),
+        (None, None)
+    );
+    // And it is what the store says too: the next replica starts from there.
+    let _ = replica.stop.send(());
+    replica.served.await.unwrap().unwrap();
+    let mut next = start(addr, &fleet_url, devices, key).await;
+    assert_eq!(
+        next.p.credentials(DEV).unwrap().server_secret,
+        "new-server-secret"
+    );
+    run(&mut next, "fr").await;
 }

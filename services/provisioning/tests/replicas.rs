@@ -60,6 +60,7 @@ async fn a_device_reaching_another_replica_is_served_by_the_one_with_its_job() {
         client_name: DEV.into(),
         client_secret: "c".into(),
         client_nonce_b64: account.client_nonce_b64.clone(),
+        ..Default::default()
     };
     a.seed_device(DEV, creds.clone()).await.unwrap();
     b.seed_device(DEV, creds).await.unwrap();
