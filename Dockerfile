@@ -49,6 +49,8 @@ LABEL org.opencontainers.image.title="dmd" \
       org.opencontainers.image.source="https://example.invalid/oma-dm-delegation" \
       org.opencontainers.image.documentation="https://example.invalid/oma-dm-delegation/blob/main/docs/operations.md"
 COPY --from=build /out/ /usr/local/bin/
+# Bases made with `podman import` carry no environment at all.
+ENV PATH=/usr/local/bin:/usr/bin:/bin
 # 8081 health (/livez, /readyz), 7443 admin API (orchestrator), 8443 peer endpoint (gateway),
 # 8080 device endpoint (provisioning), 8700 the simulated fleet.
 EXPOSE 8081 7443 8443 8080 8700
