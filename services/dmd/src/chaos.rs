@@ -750,8 +750,15 @@ fn sessions_of(fleet: &Fleet, dev_id: &str) -> String {
     let shown: Vec<String> = sessions
         .iter()
         .map(|s| {
+            // The first changes by target (their data only as the digest's first digits).
+            let first: Vec<&str> = s
+                .changes
+                .iter()
+                .take(3)
+                .map(|c| c.rsplit_once(' ').map_or(c.as_str(), |(t, _)| t))
+                .collect();
             format!(
-                "{} {:?} {} changes",
+                "{} {:?} {} changes {first:?}",
                 s.server.split('.').next().unwrap_or_default(),
                 s.outcome,
                 s.changes.len()
@@ -761,19 +768,37 @@ fn sessions_of(fleet: &Fleet, dev_id: &str) -> String {
     format!("device sessions: [{}]", shown.join("; "))
 }
 
-/// A change that reached the device more than once (the same command, target and data, from the same
-/// server), over every session the device had.
+/// A change that reached the device twice: the same command, target and data from the same server again,
+/// while nothing else changed that node in between (a Delete of it or of a node above it counts as a
+/// change). A change undone and then done again (a plan re-run after its restore) is not one: the device
+/// ends as the second run left it. Over every session the device had, in order.
 fn changed_twice(fleet: &Fleet, dev_id: &str) -> Option<String> {
-    let sessions = fleet.sessions(dev_id)?;
-    let mut seen = std::collections::HashSet::new();
-    for s in &sessions {
+    twice_in(&fleet.sessions(dev_id)?).map(|line| format!("{dev_id}: {line}"))
+}
+
+fn twice_in(sessions: &[dm_client::SessionRecord]) -> Option<String> {
+    // Per target: the last change to it (server and change line).
+    let mut last: std::collections::HashMap<String, (String, String)> =
+        std::collections::HashMap::new();
+    for s in sessions {
         for change in &s.changes {
-            if !seen.insert((s.server.as_str(), change.as_str())) {
-                return Some(format!(
-                    "{dev_id}: {} applied twice by {}",
-                    change, s.server
-                ));
+            let mut parts = change.splitn(3, ' ');
+            let (Some(cmd), Some(target)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let now = (s.server.clone(), change.clone());
+            if last.get(target) == Some(&now) {
+                return Some(format!("{change} applied twice by {}", s.server));
             }
+            if cmd == "Delete" {
+                // The node and everything below it (its ACL property included) are gone.
+                last.retain(|t, _| {
+                    !(t == target
+                        || t.strip_prefix(target)
+                            .is_some_and(|rest| rest.starts_with('/') || rest.starts_with('?')))
+                });
+            }
+            last.insert(target.to_string(), now);
         }
     }
     None
@@ -961,15 +986,17 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<ChaosReport> {
             (kills, by_process)
         })
     };
-    let drive_until = Instant::now() + options.settle + Duration::from_secs(600);
     let slots = Arc::new(Semaphore::new(options.in_flight.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     for (i, p) in planned.iter().enumerate() {
         let permit = slots.clone().acquire_owned().await?;
         let p = p.clone();
         let admins = admins.clone();
+        // Each delegation has the settle time to reach Active or an end; the last look is after the
+        // kills.
+        let until = Instant::now() + options.settle;
         tasks.spawn(async move {
-            let started = drive(&p, &admins, drive_until).await;
+            let started = drive(&p, &admins, until).await;
             drop(permit);
             (i, started)
         });
@@ -1065,4 +1092,49 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<ChaosReport> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(server: &str, changes: &[&str]) -> dm_client::SessionRecord {
+        dm_client::SessionRecord {
+            server: server.into(),
+            alert: 1200,
+            session_id: "1".into(),
+            outcome: dm_client::Outcome::Completed,
+            commands_executed: changes.len(),
+            messages_sent: 2,
+            trailing_bytes: 0,
+            zero_nonce: false,
+            changes: changes.iter().map(|c| c.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_change_done_again_is_twice_unless_it_was_undone_in_between() {
+        let add = "Add ./DMAcc/d2/AppID 1";
+        let acl = "Replace ./Vendor?prop=ACL 2";
+        // The same Add twice (a duplicate delivery): twice, across sessions too.
+        assert!(twice_in(&[session(D1, &[add]), session(D1, &[add])]).is_some());
+        assert!(twice_in(&[session(D1, &[acl, acl])]).is_some());
+        // Undone by a Delete of the node above, then done again (a plan re-run after its restore).
+        let undo = "Delete ./DMAcc/d2 3";
+        assert!(
+            twice_in(&[
+                session(D1, &[add, acl]),
+                session(D1, &[undo]),
+                session(D1, &[add])
+            ])
+            .is_none()
+        );
+        // A value changed in between; another server's change is not a repetition.
+        let other = "Replace ./Vendor?prop=ACL 4";
+        assert!(twice_in(&[session(D1, &[acl, other, acl])]).is_none());
+        assert!(twice_in(&[session(D1, &[acl]), session(D2, &[acl])]).is_none());
+        // A Delete of a sibling whose name starts alike does not undo it.
+        let sibling = "Delete ./DMAcc/d 5";
+        assert!(twice_in(&[session(D1, &[add, sibling, add])]).is_some());
+    }
 }

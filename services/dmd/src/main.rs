@@ -197,17 +197,23 @@ fn serve(only: Option<dmd::serve::Service>, config: &PathBuf) -> anyhow::Result<
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The fault program's fleet runs in this process: the failures of its devices' sessions are the
+    // point of the run, not news.
+    let default_filter = match cli.command {
+        Command::Chaos { .. } => "warn,dm_client=error",
+        _ => "warn",
+    };
     // Logs go to stderr, filtered by RUST_LOG (default: warnings).
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         // Colours only for a person at a terminal, not for log collectors.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     let result = match &cli.command {
         Command::Validate { file, json } => validate(file, *json),
         Command::Demo => demo(),

@@ -139,6 +139,9 @@ struct DeviceEntry {
     /// A package #0 digested with the zero nonce was sent (B.1 resynchronisation) and no session
     /// followed yet: the next one may sign over that nonce, and replaces this server's secret.
     zero_nonce_sent: bool,
+    /// This replica holds the device's lease (its record in `device_owners`): it alone talks to the
+    /// device until it lets go.
+    leased: bool,
 }
 
 #[derive(Debug, Default)]
@@ -177,6 +180,10 @@ struct Forwarding {
 
 /// How long a replica waits for the owner of a device to answer a forwarded message.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+/// A forwarded request with this header only asks whether the replica is alive.
+const PING_HEADER: &str = "dmd-ping";
+/// How long a replica with work for a device waits before it asks for the device's lease again.
+const LEASE_RETRY: Duration = Duration::from_millis(250);
 
 /// A device message's answer: HTTP status, content type, body.
 #[derive(Debug, Clone)]
@@ -457,6 +464,11 @@ impl Provisioning {
             while let Some(request) = requests.next().await {
                 let p = p.clone();
                 tokio::spawn(async move {
+                    if request.message.headers.get(PING_HEADER).is_some() {
+                        // Another replica asks whether this one is alive (to take a lease over).
+                        let _ = request.respond(dm_bus::Headers::new(), Bytes::new()).await;
+                        return;
+                    }
                     let content_type = request
                         .message
                         .headers
@@ -478,22 +490,72 @@ impl Provisioning {
         Ok(self)
     }
 
-    /// Whether this replica has work or a session for the device.
+    /// Whether this replica talks to the device now (a session, or the device's lease).
     fn holds(&self, dev_id: &str) -> bool {
         self.lock()
             .devices
             .get(dev_id)
-            .is_some_and(|d| d.session.is_some() || !d.queue.is_empty())
+            .is_some_and(|d| d.session.is_some() || d.leased)
     }
 
-    /// Records this replica as the one carrying the device's next session.
-    async fn own(&self, dev_id: &str) {
+    /// Takes the device's lease: one replica at a time talks to a device (two sessions at once would
+    /// each rotate its secrets and nonces under the other). Free, already this replica's, or held by a
+    /// replica that no longer answers: taken (compare-and-set). Held by a live replica: false.
+    async fn claim(&self, dev_id: &str) -> bool {
         let Some(f) = &self.forward else {
+            return true;
+        };
+        let key = dm_bus::subjects::encode_key(dev_id);
+        let me = Bytes::from(f.me.clone());
+        let taken = loop {
+            let written = match f.owners.get(&key).await {
+                Ok(None) => f.owners.create(&key, me.clone()).await,
+                Ok(Some(e)) if e.value == me => break true,
+                Ok(Some(e)) if e.value.is_empty() || !f.alive(&e.value).await => {
+                    f.owners.update(&key, me.clone(), e.revision).await
+                }
+                Ok(Some(_)) => break false,
+                Err(e) => {
+                    tracing::warn!(dev_id, error = %e, "the device's lease cannot be read");
+                    break false;
+                }
+            };
+            match written {
+                Ok(_) => break true,
+                Err(dm_bus::BusError::Conflict(_)) => continue,
+                Err(e) => {
+                    tracing::warn!(dev_id, error = %e, "the device's lease cannot be written");
+                    break false;
+                }
+            }
+        };
+        if taken && let Some(d) = self.lock().devices.get_mut(dev_id) {
+            d.leased = true;
+        }
+        taken
+    }
+
+    /// Lets the device's lease go once this replica has nothing more for it.
+    async fn release_if_idle(&self, dev_id: &str) {
+        let idle = {
+            let mut inner = self.lock();
+            match inner.devices.get_mut(dev_id) {
+                Some(d) if d.leased && d.session.is_none() && d.queue.is_empty() => {
+                    d.leased = false;
+                    true
+                }
+                _ => false,
+            }
+        };
+        let Some(f) = self.forward.as_ref().filter(|_| idle) else {
             return;
         };
         let key = dm_bus::subjects::encode_key(dev_id);
-        if let Err(e) = put(&f.owners, &key, Bytes::from(f.me.clone())).await {
-            tracing::warn!(dev_id, error = %e, "the device's owner could not be recorded");
+        if let Ok(Some(e)) = f.owners.get(&key).await
+            && e.value == f.me.as_bytes()
+        {
+            // Lost to a conflict: another replica took it meanwhile, which is what letting go means.
+            let _ = f.owners.update(&key, Bytes::new(), e.revision).await;
         }
     }
 
@@ -573,8 +635,6 @@ impl Provisioning {
             entry.queue.push_back((id, job));
             entry.session.is_none() && entry.queue.len() == 1
         };
-        // Before the device is woken: its first message may reach another replica.
-        self.own(dev_id).await;
         if wake {
             self.wake(dev_id).await;
         }
@@ -586,6 +646,18 @@ impl Provisioning {
     /// lost the server nonce); one that cannot be reached fails the job at the head of its queue with the
     /// channel's status (503 unreachable, 401 refused digest), and the next job is tried.
     async fn wake(&self, dev_id: &str) {
+        // One replica at a time talks to the device: wait while another one has a session with it.
+        while !self.claim(dev_id).await {
+            tokio::time::sleep(LEASE_RETRY).await;
+            let waiting = self
+                .lock()
+                .devices
+                .get(dev_id)
+                .is_some_and(|d| d.session.is_none() && !d.queue.is_empty());
+            if !waiting {
+                return;
+            }
+        }
         // Another replica may have run the device's last session: take the nonces in force from the store.
         self.refresh_device(dev_id).await;
         // Whether the pending server secret was tried (swapped with the current one) in this wake.
@@ -680,6 +752,7 @@ impl Provisioning {
                 }),
             });
             if !more {
+                self.release_if_idle(dev_id).await;
                 return;
             }
         }
@@ -803,6 +876,8 @@ impl Provisioning {
         let _ = self.outcomes.send(failed);
         if more {
             self.wake(dev_id).await;
+        } else {
+            self.release_if_idle(dev_id).await;
         }
     }
 
@@ -929,7 +1004,11 @@ impl Provisioning {
                 let p = p.clone();
                 tokio::spawn(async move { p.wake(&dev_id).await });
             }
-            None => p.arm(&msg.hdr.source.loc_uri),
+            None => {
+                p.arm(&dev_id);
+                // The session ended with nothing more to do: another replica may talk to the device.
+                p.release_if_idle(&dev_id).await;
+            }
         }
         let encoded = syncml::encode(&handled.answer);
         tracing::debug!(
@@ -946,6 +1025,24 @@ impl Provisioning {
 }
 
 impl Forwarding {
+    /// Whether the replica `owner` still answers (one that died has no subscription: nobody responds).
+    async fn alive(&self, owner: &[u8]) -> bool {
+        let Ok(subject) = self.names.subject(
+            dm_bus::Area::Req,
+            &format!("provisioning.device.{}", String::from_utf8_lossy(owner)),
+        ) else {
+            return false;
+        };
+        let mut headers = dm_bus::Headers::new();
+        headers.insert(PING_HEADER, "1");
+        !matches!(
+            self.bus
+                .request(&subject, headers, Bytes::new(), Duration::from_secs(2))
+                .await,
+            Err(dm_bus::BusError::NoResponders(_))
+        )
+    }
+
     /// The owner's answer, when another replica owns the device and answers.
     async fn forward(
         &self,

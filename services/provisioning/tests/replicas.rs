@@ -118,4 +118,33 @@ async fn a_device_reaching_another_replica_is_served_by_the_one_with_its_job() {
         .await
         .unwrap();
     assert!(sessions.iter().all(|s| !s.zero_nonce), "{sessions:?}");
+
+    // Both replicas get work for the device at once: one talks to it while the other waits for the
+    // device's lease (two sessions at once would move the nonces under each other).
+    let job = |value: &str| {
+        Job::Commands(vec![Command::Replace(ItemCommand::new(
+            "0",
+            vec![Item::target("./DevInfo/Lang").with_data(value)],
+        ))])
+    };
+    let (on_a, on_b) = tokio::join!(a.enqueue(DEV, job("nl")), b.enqueue(DEV, job("pt")));
+    let (on_a, on_b) = (on_a.unwrap(), on_b.unwrap());
+    for (outcomes, id) in [(&mut a_outcomes, on_a), (&mut b_outcomes, on_b)] {
+        let outcome = tokio::time::timeout(Duration::from_secs(20), outcomes.recv())
+            .await
+            .expect("the job's outcome in time")
+            .unwrap();
+        assert_eq!(outcome.job_id, id);
+        assert!(outcome.result.is_ok(), "{outcome:?}");
+    }
+    let sessions = fleet
+        .wait_for_sessions(DEV, 5, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(
+        sessions
+            .iter()
+            .all(|s| s.outcome == dm_client::Outcome::Completed),
+        "{sessions:?}"
+    );
 }
