@@ -352,10 +352,12 @@ impl<'a> Step<'a> {
 
     /// Sends a message to the peer, with the next deterministic MsgID.
     fn send(&mut self, body: send_message::Body) {
-        let msg_id = message_id(&self.s.session_id, self.role(), self.s.sent);
+        let seq = self.s.sent;
+        let msg_id = message_id(&self.s.session_id, self.role(), seq);
         self.s.sent += 1;
         self.cmd(command::Kind::Send(SendMessage {
             msg_id,
+            seq,
             body: Some(body),
         }));
     }

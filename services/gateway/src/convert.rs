@@ -331,6 +331,7 @@ mod tests {
         for (i, body) in bodies.into_iter().enumerate() {
             let send = pb::SendMessage {
                 msg_id: dm_saga::message_id(session, pb::Role::Delegating, i as u64),
+                seq: i as u64,
                 body: Some(body.clone()),
             };
             let m = outbound_message(
@@ -369,6 +370,7 @@ mod tests {
         ] {
             let send = pb::SendMessage {
                 msg_id: dm_saga::message_id(session, pb::Role::Delegating, 1),
+                seq: 1,
                 body: Some(body),
             };
             let err = outbound_message(

@@ -157,6 +157,7 @@ impl Gateway {
             config.timeouts,
         )?;
         let outbound = Outbound {
+            sent: bus.kv(&names.bucket("sent")?, 1).await?,
             fetch_subject: names.subject(Area::Req, "auth.fetch")?,
             bus,
             names,

@@ -56,6 +56,10 @@ impl std::fmt::Debug for PeerTarget {
 
 pub(crate) struct Outbound {
     pub bus: Bus,
+    /// Per delegation, the `seq` of the last message of this side that was answered or given up (shared
+    /// by every gateway replica: the order of a delegation's messages does not depend on which one holds
+    /// which message).
+    pub sent: dm_bus::Kv,
     pub names: Names,
     pub server_id: String,
     pub peers: HashMap<String, PeerTarget>,
@@ -250,14 +254,151 @@ impl Outbound {
                         .map(|v| (h.to_string(), v.to_string()))
                 })
                 .collect();
-            let outcome = tokio::select! {
-                outcome = self.execute(&envelope, &trace) => outcome,
+            if !self.is_turn(&envelope).await {
+                // The message before it is not answered yet (held here further back, or by another
+                // replica): it waits apart, so that this lane goes on with what it holds.
+                let me = self.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move { me.wait_turn(delivery, envelope, trace, stop).await });
+                let _ = done.send(key.clone());
+                continue;
+            }
+            if self
+                .carry(delivery, &envelope, &trace, &mut stop)
+                .await
+                .is_err()
+            {
+                break;
+            }
+            let _ = done.send(key.clone());
+        }
+        // What is still queued here goes back too.
+        rx.close();
+        while let Ok((delivery, _)) = rx.try_recv() {
+            let _ = delivery.nak(Duration::ZERO).await;
+        }
+    }
+
+    /// The `seq` of a send command (`None`: not a send).
+    fn seq_of(envelope: &CommandEnvelope) -> Option<u64> {
+        match envelope.command.as_ref().and_then(|c| c.kind.as_ref()) {
+            Some(command::Kind::Send(send)) => Some(send.seq),
+            _ => None,
+        }
+    }
+
+    fn sent_key(envelope: &CommandEnvelope) -> Option<String> {
+        envelope
+            .delegation
+            .as_ref()
+            .map(|d| dm_bus::subjects::encode_key(&lane_key(d)))
+    }
+
+    /// Whether the message before this one (same delegation, `seq - 1`) was answered or given up.
+    async fn is_turn(&self, envelope: &CommandEnvelope) -> bool {
+        let (Some(seq), Some(key)) = (Self::seq_of(envelope), Self::sent_key(envelope)) else {
+            return true;
+        };
+        if seq == 0 {
+            return true;
+        }
+        match self.sent.get(&key).await {
+            Ok(Some(e)) => std::str::from_utf8(&e.value)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|done| done + 1 >= seq),
+            Ok(None) => false,
+            // The store is away: better out of order than stuck.
+            Err(_) => true,
+        }
+    }
+
+    /// Records that the message `seq` of its delegation is done (answered, given up or refused).
+    async fn mark_sent(&self, envelope: &CommandEnvelope) {
+        let (Some(seq), Some(key)) = (Self::seq_of(envelope), Self::sent_key(envelope)) else {
+            return;
+        };
+        let value = Bytes::from(seq.to_string());
+        for _ in 0..10 {
+            let written = match self.sent.get(&key).await {
+                Ok(Some(e)) => {
+                    let done = std::str::from_utf8(&e.value)
+                        .ok()
+                        .and_then(|v| v.parse::<u64>().ok());
+                    if done.is_some_and(|d| d >= seq) {
+                        return;
+                    }
+                    self.sent.update(&key, value.clone(), e.revision).await
+                }
+                Ok(None) => self.sent.create(&key, value.clone()).await,
+                Err(e) => Err(e),
+            };
+            match written {
+                Ok(_) => return,
+                Err(BusError::Conflict(_)) => continue,
+                Err(e) => {
+                    tracing::warn!(outbox_id = %envelope.outbox_id, error = %e, "the order of sent messages could not be recorded");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Holds a message (reporting it in progress) until the one before it is done, then carries it out.
+    /// A message whose predecessor never comes goes anyway after the longest time that one could take
+    /// (its holder's ack wait, then its send deadline).
+    async fn wait_turn(
+        self: Arc<Self>,
+        delivery: Delivery,
+        envelope: CommandEnvelope,
+        trace: Vec<(String, String)>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let give_up_at =
+            tokio::time::Instant::now() + self.timeouts.ack_wait + self.timeouts.send_deadline;
+        let mut progress_at = tokio::time::Instant::now() + self.timeouts.ack_wait / 3;
+        let mut pause = Duration::from_millis(20);
+        while !self.is_turn(&envelope).await {
+            let now = tokio::time::Instant::now();
+            if now >= give_up_at {
+                tracing::warn!(outbox_id = %envelope.outbox_id, "the message before this one never ended; sending out of order");
+                break;
+            }
+            if now >= progress_at {
+                let _ = delivery.progress().await;
+                progress_at = now + self.timeouts.ack_wait / 3;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
                 _ = crate::stopped(&mut stop) => {
+                    let _ = delivery.nak(Duration::ZERO).await;
+                    return;
+                }
+            }
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+        let _ = self.carry(delivery, &envelope, &trace, &mut stop).await;
+    }
+
+    /// Carries out one command and settles it; `Err` when stopping cut it short (it was handed back).
+    async fn carry(
+        &self,
+        delivery: Delivery,
+        envelope: &CommandEnvelope,
+        trace: &[(String, String)],
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), ()> {
+        {
+            let outcome = tokio::select! {
+                outcome = self.execute(envelope, trace) => outcome,
+                _ = crate::stopped(stop) => {
                     // Stopping: hand the command back at once, to be sent (same MsgID) by whoever gets it.
                     let _ = delivery.nak(Duration::ZERO).await;
-                    break;
+                    return Err(());
                 }
             };
+            // Done either way: the next message of the delegation may go.
+            self.mark_sent(envelope).await;
             let settled = match &outcome {
                 Outcome::Answered(status) => {
                     tracing::info!(outbox_id = %envelope.outbox_id, status, "message answered by the peer");
@@ -275,13 +416,8 @@ impl Outbound {
             if let Err(e) = settled {
                 tracing::warn!(outbox_id = %envelope.outbox_id, error = %e, "command not acknowledged; it will be delivered again");
             }
-            let _ = done.send(key.clone());
         }
-        // What is still queued here goes back too.
-        rx.close();
-        while let Ok((delivery, _)) = rx.try_recv() {
-            let _ = delivery.nak(Duration::ZERO).await;
-        }
+        Ok(())
     }
 
     /// Carries out one command until its final answer or its deadline.

@@ -463,6 +463,7 @@ fn send_command_in(
             command: Some(pb::Command {
                 kind: Some(pb::command::Kind::Send(pb::SendMessage {
                     msg_id: dm_saga::message_id(session, pb::Role::Delegating, index),
+                    seq: index,
                     body: Some(body),
                 })),
             }),
@@ -552,7 +553,7 @@ async fn outbound_retries_503_with_the_same_msgid_in_order_over_nats() {
         send_command(
             &n1,
             "dms2.example",
-            1,
+            0,
             send_message::Body::Prepared(prepared),
         ),
     )
@@ -562,7 +563,7 @@ async fn outbound_retries_503_with_the_same_msgid_in_order_over_nats() {
         send_command(
             &n1,
             "dms2.example",
-            2,
+            1,
             send_message::Body::Confirm(pb::ConfirmBody {
                 session_established_ms: 1_795_300_812_000,
             }),
@@ -580,10 +581,10 @@ async fn outbound_retries_503_with_the_same_msgid_in_order_over_nats() {
     })
     .await;
     // Two 503s, then the same MsgID succeeds; only then the next message goes out.
-    assert_eq!(ids, [msg_id(1), msg_id(1), msg_id(1), msg_id(2)]);
+    assert_eq!(ids, [msg_id(0), msg_id(0), msg_id(0), msg_id(1)]);
     let o = p.receiver.orchestrator.lock().unwrap();
     assert_eq!(
-        o.answers.get(&("dms1.example".to_string(), msg_id(1))),
+        o.answers.get(&("dms1.example".to_string(), msg_id(0))),
         Some(&202)
     );
     assert!(
@@ -729,7 +730,7 @@ async fn a_send_cut_short_by_shutdown_is_taken_up_again_with_the_same_msgid() {
         send_command(
             &n1,
             "dms2.example",
-            1,
+            0,
             send_message::Body::Prepared(prepared),
         ),
     )
@@ -757,10 +758,52 @@ async fn a_send_cut_short_by_shutdown_is_taken_up_again_with_the_same_msgid() {
         })
     })
     .await;
-    assert_eq!(ids, [msg_id(1)]);
+    assert_eq!(ids, [msg_id(0)]);
     assert_eq!(sender_auth.lock().unwrap().fetches.len(), 2);
     second.stop().await;
     r.gateway.stop().await;
+}
+
+/// The order of a delegation's messages is the saga's (`seq`), not the order in which the bus hands them
+/// out nor which gateway replica holds which: two replicas, the second message published first, and
+/// DMS-2 busy for the first tries; the first message is answered before the second goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delegations_messages_keep_their_order_across_replicas() {
+    let server = NatsServer::start().unwrap();
+    let bus = Bus::connect(server.url()).await.unwrap();
+    let p = pair(bus.clone()).await;
+    let n1 = Names::new("dms1").unwrap();
+    let config = p.receiver.pki.config(
+        "dms1",
+        "dms1.example",
+        &p.receiver.pki.dms1,
+        vec![p.receiver.pki.peer("dms2.example", p.receiver.gateway.addr)],
+    );
+    let second = start_gateway(config, bus.clone()).await;
+    {
+        let mut o = p.receiver.orchestrator.lock().unwrap();
+        o.delegations
+            .insert(("dms1.example".into(), SESSION.into()));
+        o.busy = 2;
+    }
+    for i in [2, 1, 0] {
+        publish(&bus, send_command(&n1, "dms2.example", i, confirm_body())).await;
+    }
+    let answered = wait_until("the three messages answered 202", || {
+        let o = p.receiver.orchestrator.lock().unwrap();
+        (o.answers.len() >= 3).then(|| {
+            o.messages
+                .iter()
+                .map(|m| m.msg_id.clone())
+                .collect::<Vec<_>>()
+        })
+    })
+    .await;
+    // Retries of a message (503) come before the next message, never after it.
+    let mut firsts = answered.clone();
+    firsts.dedup();
+    assert_eq!(firsts, ids(SESSION, 0..=2), "{answered:?}");
+    second.stop().await;
 }
 
 // ---- connection reuse ---------------------------------------------------------------------------------
@@ -842,10 +885,10 @@ async fn messages_to_a_peer_reuse_one_kept_alive_connection() {
         }
     }
     // Twenty messages of one delegation, one after the other: one connection carries them all.
-    for i in 1..=20 {
+    for i in 0..20 {
         publish(&bus, send_command(&n1, "dms2.example", i, confirm_body())).await;
     }
-    assert_eq!(received(&r, SESSION, 20).await, ids(SESSION, 1..=20));
+    assert_eq!(received(&r, SESSION, 20).await, ids(SESSION, 0..=19));
     assert!(
         relay.accepted() <= 2,
         "{} connections for 20 messages",
@@ -853,7 +896,7 @@ async fn messages_to_a_peer_reuse_one_kept_alive_connection() {
     );
     // Five delegations side by side: at most one connection per message in flight, kept afterwards (the
     // last answer of the twenty may still be on its way: six in flight at most).
-    for i in 1..=4 {
+    for i in 0..4 {
         for session in &sessions {
             publish(
                 &bus,
@@ -863,7 +906,7 @@ async fn messages_to_a_peer_reuse_one_kept_alive_connection() {
         }
     }
     for session in &sessions {
-        assert_eq!(received(&r, session, 4).await, ids(session, 1..=4));
+        assert_eq!(received(&r, session, 4).await, ids(session, 0..=3));
     }
     assert!(
         relay.accepted() <= sessions.len() + 1,
@@ -890,10 +933,10 @@ async fn a_peer_that_restarted_is_reconnected_and_gets_the_next_message() {
         .unwrap()
         .delegations
         .insert(("dms1.example".into(), SESSION.into()));
-    for i in 1..=5 {
+    for i in 0..5 {
         publish(&bus, send_command(&n1, "dms2.example", i, confirm_body())).await;
     }
-    assert_eq!(received(&r, SESSION, 5).await, ids(SESSION, 1..=5));
+    assert_eq!(received(&r, SESSION, 5).await, ids(SESSION, 0..=4));
     assert_eq!(relay.accepted(), 1);
     // DMS-2 restarts: its gateway stops (closing the kept connection), a new one takes over behind the
     // same address, and whatever was still open is cut.
@@ -906,12 +949,12 @@ async fn a_peer_that_restarted_is_reconnected_and_gets_the_next_message() {
         (relay.open() == 0).then_some(())
     })
     .await;
-    for i in 6..=10 {
+    for i in 5..10 {
         publish(&bus, send_command(&n1, "dms2.example", i, confirm_body())).await;
     }
     assert_eq!(
         received_once_each(&r, SESSION, 10).await,
-        ids(SESSION, 1..=10)
+        ids(SESSION, 0..=9)
     );
     // One new connection (with a new handshake) for the five messages after the restart.
     assert_eq!(relay.accepted(), 2);
@@ -929,7 +972,7 @@ async fn a_kept_connection_cut_under_the_sender_is_replaced() {
         .unwrap()
         .delegations
         .insert(("dms1.example".into(), SESSION.into()));
-    for i in 1..=2 {
+    for i in 0..2 {
         publish(&bus, send_command(&n1, "dms2.example", i, confirm_body())).await;
     }
     received(&r, SESSION, 2).await;
@@ -937,12 +980,12 @@ async fn a_kept_connection_cut_under_the_sender_is_replaced() {
     // The connection dies in the network; neither gateway closed it.
     relay.cut_all();
     wait_until("the connection cut", || (relay.open() == 0).then_some(())).await;
-    for i in 3..=4 {
+    for i in 2..4 {
         publish(&bus, send_command(&n1, "dms2.example", i, confirm_body())).await;
     }
     assert_eq!(
         received_once_each(&r, SESSION, 4).await,
-        ids(SESSION, 1..=4)
+        ids(SESSION, 0..=3)
     );
     assert_eq!(relay.accepted(), 2);
     sender.stop().await;
