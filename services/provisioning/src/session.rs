@@ -153,6 +153,8 @@ enum Stage {
     Discover,
     Applying,
     ReadingBack,
+    /// A repeated apply reads back first: the plan (held here) goes only to a device that lacks it.
+    Probing(Vec<(Command, Purpose)>),
     /// Putting the device back to the snapshot: a restore, or the compensation of a failed apply
     /// (`fault`). Each pass reads the scope (`writing` false), then sends what puts back what differs
     /// (`writing` true); a pass that finds nothing to put back ends it.
@@ -668,10 +670,19 @@ impl Session {
         };
         match std::mem::replace(&mut self.stage, Stage::Start) {
             Stage::Start => {
-                // Taken once per plan: a repeated apply reuses the snapshot and its nonce.
+                // Taken once per plan: a repeated apply reuses the snapshot and its nonce. It may follow a
+                // run that reached the device (a replica died before reporting it): the device is read
+                // back first, and gets the plan only if it lacks it (a second run would fail on the
+                // nodes the first added, and its compensation would undo the first).
                 if let Some(snapshot) = snapshots.get(plan_id).cloned() {
                     self.snapshot = Some(snapshot);
-                    return self.send_plan(req, &account_uri);
+                    return match self.send_plan(req, &account_uri) {
+                        Next::Send(plan) => {
+                            self.stage = Stage::Probing(plan);
+                            Next::Send(self.read_back_round())
+                        }
+                        done => done,
+                    };
                 }
                 self.stage = Stage::Discover;
                 Next::Send(discovery_start(&account_uri, &req.scope))
@@ -747,20 +758,22 @@ impl Session {
                 let (command, _) = failed.unwrap_or_default();
                 self.compensate(failure(507, command, reason))
             }
+            Stage::Probing(plan) => {
+                if self.first_difference(answers).is_some() {
+                    self.stage = Stage::Applying;
+                    return Next::Send(plan);
+                }
+                tracing::info!(
+                    plan_id,
+                    "the plan was on the device already (an earlier run); not sent again"
+                );
+                self.applied(&account_uri)
+            }
             Stage::ReadingBack => {
                 if let Some(diff) = self.first_difference(answers) {
                     return self.compensate(failure(507, "", diff));
                 }
-                let server_nonce_b64 = self
-                    .snapshot
-                    .as_ref()
-                    .map(|s| s.server_nonce_b64.clone())
-                    .unwrap_or_default();
-                Next::Done(Ok(JobSuccess::Applied {
-                    account_uri: account_uri.to_string(),
-                    acl_results: self.acl_results.clone(),
-                    server_nonce_b64,
-                }))
+                self.applied(&account_uri)
             }
             Stage::Restore {
                 fault,
@@ -820,13 +833,31 @@ impl Session {
         Next::Send(vec![(atomic, Purpose::Change)])
     }
 
+    /// The plan is on the device as planned.
+    fn applied(&self, account_uri: &DmUri) -> Next {
+        let server_nonce_b64 = self
+            .snapshot
+            .as_ref()
+            .map(|s| s.server_nonce_b64.clone())
+            .unwrap_or_default();
+        Next::Done(Ok(JobSuccess::Applied {
+            account_uri: account_uri.to_string(),
+            acl_results: self.acl_results.clone(),
+            server_nonce_b64,
+        }))
+    }
+
     fn read_back(&mut self) -> Next {
+        self.stage = Stage::ReadingBack;
+        Next::Send(self.read_back_round())
+    }
+
+    fn read_back_round(&self) -> Vec<(Command, Purpose)> {
         let mut round = self.expected.clone();
         if round.is_empty() {
             round.push(read_node(&DmUri::root()));
         }
-        self.stage = Stage::ReadingBack;
-        Next::Send(round)
+        round
     }
 
     /// The first difference between the plan and what the device reports, if any (B.6: never trust

@@ -440,6 +440,47 @@ async fn a_refused_command_rolls_back_the_whole_plan_and_reports_507_with_the_co
     );
 }
 
+/// An apply run again (its command came back after the replica that ran it died before reporting) finds
+/// the plan on the device: it reports it applied, and neither sends it again nor undoes it; a device
+/// without the plan gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_run_again_does_not_undo_what_the_first_run_did() {
+    let mut w = World::start().await;
+    let apply = |w: &World| Job::Apply {
+        plan_id: "again".into(),
+        request: Box::new(w.request(DelType::Partial, &["./Vendor/Acme/Apps"])),
+    };
+    let job = apply(&w);
+    let first = w.dms1.run(job).await.unwrap();
+    let after_first = w.export();
+    let job = apply(&w);
+    let second = w.dms1.run(job).await.unwrap();
+    assert_eq!(format!("{first:?}"), format!("{second:?}"));
+    assert_eq!(comparable(&w.export(), &[]), comparable(&after_first, &[]));
+    let sessions = w
+        .fleet
+        .wait_for_sessions(DEV, 2, std::time::Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(sessions[1].changes.is_empty(), "{:?}", sessions[1]);
+    // The plan undone on the device meanwhile: the next run applies it again.
+    let undo = w
+        .dms1
+        .run(Job::Restore {
+            plan_id: "again".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(undo, JobSuccess::Restored);
+    let job = apply(&w);
+    w.dms1.run(job).await.unwrap();
+    assert!(
+        w.fleet
+            .with_device(DEV, |d| d.account_uri(D2).is_some())
+            .unwrap()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn temp_key_works_once_then_the_rotated_credentials_do() {
     let mut w = World::start().await;
