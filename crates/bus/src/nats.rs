@@ -5,12 +5,25 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer, kv, stream};
 use bytes::Bytes;
+use dm_metrics::BusOp;
 use futures::StreamExt;
 
 use crate::{
     Acker, BusError, BusOptions, ConsumerConfig, Delivery, Entry, Headers, Message, Reply, Request,
     WorkQueue,
 };
+
+/// Runs a NATS operation, recording its latency (and whether it failed) in the process's metrics.
+async fn timed<T>(
+    op: BusOp,
+    operation: impl std::future::Future<Output = Result<T, BusError>>,
+) -> Result<T, BusError> {
+    let started = std::time::Instant::now();
+    let result = operation.await;
+    let failed = matches!(&result, Err(e) if !matches!(e, BusError::Conflict(_)));
+    dm_metrics::global().bus_op(op, started.elapsed(), failed);
+    result
+}
 
 fn nats_error(e: impl std::fmt::Display) -> BusError {
     BusError::Nats(e.to_string())
@@ -115,6 +128,20 @@ impl NatsBus {
         payload: Bytes,
         msg_id: &str,
     ) -> Result<(), BusError> {
+        timed(
+            BusOp::Publish,
+            self.publish_untimed(subject, headers, payload, msg_id),
+        )
+        .await
+    }
+
+    async fn publish_untimed(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        msg_id: &str,
+    ) -> Result<(), BusError> {
         let mut map = to_header_map(&headers);
         if !msg_id.is_empty() {
             map.insert("Nats-Msg-Id", msg_id);
@@ -198,6 +225,20 @@ impl NatsBus {
     }
 
     pub(crate) async fn request(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Message, BusError> {
+        timed(
+            BusOp::Request,
+            self.request_untimed(subject, headers, payload, timeout),
+        )
+        .await
+    }
+
+    async fn request_untimed(
         &self,
         subject: &str,
         headers: Headers,
@@ -334,6 +375,10 @@ pub struct NatsKv {
 
 impl NatsKv {
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Entry>, BusError> {
+        timed(BusOp::KvGet, self.get_untimed(key)).await
+    }
+
+    async fn get_untimed(&self, key: &str) -> Result<Option<Entry>, BusError> {
         let entry = self.store.entry(key).await.map_err(nats_error)?;
         Ok(entry.and_then(|e| match e.operation {
             kv::Operation::Put => Some(Entry {
@@ -345,6 +390,10 @@ impl NatsKv {
     }
 
     pub(crate) async fn create(&self, key: &str, value: Bytes) -> Result<u64, BusError> {
+        timed(BusOp::KvCreate, self.create_untimed(key, value)).await
+    }
+
+    async fn create_untimed(&self, key: &str, value: Bytes) -> Result<u64, BusError> {
         self.store
             .create(key, value)
             .await
@@ -361,6 +410,15 @@ impl NatsKv {
         value: Bytes,
         revision: u64,
     ) -> Result<u64, BusError> {
+        timed(BusOp::KvUpdate, self.update_untimed(key, value, revision)).await
+    }
+
+    async fn update_untimed(
+        &self,
+        key: &str,
+        value: Bytes,
+        revision: u64,
+    ) -> Result<u64, BusError> {
         self.store
             .update(key, value, revision)
             .await
@@ -372,6 +430,10 @@ impl NatsKv {
     }
 
     pub(crate) async fn delete(&self, key: &str) -> Result<(), BusError> {
+        timed(BusOp::KvDelete, self.delete_untimed(key)).await
+    }
+
+    async fn delete_untimed(&self, key: &str) -> Result<(), BusError> {
         self.store.delete(key).await.map_err(nats_error)
     }
 

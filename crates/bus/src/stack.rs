@@ -34,6 +34,8 @@ pub enum Settle {
 pub struct StackConfig {
     /// Who consumes, for logs and dead-letter records (`provisioning`, `auth`, …).
     pub service: String,
+    /// The deployment it reads for, for its metrics (`dmd_bus_*{deployment, service}`).
+    pub deployment: String,
     pub consumer: ConsumerConfig,
     /// How many messages are handled at once (one per lane).
     pub lanes: usize,
@@ -58,6 +60,7 @@ impl StackConfig {
     pub fn new(service: impl Into<String>, consumer: ConsumerConfig) -> Self {
         Self {
             service: service.into(),
+            deployment: String::new(),
             consumer,
             lanes: 32,
             lane_depth: 16,
@@ -250,7 +253,9 @@ async fn lane<H, F>(
     H: Fn(Message, u64) -> F + Send + Sync + 'static,
     F: Future<Output = Settle> + Send + 'static,
 {
+    let metrics = dm_metrics::global().consumer(&config.deployment, &config.service);
     while let Some(delivery) = deliveries.recv().await {
+        let _in_flight = metrics.delivered(delivery.attempt);
         let attempt = delivery.attempt;
         let handled = handle(delivery.message.clone(), attempt);
         tokio::pin!(handled);
@@ -282,6 +287,7 @@ async fn lane<H, F>(
             }
             Settle::Poison(reason) => {
                 tracing::warn!(service = %config.service, attempt, %reason, "message dropped as poison");
+                metrics.dead_letter();
                 dead_letter(&bus, &config, &delivery.message, &reason).await;
                 delivery.term().await
             }

@@ -69,9 +69,12 @@ async fn wait_until(seen: &Seen, changed: &Notify, done: impl Fn(&[(String, u64)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_until_done_and_drops_poison_with_a_dead_letter_record() {
-    for (bus, _server) in buses().await {
+    for (i, (bus, _server)) in buses().await.into_iter().enumerate() {
         let names = Names::new("stack1").unwrap();
-        let config = setup(&bus, &names).await;
+        let mut config = setup(&bus, &names).await;
+        // Its own label value: the registry is the process's, shared by the tests running beside it.
+        config.deployment = format!("stack-metrics-{i}");
+        let metrics = dm_metrics::global().consumer(&config.deployment, "worker");
         let seen: Seen = Arc::default();
         let changed = Arc::new(Notify::new());
         let (log, notify) = (seen.clone(), changed.clone());
@@ -141,6 +144,23 @@ async fn retries_until_done_and_drops_poison_with_a_dead_letter_record() {
             .await
             .unwrap()
             .unwrap();
+        // Metrics: flaky came twice, bad three times (three deliveries again); bad was dropped.
+        assert_eq!(metrics.redeliveries(), 3);
+        assert_eq!(metrics.dead_letters(), 1);
+        let text = dm_metrics::encode();
+        for line in [
+            format!(
+                r#"dmd_bus_redeliveries_total{{deployment="stack-metrics-{i}",service="worker"}} 3"#
+            ),
+            format!(
+                r#"dmd_bus_dead_letters_total{{deployment="stack-metrics-{i}",service="worker"}} 1"#
+            ),
+            format!(
+                r#"dmd_bus_messages_in_flight{{deployment="stack-metrics-{i}",service="worker"}} 0"#
+            ),
+        ] {
+            assert!(text.contains(&line), "{line} not in\n{text}");
+        }
         // Each message was handled until settled, never again after.
         let seen = seen.lock().unwrap().clone();
         assert_eq!(

@@ -163,6 +163,7 @@ pub async fn run(
         },
     );
     commands_config.dead_letter_subject = Some(names.subject(Area::Audit, "dead")?);
+    commands_config.deployment = names.deployment().to_string();
     let group = names.queue_group(SERVICE)?;
     let mut identity = bus
         .serve(&names.subject(Area::Req, "auth.identity")?, &group)

@@ -123,8 +123,9 @@ async fn shutdown_signal() {
     }
 }
 
-/// `/livez` (the process runs) and `/readyz` (every service started and not stopping), for probes.
-async fn serve_health(
+/// `/livez` (the process runs) and `/readyz` (every service started and not stopping), for probes, and
+/// `/metrics`: the process's Prometheus metrics (docs/operations.md, "Metrics").
+pub async fn serve_health(
     listener: TcpListener,
     ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> anyhow::Result<()> {
@@ -143,6 +144,15 @@ async fn serve_health(
                         StatusCode::SERVICE_UNAVAILABLE
                     }
                 }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(axum::http::header::CONTENT_TYPE, dm_metrics::CONTENT_TYPE)],
+                    dm_metrics::encode(),
+                )
             }),
         );
     axum::serve(listener, app).await.context("health endpoint")

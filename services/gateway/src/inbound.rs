@@ -42,6 +42,8 @@ pub(crate) struct Inbound {
     pub identity_subject: String,
     pub lodge_subject: String,
     pub peer_subject: String,
+    /// For the metrics' `deployment` label.
+    pub deployment: String,
 }
 
 impl Inbound {
@@ -63,6 +65,7 @@ impl Inbound {
             identity_subject: names.subject(Area::Req, "auth.identity")?,
             lodge_subject: names.subject(Area::Req, "auth.lodge")?,
             peer_subject: names.subject(Area::Req, "orchestrator.peer")?,
+            deployment: names.deployment().to_string(),
         })
     }
 }
@@ -163,8 +166,23 @@ fn bus_trouble(what: &str, e: &AskError) -> HttpResponse {
 }
 
 impl Inbound {
-    /// One request, answered in the order of A.2.
+    /// One request, answered in the order of A.2, and counted by message type and status.
     pub(crate) async fn handle(&self, req: Request<Incoming>, peer: &PeerIdentity) -> HttpResponse {
+        let metrics = dm_metrics::global();
+        let _in_flight = metrics.peer_in_flight(&self.deployment, "in");
+        let mut kind = "unreadable";
+        let response = self.answer(req, peer, &mut kind).await;
+        metrics.peer_received(&self.deployment, kind, response.status().as_u16());
+        response
+    }
+
+    /// [`Inbound::handle`]; `kind` becomes the message's type once it decoded.
+    async fn answer(
+        &self,
+        req: Request<Incoming>,
+        peer: &PeerIdentity,
+        kind: &mut &'static str,
+    ) -> HttpResponse {
         if req.uri().path() != self.path {
             return error_response(404, "no delegation endpoint at this path");
         }
@@ -211,6 +229,7 @@ impl Inbound {
                 return error_response(answer.status_code, &answer.reason);
             }
         };
+        *kind = message.body.name();
         let response = self.take(&message, peer, &trace).await;
         tracing::info!(
             msg_id = %message.msg_id,

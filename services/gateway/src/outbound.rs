@@ -426,6 +426,8 @@ impl Outbound {
         envelope: &CommandEnvelope,
         trace: &[(String, String)],
     ) -> Outcome {
+        let metrics = dm_metrics::global();
+        let _in_flight = metrics.peer_in_flight(self.names.deployment(), "out");
         let deadline = tokio::time::Instant::now() + self.timeouts.send_deadline;
         let Some(delegation) = envelope.delegation.as_ref() else {
             return Outcome::Invalid("no delegation".into());
@@ -485,6 +487,7 @@ impl Outbound {
         }
         let wire = Wire(Bytes::from(text));
         let msg_id = message.msg_id.to_string();
+        let kind = message.body.name();
         drop(message);
         let mut attempt = 0u32;
         loop {
@@ -494,6 +497,11 @@ impl Outbound {
                 Ok(r) => r,
                 Err(_) => Err(AttemptError::TimedOut),
             };
+            let status = match &result {
+                Ok((status, _)) => dm_metrics::Status::Code(status.as_u16()),
+                Err(_) => dm_metrics::Status::Error,
+            };
+            metrics.peer_sent(self.names.deployment(), kind, status);
             let retry_reason = match result {
                 Ok((status, _)) if status == StatusCode::SERVICE_UNAVAILABLE => "503".to_string(),
                 Ok((status, body)) => {

@@ -38,6 +38,7 @@ pub async fn run(
         },
     );
     config.dead_letter_subject = Some(names.subject(Area::Audit, "dead")?);
+    config.deployment = names.deployment().to_string();
     let decided = names.subject(Area::Evt, "notification.decided")?;
     let policy = Arc::new(policy);
     let handler = {

@@ -19,6 +19,7 @@
 
 pub mod admin;
 mod claims;
+mod metrics;
 mod route;
 mod timers;
 
@@ -471,6 +472,12 @@ impl Orchestrator {
             self.inner
                 .timers
                 .track_at(&key, new_state.timer.as_ref(), revision);
+            metrics::record(
+                self.inner.config.names.deployment(),
+                state.as_ref(),
+                &new_state,
+                now,
+            );
             // A delegation that ended holds its device no more.
             let held_before = state.as_ref().map_or(Claim::None, claim_of);
             if claim_of(&new_state) == Claim::None
@@ -634,6 +641,7 @@ impl Orchestrator {
             (Duration::from_millis(250), Duration::from_secs(30)),
         )
         .await?;
+        let consumer = dm_metrics::global().consumer(names.deployment(), "orchestrator");
         let mut peer = self
             .inner
             .bus
@@ -668,6 +676,7 @@ impl Orchestrator {
                 _ = &mut shutdown => break Ok(()),
                 delivery = events.next() => {
                     let Some(delivery) = delivery else { break Ok(()) };
+                    consumer.redelivered(delivery.attempt);
                     match EventEnvelope::decode(delivery.message.payload.clone()) {
                         Ok(EventEnvelope { delegation: Some(d), event: Some(event) }) => {
                             let key = delegation_key(&d.peer_server_id, &d.session_id);
@@ -799,6 +808,9 @@ impl Orchestrator {
                         // the audit stream, instead of looping for ever.
                         Err(e) if delivery.attempt >= MAX_DELIVER => {
                             tracing::warn!(error = %e, attempt = delivery.attempt, "event dropped as poison");
+                            dm_metrics::global()
+                                .consumer(self.inner.config.names.deployment(), "orchestrator")
+                                .dead_letter();
                             if let Ok(subject) =
                                 self.inner.config.names.subject(Area::Audit, "dead")
                             {

@@ -153,6 +153,7 @@ pub async fn run(
         },
     );
     config.dead_letter_subject = Some(names.subject(Area::Audit, "dead")?);
+    config.deployment = names.deployment().to_string();
     config.progress_every = Some(provisioning.config().command_ack_wait / 3);
     // A lane is held for a whole device session: many lanes, so that devices rarely wait for each other.
     config.lanes = 4096;
@@ -229,6 +230,8 @@ async fn carry_out(
     env: &CommandEnvelope,
     trace: Vec<(String, String)>,
 ) -> Settle {
+    let started = std::time::Instant::now();
+    let _in_progress = dm_metrics::global().device_job_in_progress(names.deployment());
     let delegation = env.delegation.clone().unwrap_or_default();
     let failed = |status: u32, reason: String| JobOutcome {
         job_id: 0,
@@ -301,8 +304,28 @@ async fn carry_out(
             (p, failed(status, reason))
         }
     };
+    record_job(names.deployment(), p.work, &outcome, started.elapsed());
     publish_until_done(bus, names, &p, outcome).await;
     Settle::Done
+}
+
+/// `dmd_device_jobs_total` and `dmd_device_job_duration_seconds` of one job's outcome.
+fn record_job(deployment: &str, work: Work, outcome: &JobOutcome, took: Duration) {
+    let work = match work {
+        Work::ApplyPlan => "apply_plan",
+        Work::Restore => "restore",
+        Work::FirstSession => "first_session",
+        Work::Finalize => "finalize",
+        Work::Acceptance => "acceptance",
+        Work::VerifyPeer => "verify_peer",
+        Work::CreateKey => "create_key",
+        Work::Unspecified => "unspecified",
+    };
+    let (result, status) = match &outcome.result {
+        Ok(_) => ("ok", 200),
+        Err(f) => ("failed", f.status),
+    };
+    dm_metrics::global().device_job(deployment, work, result, status, took);
 }
 
 /// Publishes an outcome, trying again with back-off until the bus takes it (the command stays reported in
