@@ -194,6 +194,7 @@ fn spec(side: SideSpec<'_>, pki: &pki::Pki, push_url: &str) -> anyhow::Result<De
         saga: Some(dm_saga::Config::default()),
         orchestrator_ack_wait: Duration::from_secs(30),
         admin: None,
+        inventory_key: Some(master_key.clone()),
         auth: Some(auth),
         gateway: Some((gateway_config, Some(gateway_listener))),
         acceptance: Some(acceptance),
@@ -468,6 +469,40 @@ impl World {
 
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// The URL a device posts to for `server_id` (its DMAcc `Addr` for that server).
+    pub fn device_endpoint(&self, server_id: &str) -> String {
+        let index = usize::from(server_id != D1);
+        format!("http://{}/dm", self.sides[index].provisioning)
+    }
+
+    /// Serves the admin API of one side (with its device inventory) on a loopback port until the
+    /// process ends; returns its URL.
+    pub async fn serve_admin(&self, server_id: &str, token: &str) -> anyhow::Result<String> {
+        let index = usize::from(server_id != D1);
+        let name = if index == 0 { "dms1" } else { "dms2" };
+        let names = Names::new(name)?;
+        let inventory = crate::inventory::DeviceInventory::open(
+            &self.bus,
+            &names,
+            self.sides[index].master_key.clone(),
+        )
+        .await
+        .context("device inventory")?;
+        let svc = dm_orchestrator::admin::server_with_inventory(
+            self.side(server_id).orchestrator()?.clone(),
+            token.to_string(),
+            Some(std::sync::Arc::new(inventory)),
+        );
+        let listener = bind().await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        Ok(url)
     }
 
     pub async fn stop(self) -> anyhow::Result<()> {

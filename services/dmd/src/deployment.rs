@@ -26,6 +26,9 @@ pub struct DeploymentSpec {
     pub orchestrator_ack_wait: Duration,
     /// The operator API (needs the orchestrator): where it listens and the token it requires.
     pub admin: Option<(TcpListener, dm_protocol::dmacc::Secret)>,
+    /// The master key the admin API seals device credentials with before it stores them (the one
+    /// provisioning opens them with); `None`: the admin API serves no device calls.
+    pub inventory_key: Option<dm_auth::MasterKey>,
     pub auth: Option<dm_auth::Config>,
     /// The gateway, on a listener the caller bound (port 0 in demos and tests) or on its configured address.
     pub gateway: Option<(dm_gateway::Config, Option<TcpListener>)>,
@@ -112,7 +115,20 @@ pub async fn start(spec: DeploymentSpec, bus: Bus) -> anyhow::Result<Running> {
         let s = stopped(stop_rx.clone());
         tasks.spawn(async move { runner.run(s).await.context("orchestrator") });
         if let Some((listener, token)) = spec.admin {
-            let svc = dm_orchestrator::admin::server(o.clone(), token.expose().to_string());
+            let inventory = match spec.inventory_key {
+                Some(key) => Some(Arc::new(
+                    crate::inventory::DeviceInventory::open(&bus, &names, key)
+                        .await
+                        .context("device inventory")?,
+                )
+                    as Arc<dyn dm_orchestrator::admin::Inventory>),
+                None => None,
+            };
+            let svc = dm_orchestrator::admin::server_with_inventory(
+                o.clone(),
+                token.expose().to_string(),
+                inventory,
+            );
             let s = stopped(stop_rx.clone());
             tasks.spawn(async move {
                 tonic::transport::Server::builder()

@@ -6,5 +6,6 @@ pub mod chaos;
 pub mod config;
 pub mod demo;
 pub mod deployment;
+pub mod inventory;
 pub mod pki;
 pub mod serve;

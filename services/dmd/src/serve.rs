@@ -91,6 +91,8 @@ pub async fn spec(only: Option<Service>, c: FileConfig) -> anyhow::Result<Deploy
         saga: wanted(only, Service::Orchestrator).then(|| c.orchestrator.saga.clone()),
         orchestrator_ack_wait: c.orchestrator.ack_wait,
         admin,
+        // The admin API seals devices added through it with the same key (none: no device calls).
+        inventory_key: c.auth.as_ref().map(|a| a.master_key.clone()),
         auth: c.auth.filter(|_| wanted(only, Service::Auth)),
         gateway: c
             .gateway

@@ -1,5 +1,8 @@
 //! The notification service on the bus: answers the saga's `AskAcceptance` commands with the policy's
-//! verdict (docs/bus.md).
+//! verdict (docs/bus.md). A proposal that would make this server the delegating one (the peer asks to be
+//! delegated to) is also checked against the device inventory: a device this server does not manage is
+//! refused at step 1 with 404 (A.4), not acked and failed at step 4. Presence of the device's key in the
+//! `devices` bucket is enough; nothing sealed is opened here.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -8,7 +11,7 @@ use bytes::Bytes;
 use dm_bus::stack::{Settle, StackConfig};
 use dm_bus::{Area, Bus, BusError, ConsumerConfig, Headers, Message, Names};
 use dm_proto::bus::v1::{CommandEnvelope, EventEnvelope};
-use dm_saga::pb::{Event, Work, WorkResult, command, event};
+use dm_saga::pb::{Event, Role, Work, WorkResult, command, event};
 use prost::Message as _;
 
 use crate::policy::{AcceptancePolicy, Verdict};
@@ -40,12 +43,18 @@ pub async fn run(
     config.dead_letter_subject = Some(names.subject(Area::Audit, "dead")?);
     config.deployment = names.deployment().to_string();
     let decided = names.subject(Area::Evt, "notification.decided")?;
+    let devices = bus.kv(&names.bucket("devices")?, 1).await?;
     let policy = Arc::new(policy);
     let handler = {
         let bus = bus.clone();
         move |message: Message, _attempt: u64| {
-            let (policy, bus, decided) = (policy.clone(), bus.clone(), decided.clone());
-            async move { decide(&policy, &bus, &decided, message).await }
+            let (policy, bus, decided, devices) = (
+                policy.clone(),
+                bus.clone(),
+                decided.clone(),
+                devices.clone(),
+            );
+            async move { decide(&policy, &devices, &bus, &decided, message).await }
         }
     };
     let delegation = |m: &Message| {
@@ -60,7 +69,13 @@ pub async fn run(
 }
 
 /// One `AskAcceptance`: the policy's verdict, published as the work's outcome.
-async fn decide(policy: &AcceptancePolicy, bus: &Bus, decided: &str, message: Message) -> Settle {
+async fn decide(
+    policy: &AcceptancePolicy,
+    devices: &dm_bus::Kv,
+    bus: &Bus,
+    decided: &str,
+    message: Message,
+) -> Settle {
     let Ok(envelope) = CommandEnvelope::decode(message.payload.clone()) else {
         return Settle::Poison("an undecodable command".into());
     };
@@ -81,6 +96,30 @@ async fn decide(policy: &AcceptancePolicy, bus: &Bus, decided: &str, message: Me
             status: 400,
             reason: "no proposal".into(),
         });
+    let verdict = match (verdict, ask.notif.as_ref()) {
+        // The peer asks to be delegated to: this server would provision the device, so it must manage it.
+        (Verdict::Ack, Some(n)) if n.sender_role() == Role::Delegated => {
+            let dev_id = n.device.as_ref().map(|d| d.dev_id.as_str()).unwrap_or("");
+            if dev_id.is_empty() {
+                Verdict::Nack {
+                    status: 400,
+                    reason: "the proposal names no device".into(),
+                }
+            } else {
+                match devices.get(&dm_bus::subjects::encode_key(dev_id)).await {
+                    Ok(Some(_)) => Verdict::Ack,
+                    Ok(None) => Verdict::Nack {
+                        status: 404,
+                        reason: format!("device {dev_id} is not managed by this server"),
+                    },
+                    Err(e) => {
+                        return Settle::Retry(format!("the device inventory cannot be read: {e}"));
+                    }
+                }
+            }
+        }
+        (verdict, _) => verdict,
+    };
     let mut result = match verdict {
         Verdict::Ack => WorkResult {
             ok: true,

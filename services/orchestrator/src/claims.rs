@@ -126,6 +126,18 @@ impl Claims {
         Err(BusError::Conflict(key))
     }
 
+    /// How many delegations hold `dev_id` now (in progress, or Active over a scope).
+    pub(crate) async fn holders(&self, dev_id: &str, now: i64) -> Result<usize, BusError> {
+        let (claims, _) = self.read(&dm_bus::subjects::encode_key(dev_id)).await?;
+        let mut live = 0;
+        for holder in &claims.holders {
+            if self.held(holder, dev_id, now).await?.is_some() {
+                live += 1;
+            }
+        }
+        Ok(live)
+    }
+
     /// Takes the delegation stored under `holder_key` off the device's claims.
     pub(crate) async fn release(&self, dev_id: &str, holder_key: &str) -> Result<(), BusError> {
         let key = dm_bus::subjects::encode_key(dev_id);

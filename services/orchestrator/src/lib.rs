@@ -244,6 +244,12 @@ impl Orchestrator {
         self.inner.changes.subscribe()
     }
 
+    /// How many delegations hold the device now (in progress, or Active): its inventory entry must
+    /// stay while any does, since ending them needs the device's credentials.
+    pub async fn device_holders(&self, dev_id: &str) -> Result<usize, OrchestratorError> {
+        Ok(self.inner.claims.holders(dev_id, now_ms()).await?)
+    }
+
     /// Records an operator request in the audit trail (ARCHITECTURE rule 12).
     pub async fn audit_operator(
         &self,

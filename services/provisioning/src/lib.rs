@@ -14,6 +14,7 @@
 //! does not connect after its package #0, or leaves its session, for [`Config::session_timeout`] fails
 //! with 408 and the device's next job goes on.
 
+pub mod inventory;
 mod plan;
 pub mod service;
 mod session;
@@ -33,6 +34,7 @@ use dm_notification::{Package0Channel, ServerCredential};
 use dm_protocol::syncml;
 use tokio::sync::mpsc;
 
+pub use inventory::{Added, DeviceStore, StoredDevice};
 pub use plan::{AclChange, Observed, PlanError, PlanRequest, Snapshot};
 pub use session::{JobFailure, JobOutcome, JobResult, JobSuccess};
 
@@ -215,34 +217,6 @@ impl IntoResponse for DeviceAnswer {
     }
 }
 
-/// The devices' credentials at rest: one entry per device, sealed with the master key and bound to the
-/// device id, so that a restarted (or another) replica opens the next session with the nonces in force.
-struct DeviceStore {
-    kv: dm_bus::Kv,
-    key: dm_seal::MasterKey,
-}
-
-/// What a device's sealed credentials are bound to.
-const DEVICE_PURPOSE: &str = "device-credentials";
-
-impl DeviceStore {
-    fn seal(&self, dev_id: &str, creds: &DeviceCredentials) -> Result<Bytes, dm_bus::BusError> {
-        let unsealable = || dm_bus::BusError::InvalidName("device credentials".into());
-        let plain = serde_json::to_vec(creds).map_err(|_| unsealable())?;
-        let sealed = self
-            .key
-            .seal(dev_id, DEVICE_PURPOSE, &plain)
-            .map_err(|_| unsealable())?;
-        Ok(Bytes::from(sealed))
-    }
-
-    /// The credentials sealed for `dev_id`; `None` for another master key, or tampering.
-    fn open(&self, dev_id: &str, sealed: &[u8]) -> Option<DeviceCredentials> {
-        let plain = self.key.open(dev_id, DEVICE_PURPOSE, sealed).ok()?;
-        serde_json::from_slice(&plain).ok()
-    }
-}
-
 /// Writes `value` under `key` whatever revision it is at (retried on a concurrent write); nothing is
 /// written when the key holds that value already.
 async fn put(kv: &dm_bus::Kv, key: &str, value: Bytes) -> Result<(), dm_bus::BusError> {
@@ -352,7 +326,7 @@ impl Provisioning {
 
     /// Keeps every device's credentials in `kv`, sealed with `key` (the deployment's master key).
     pub fn with_device_store(mut self, kv: dm_bus::Kv, key: dm_seal::MasterKey) -> Self {
-        self.devices = Some(Arc::new(DeviceStore { kv, key }));
+        self.devices = Some(Arc::new(DeviceStore::new(kv, key)));
         self
     }
 
@@ -405,6 +379,52 @@ impl Provisioning {
             && d.session.is_none()
         {
             d.creds = creds;
+        }
+    }
+
+    /// Brings what the inventory says of a device into memory before work is queued for it: a device
+    /// added since this replica loaded the store (by the admin API, or by another replica) is loaded now;
+    /// one removed from it is forgotten here unless something of it is still running. A store that cannot
+    /// be read leaves what is known here as it is.
+    async fn find_device(&self, dev_id: &str) {
+        let Some(store) = &self.devices else {
+            return;
+        };
+        match store.kv.get(&dm_bus::subjects::encode_key(dev_id)).await {
+            Ok(Some(entry)) => {
+                if self.lock().devices.contains_key(dev_id) {
+                    // `wake` refreshes its credentials when it is this replica's turn.
+                    return;
+                }
+                match store.open(dev_id, &entry.value) {
+                    Some(creds) => {
+                        tracing::info!(dev_id, "device added to the inventory; loaded");
+                        self.lock()
+                            .devices
+                            .entry(dev_id.to_string())
+                            .or_default()
+                            .creds = creds;
+                    }
+                    None => tracing::warn!(
+                        dev_id,
+                        "stored credentials of a device cannot be opened; skipped"
+                    ),
+                }
+            }
+            Ok(None) => {
+                let mut inner = self.lock();
+                let idle = inner
+                    .devices
+                    .get(dev_id)
+                    .is_some_and(|d| d.session.is_none() && d.queue.is_empty() && !d.leased);
+                if idle {
+                    tracing::info!(dev_id, "device removed from the inventory; forgotten");
+                    inner.devices.remove(dev_id);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(dev_id, error = %e, "the device store cannot be read; using what is known here");
+            }
         }
     }
 
@@ -626,6 +646,7 @@ impl Provisioning {
                 .await
                 .map_err(EnqueueError::SnapshotStore)?;
         }
+        self.find_device(dev_id).await;
         let wake = {
             let mut inner = self.lock();
             let entry = inner
