@@ -17,10 +17,12 @@ mod nats;
 pub mod stack;
 pub mod subjects;
 pub mod testing;
+pub mod trace;
 
 use std::time::Duration;
 
 use bytes::Bytes;
+use tracing::Instrument;
 
 pub use subjects::{Area, Names};
 
@@ -195,13 +197,18 @@ impl Bus {
     pub async fn publish(
         &self,
         subject: &str,
-        headers: Headers,
+        mut headers: Headers,
         payload: Bytes,
         msg_id: &str,
     ) -> Result<(), BusError> {
+        let span = trace::send_span(subject, &mut headers);
         match self {
-            Bus::Memory(b) => b.publish(subject, headers, payload, msg_id),
-            Bus::Nats(b) => b.publish(subject, headers, payload, msg_id).await,
+            Bus::Memory(b) => span.in_scope(|| b.publish(subject, headers, payload, msg_id)),
+            Bus::Nats(b) => {
+                b.publish(subject, headers, payload, msg_id)
+                    .instrument(span)
+                    .await
+            }
         }
     }
 
@@ -236,13 +243,22 @@ impl Bus {
     pub async fn request(
         &self,
         subject: &str,
-        headers: Headers,
+        mut headers: Headers,
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Message, BusError> {
+        let span = trace::send_span(subject, &mut headers);
         match self {
-            Bus::Memory(b) => b.request(subject, headers, payload, timeout).await,
-            Bus::Nats(b) => b.request(subject, headers, payload, timeout).await,
+            Bus::Memory(b) => {
+                b.request(subject, headers, payload, timeout)
+                    .instrument(span)
+                    .await
+            }
+            Bus::Nats(b) => {
+                b.request(subject, headers, payload, timeout)
+                    .instrument(span)
+                    .await
+            }
         }
     }
 }

@@ -257,7 +257,9 @@ async fn lane<H, F>(
     while let Some(delivery) = deliveries.recv().await {
         let _in_flight = metrics.delivered(delivery.attempt);
         let attempt = delivery.attempt;
-        let handled = handle(delivery.message.clone(), attempt);
+        let span = crate::trace::process_span(&config.service, &delivery.message);
+        let handled =
+            tracing::Instrument::instrument(handle(delivery.message.clone(), attempt), span);
         tokio::pin!(handled);
         let settle = match config.progress_every {
             None => handled.await,

@@ -132,6 +132,14 @@ impl Names {
     }
 }
 
+/// The deployment a subject belongs to (`dmd.<deployment>.v1.…`), for trace attributes.
+pub fn deployment_of(subject: &str) -> Option<&str> {
+    let mut tokens = subject.split('.');
+    (tokens.next()? == "dmd").then_some(())?;
+    let deployment = tokens.next()?;
+    (tokens.next()? == VERSION).then_some(deployment)
+}
+
 /// Encodes any text as a key-value key: keys allow only `[-/_=.A-Za-z0-9]` (and no leading or trailing
 /// `.`), so device ids like `IMEI:490154…` are written with `=XX` escapes (`=` itself is escaped too).
 pub fn encode_key(raw: &str) -> String {

@@ -227,17 +227,29 @@ pub async fn run(
             request = identity.next() => {
                 let Some(request) = request else { break Ok(()) };
                 let service = service.clone();
-                in_flight.spawn(async move { service.identity(request).await });
+                let span = dm_bus::trace::process_span(SERVICE, &request.message);
+                in_flight.spawn(tracing::Instrument::instrument(
+                    async move { service.identity(request).await },
+                    span,
+                ));
             }
             request = lodges.next() => {
                 let Some(request) = request else { break Ok(()) };
                 let service = service.clone();
-                in_flight.spawn(async move { service.lodge(request).await });
+                let span = dm_bus::trace::process_span(SERVICE, &request.message);
+                in_flight.spawn(tracing::Instrument::instrument(
+                    async move { service.lodge(request).await },
+                    span,
+                ));
             }
             request = fetches.next() => {
                 let Some(request) = request else { break Ok(()) };
                 let service = service.clone();
-                in_flight.spawn(async move { service.fetch(request).await });
+                let span = dm_bus::trace::process_span(SERVICE, &request.message);
+                in_flight.spawn(tracing::Instrument::instrument(
+                    async move { service.fetch(request).await },
+                    span,
+                ));
             }
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
         }

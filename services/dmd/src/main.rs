@@ -20,8 +20,18 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "OMA DM server delegation: services and tools"
 )]
 struct Cli {
+    /// How log lines on stderr are written: `text` for people, `json` (one object per line) for log
+    /// shippers.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "DMD_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -196,24 +206,43 @@ fn serve(only: Option<dmd::serve::Service>, config: &PathBuf) -> anyhow::Result<
     Ok(ExitCode::SUCCESS)
 }
 
+/// The default log filter of the services: what each process serves and its warnings.
+const SERVICE_FILTER: &str = "warn,dmd=info";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The fault program's fleet runs in this process: the failures of its devices' sessions are the
-    // point of the run, not news.
-    let default_filter = match cli.command {
-        Command::Chaos { .. } => "warn,dm_client=error",
-        _ => "warn",
+    // point of the run, not news. A service says at start what it serves (dmd, info) and why any
+    // delegation failed (warn); the tools print their own reports.
+    let (default_filter, service) = match cli.command {
+        Command::Chaos { .. } => ("warn,dm_client=error", None),
+        Command::All { .. } => (SERVICE_FILTER, Some("dmd")),
+        Command::Orchestrator { .. } => (SERVICE_FILTER, Some("dmd-orchestrator")),
+        Command::Auth { .. } => (SERVICE_FILTER, Some("dmd-auth")),
+        Command::Gateway { .. } => (SERVICE_FILTER, Some("dmd-gateway")),
+        Command::Notification { .. } => (SERVICE_FILTER, Some("dmd-notification")),
+        Command::Provisioning { .. } => (SERVICE_FILTER, Some("dmd-provisioning")),
+        _ => ("warn", None),
     };
-    // Logs go to stderr, filtered by RUST_LOG (default: warnings).
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only for a person at a terminal, not for log collectors.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // Spans are exported (OTLP over gRPC) when the standard OTEL_* variables name a collector; only the
+    // services export.
+    let otlp = service
+        .and_then(|name| dm_telemetry::OtlpConfig::from_env(|k| std::env::var(k).ok(), name));
+    let format = match cli.log_format {
+        LogFormat::Text => dm_telemetry::LogFormat::Text,
+        LogFormat::Json => dm_telemetry::LogFormat::Json,
+    };
+    // Logs go to stderr, filtered by RUST_LOG (default: the one above).
+    let mut telemetry = match dm_telemetry::init(format, default_filter, otlp.as_ref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("dmd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(o) = &otlp {
+        tracing::info!(endpoint = %o.endpoint, service_name = %o.service_name, "exporting spans (OTLP/gRPC)");
+    }
     let result = match &cli.command {
         Command::Validate { file, json } => validate(file, *json),
         Command::Demo => demo(),
@@ -262,6 +291,8 @@ fn main() -> ExitCode {
         Command::Notification { config } => serve(Some(dmd::serve::Service::Notification), config),
         Command::Provisioning { config } => serve(Some(dmd::serve::Service::Provisioning), config),
     };
+    // Spans still queued go out before the process ends.
+    telemetry.shutdown();
     match result {
         Ok(code) => code,
         Err(e) => {

@@ -185,6 +185,11 @@ pub async fn run(only: Option<Service>, text: &str) -> anyhow::Result<()> {
         tracing::info!(addr = %listener.local_addr()?, "health endpoints listening");
         tokio::spawn(serve_health(listener, ready.clone()));
     }
+    let health = c.health;
+    let bus_shown = c
+        .nats_url
+        .as_deref()
+        .map_or_else(|| "in-process".to_string(), without_credentials);
     let bus = match (&c.nats_url, only) {
         (Some(url), _) => Bus::connect_with(
             url,
@@ -207,9 +212,39 @@ pub async fn run(only: Option<Service>, text: &str) -> anyhow::Result<()> {
         ),
     };
     let spec = spec(only, c).await?;
+    let services = [
+        (Service::Orchestrator, spec.saga.is_some()),
+        (Service::Auth, spec.auth.is_some()),
+        (Service::Gateway, spec.gateway.is_some()),
+        (Service::Notification, spec.acceptance.is_some()),
+        (Service::Provisioning, spec.provisioning.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(s, on)| on.then_some(s.name()))
+    .collect::<Vec<_>>()
+    .join(",");
+    let shown =
+        |addr: Option<std::net::SocketAddr>| addr.map_or_else(|| "-".into(), |a| a.to_string());
+    let admin = shown(spec.admin.as_ref().and_then(|(l, _)| l.local_addr().ok()));
+    let devices = shown(
+        spec.provisioning
+            .as_ref()
+            .and_then(|p| p.listener.local_addr().ok()),
+    );
     let mut running = deployment::start(spec, bus).await?;
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
-    tracing::info!(deployment = %running.name, server_id = %running.server_id, "started");
+    // What this process serves, in one line (issue 11: the default level says so).
+    tracing::info!(
+        deployment = %running.name,
+        server_id = %running.server_id,
+        services = %services,
+        peer_endpoint = %shown(running.gateway_addr),
+        device_endpoint = %devices,
+        admin_api = %admin,
+        health = %shown(health),
+        bus = %bus_shown,
+        "serving"
+    );
     let ended = tokio::select! {
         _ = shutdown_signal() => None,
         ended = running.failed() => Some(ended),

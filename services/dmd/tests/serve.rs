@@ -66,7 +66,9 @@ fn all_runs_in_process_with_a_warning_and_stops_on_sigterm() {
         .args(["all", "--config"])
         .arg(&path)
         .env("DMD_TEST_TOKEN", "t0k3n")
-        .env("RUST_LOG", "info")
+        // The default level says what the process serves (issue 11).
+        .env_remove("RUST_LOG")
+        .env_remove("DMD_LOG_FORMAT")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -81,7 +83,7 @@ fn all_runs_in_process_with_a_warning_and_stops_on_sigterm() {
     // Wait until it says it started (or fails), with a deadline.
     let mut warned = false;
     let mut health = None;
-    loop {
+    let serving = loop {
         let line = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("dmd all to report its start");
@@ -89,9 +91,19 @@ fn all_runs_in_process_with_a_warning_and_stops_on_sigterm() {
         if line.contains("health endpoints listening") {
             health = line.split("addr=").nth(1).map(|a| a.trim().to_string());
         }
-        if line.contains("started") {
-            break;
+        if line.contains("serving") {
+            break line;
         }
+    };
+    for what in [
+        "deployment=dms1",
+        "services=orchestrator,auth,notification,provisioning",
+        "peer_endpoint=",
+        "device_endpoint=127.0.0.1:",
+        "admin_api=127.0.0.1:",
+        "bus=in-process",
+    ] {
+        assert!(serving.contains(what), "{what} in {serving}");
     }
     assert!(
         warned,
@@ -157,5 +169,52 @@ fn a_bad_configuration_is_refused_before_anything_starts() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("[acceptance]"), "{err}");
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn log_format_json_writes_one_object_per_line() {
+    let path = write_config("json", CONFIG);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dmd"))
+        .args(["--log-format", "json", "all", "--config"])
+        .arg(&path)
+        .env("DMD_TEST_TOKEN", "t0k3n")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let serving = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("dmd all to report its start");
+        // The embedded default's warning is the one plain line (printed before logging matters).
+        if line.starts_with("WARNING") {
+            continue;
+        }
+        let value: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if value["fields"]["message"] == "serving" {
+            break value;
+        }
+    };
+    assert_eq!(serving["level"], "INFO");
+    assert_eq!(serving["fields"]["deployment"], "dms1");
+    assert_eq!(serving["fields"]["bus"], "in-process");
+    assert!(
+        serving["fields"]["health"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+    let _ = child.kill();
+    let _ = child.wait();
     let _ = std::fs::remove_file(path);
 }

@@ -160,6 +160,33 @@ fn trace_of(headers: &HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The span of an inbound peer message (when spans are exported).
+fn receive_span(message: &Message, trace: &[(String, String)]) -> tracing::Span {
+    if !dm_telemetry::enabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        parent: None,
+        "dmd.gateway.receive",
+        otel.name = %format!("receive {}", message.body.name()),
+        otel.kind = "server",
+        http.request.method = "POST",
+        http.response.status_code = tracing::field::Empty,
+        dmd.message = message.body.name(),
+        dmd.sender = %message.dm_server_id,
+        dmd.session_id = %message.session_id,
+        dmd.msg_id = %message.msg_id,
+    );
+    let get = |name: &str| {
+        trace
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
+    dm_telemetry::follow(&span, get("traceparent"), get("tracestate"));
+    span
+}
+
 fn bus_trouble(what: &str, e: &AskError) -> HttpResponse {
     tracing::warn!(error = %e, "{what} did not answer; answering 503");
     unavailable("the system cannot take messages now; retry later")
@@ -230,7 +257,16 @@ impl Inbound {
             }
         };
         *kind = message.body.name();
-        let response = self.take(&message, peer, &trace).await;
+        // The server span of this hop: child of the peer's context, parent of the requests it makes.
+        let span = receive_span(&message, &trace);
+        let mut trace = trace;
+        if let Some(own) = dm_telemetry::traceparent(&span) {
+            trace.retain(|(name, _)| name != "traceparent");
+            trace.push(("traceparent".to_string(), own));
+        }
+        let response =
+            tracing::Instrument::instrument(self.take(&message, peer, &trace), span.clone()).await;
+        span.record("http.response.status_code", response.status().as_u16());
         tracing::info!(
             msg_id = %message.msg_id,
             session_id = %message.session_id,

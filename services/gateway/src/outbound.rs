@@ -388,6 +388,18 @@ impl Outbound {
         trace: &[(String, String)],
         stop: &mut tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), ()> {
+        let span = dm_bus::trace::process_span("gateway", &delivery.message);
+        tracing::Instrument::instrument(self.carry_traced(delivery, envelope, trace, stop), span)
+            .await
+    }
+
+    async fn carry_traced(
+        &self,
+        delivery: Delivery,
+        envelope: &CommandEnvelope,
+        trace: &[(String, String)],
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), ()> {
         {
             let outcome = tokio::select! {
                 outcome = self.execute(envelope, trace) => outcome,
@@ -583,6 +595,24 @@ impl Outbound {
         trace: &[(String, String)],
     ) -> Result<(StatusCode, Bytes), AttemptError> {
         let endpoint = &target.endpoint;
+        // The client span of this hop; the peer's server span is its child.
+        let span = if dm_telemetry::enabled() {
+            tracing::info_span!(
+                "dmd.gateway.post",
+                otel.name = %format!("POST {}", endpoint.authority),
+                otel.kind = "client",
+                http.request.method = "POST",
+                server.address = %endpoint.authority,
+                http.response.status_code = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
+        let carried = trace
+            .iter()
+            .find(|(n, _)| n == "traceparent")
+            .map(|(_, v)| v.as_str());
+        let own = dm_telemetry::outgoing(&span, carried);
         let mut builder = Request::builder()
             .method(Method::POST)
             .uri(endpoint.uri.clone())
@@ -592,17 +622,29 @@ impl Outbound {
                 format!("{}; charset=utf-8", delegation::CONTENT_TYPE),
             );
         for (name, value) in trace {
-            builder = builder.header(name.as_str(), value.as_str());
+            if name != "traceparent" {
+                builder = builder.header(name.as_str(), value.as_str());
+            }
+        }
+        if let Some(tp) = &own {
+            builder = builder.header("traceparent", tp.as_str());
         }
         let request = builder
             .body(Full::new(wire.0.clone()))
             .map_err(|e| AttemptError::Http(e.to_string()))?;
-        target
-            .pool
-            .exchange(request, MAX_ANSWER_BYTES, self.timeouts.connect, || {
-                self.connect(target)
-            })
-            .await
+        let answer = tracing::Instrument::instrument(
+            target
+                .pool
+                .exchange(request, MAX_ANSWER_BYTES, self.timeouts.connect, || {
+                    self.connect(target)
+                }),
+            span.clone(),
+        )
+        .await;
+        if let Ok((status, _)) = &answer {
+            span.record("http.response.status_code", status.as_u16());
+        }
+        answer
     }
 
     /// A new connection to the peer: TCP, the full mutual-TLS handshake (the peer's certificate verified

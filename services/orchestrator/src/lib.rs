@@ -180,6 +180,49 @@ fn traceparent(trace_id: &str) -> Option<String> {
         .map(|t| format!("00-{t}-{:016x}-01", rand::random::<u64>() | 1))
 }
 
+/// A `traceparent` on a delegation's stored trace (a fresh span id: the parent of a step that came
+/// without context of its own).
+fn traceparent_of_trace(trace_id: &str) -> Option<String> {
+    traceparent(trace_id)
+}
+
+/// A short name of an event for spans: `operator_start`, `peer notif`, `work apply_plan ok`, `timer`, …
+fn event_name(event: &Event) -> String {
+    match &event.kind {
+        Some(event::Kind::OperatorStart(_)) => "operator_start".into(),
+        Some(event::Kind::Peer(m)) => match &m.body {
+            Some(b) => format!("peer {}", peer_body_name(b)),
+            None => "peer".into(),
+        },
+        Some(event::Kind::Work(w)) => format!(
+            "work {} {}",
+            w.work()
+                .as_str_name()
+                .trim_start_matches("WORK_")
+                .to_ascii_lowercase(),
+            if w.ok { "ok" } else { "failed" }
+        ),
+        Some(event::Kind::Timer(_)) => "timer".into(),
+        Some(event::Kind::OperatorRevoke(_)) => "operator_revoke".into(),
+        Some(event::Kind::OperatorRelease(_)) => "operator_release".into(),
+        None => "unknown".into(),
+    }
+}
+
+fn peer_body_name(body: &pb::peer_message::Body) -> &'static str {
+    use pb::peer_message::Body;
+    match body {
+        Body::Notif(_) => "notif",
+        Body::Res(_) => "res",
+        Body::Start(_) => "start",
+        Body::Prepared(_) => "prepared",
+        Body::Confirm(_) => "confirm",
+        Body::Failure(_) => "failure",
+        Body::Revoke(_) => "revoke",
+        Body::Release(_) => "release",
+    }
+}
+
 fn new_trace_id() -> String {
     format!("{:032x}", rand::random::<u128>() | 1)
 }
@@ -355,6 +398,57 @@ impl Orchestrator {
         traceparent: Option<&str>,
     ) -> Result<Applied, OrchestratorError> {
         let key = delegation_key(peer_server_id, session_id);
+        let span = self
+            .step_span(&key, peer_server_id, session_id, event, traceparent)
+            .await;
+        tracing::Instrument::instrument(self.apply_locked(key, event, traceparent), span).await
+    }
+
+    /// The span of one step (one event decided): child of the context the event came with, else of the
+    /// delegation's stored trace (a timer, an operator's request), so that one delegation is one trace.
+    async fn step_span(
+        &self,
+        key: &str,
+        peer_server_id: &str,
+        session_id: &str,
+        event: &Event,
+        traceparent: Option<&str>,
+    ) -> tracing::Span {
+        if !dm_telemetry::enabled() {
+            return tracing::Span::none();
+        }
+        let name = event_name(event);
+        let span = tracing::info_span!(
+            parent: None,
+            "dmd.orchestrator.step",
+            otel.name = %format!("step {name}"),
+            dmd.deployment = %self.inner.config.names.deployment(),
+            dmd.server_id = %self.inner.config.server_id,
+            dmd.peer_server_id = %peer_server_id,
+            dmd.session_id = %session_id,
+            dmd.event = %name,
+            dmd.phase = tracing::field::Empty,
+            dmd.answer = tracing::field::Empty,
+        );
+        let stored = match traceparent {
+            Some(tp) => Some(tp.to_string()),
+            None => match self.load(key).await {
+                Ok(Some((stored, _))) => {
+                    stored.state.and_then(|s| traceparent_of_trace(&s.trace_id))
+                }
+                _ => None,
+            },
+        };
+        dm_telemetry::follow(&span, stored.as_deref(), None);
+        span
+    }
+
+    async fn apply_locked(
+        &self,
+        key: String,
+        event: &Event,
+        traceparent: Option<&str>,
+    ) -> Result<Applied, OrchestratorError> {
         let _guard = self.shard(&key).lock().await;
         // Set once this call claimed the device for a new delegation: released if nothing is stored.
         let mut claimed: Option<NewClaim> = None;
@@ -456,6 +550,7 @@ impl Orchestrator {
             if new_state.trace_id.is_empty() {
                 new_state.trace_id = traceparent
                     .and_then(trace_id_of)
+                    .or_else(|| dm_telemetry::trace_id(&tracing::Span::current()))
                     .unwrap_or_else(new_trace_id);
             }
             let stored = StoredDelegation {
@@ -493,6 +588,10 @@ impl Orchestrator {
             {
                 tracing::warn!(error = %e, "a claim could not be released; it is dropped at the next start");
             }
+            let span = tracing::Span::current();
+            span.record("dmd.phase", new_state.phase().as_str_name());
+            span.record("dmd.answer", decision.answer.http_status());
+            self.log_failure(state.as_ref(), &new_state);
             // Watchers (the admin API, the demo) see every stored state.
             let _ = self.inner.changes.send(new_state.clone());
             self.flush(&key, &new_state, &decision.commands, revision)
@@ -506,6 +605,29 @@ impl Orchestrator {
             });
         }
         Err(OrchestratorError::Contention(key))
+    }
+
+    /// Says why a delegation failed, once, when its fault first appears (issue 11: the default log level
+    /// tells why any delegation failed). Never a secret: the step, the status code and the reason.
+    fn log_failure(&self, before: Option<&DelegationState>, after: &DelegationState) {
+        let Some(fault) = &after.fault else {
+            return;
+        };
+        if before.and_then(|b| b.fault.as_ref()) == Some(fault) {
+            return;
+        }
+        tracing::warn!(
+            deployment = %self.inner.config.names.deployment(),
+            peer = %after.peer_server_id,
+            session = %after.session_id,
+            device = %after.device.as_ref().map(|d| d.dev_id.as_str()).unwrap_or_default(),
+            role = %after.role().as_str_name(),
+            step = fault.step,
+            code = fault.status_code,
+            from_peer = fault.from_peer,
+            reason = %fault.reason,
+            "delegation failed"
+        );
     }
 
     /// Whether this replica published the outbox stored at `revision` in full.
@@ -805,8 +927,18 @@ impl Orchestrator {
                     delegation,
                     event,
                 } => {
+                    let tp = delivery
+                        .message
+                        .headers
+                        .get("traceparent")
+                        .map(str::to_string);
                     let settled = match self
-                        .apply(&delegation.peer_server_id, &delegation.session_id, &event)
+                        .apply_traced(
+                            &delegation.peer_server_id,
+                            &delegation.session_id,
+                            &event,
+                            tp.as_deref(),
+                        )
                         .await
                     {
                         Ok(_) => delivery.ack().await,
