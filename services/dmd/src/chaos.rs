@@ -37,7 +37,6 @@ use tonic::transport::Channel;
 use crate::demo::{D1, D2, device_id};
 use crate::pki;
 
-const CA_NAME: &str = "chaos-ca";
 const TOKEN_ENV: &str = "DMD_CHAOS_TOKEN";
 const SERVICES: [&str; 5] = [
     "orchestrator",
@@ -300,12 +299,23 @@ struct Side {
     gateways: [u16; REPLICAS],
     endpoints: [u16; REPLICAS],
     admins: [u16; REPLICAS],
-    master_key_b64: String,
+    /// The deployment's master key, in a file as a secret would be mounted.
+    master_key_file: PathBuf,
 }
 
 impl Side {
-    fn new(name: &'static str, me: &'static str, peer: &'static str) -> anyhow::Result<Side> {
+    fn new(
+        dir: &std::path::Path,
+        name: &'static str,
+        me: &'static str,
+        peer: &'static str,
+    ) -> anyhow::Result<Side> {
         let ports = || -> anyhow::Result<[u16; REPLICAS]> { Ok([free_port()?, free_port()?]) };
+        let master_key_file = dir.join(format!("{name}-master-key"));
+        std::fs::write(
+            &master_key_file,
+            auth::encode_nonce(&rand::random::<[u8; 32]>()),
+        )?;
         Ok(Side {
             name,
             me,
@@ -315,7 +325,7 @@ impl Side {
             gateways: ports()?,
             endpoints: ports()?,
             admins: ports()?,
-            master_key_b64: auth::encode_nonce(&rand::random::<[u8; 32]>()),
+            master_key_file,
         })
     }
 
@@ -374,41 +384,31 @@ await_confirm = 120
 first_session = 120
 await_release = 60
 
-[auth]
-dm_address = "{device_url}"
-master_key = "{master_key}"
-ack_wait_secs = 5
-[[auth.peer]]
-server_id = "{peer}"
-endpoint = "{peer_endpoint}"
-ca = "{CA_NAME}"
-subject_alt_name = "{peer}"
-allowed_types = {types}
-allowed_scopes = ["."]
-max_temporary_secs = 86400
-
-[gateway]
-listen = "127.0.0.1:{gateway}"
-[gateway.tls]
+[tls]
 cert = "{cert}"
 key = "{key}"
-[[gateway.trust.ca]]
-name = "{CA_NAME}"
-pem = "{ca}"
-[[gateway.peer]]
+
+[[peer]]
 server_id = "{peer}"
 endpoint = "{peer_endpoint}"
 ca = "{ca}"
+types = {types}
+scopes = ["."]
+max_temporary_secs = 86400
+
+[auth]
+dm_address = "{device_url}"
+master_key_file = "{master_key_file}"
+ack_wait_secs = 5
+
+[gateway]
+listen = "127.0.0.1:{gateway}"
 [gateway.timeouts]
 send_deadline_ms = 30000
 ack_wait_ms = 35000
 
 [acceptance]
 offered_types = {types}
-[acceptance.peers."{peer}"]
-types = {types}
-scope_prefixes = ["."]
-max_temporary_secs = 86400
 
 [provisioning]
 listen = "127.0.0.1:{endpoint}"
@@ -424,7 +424,7 @@ command_ack_wait_secs = 5
         gateway = side.gateways[replica],
         endpoint = side.endpoints[replica],
         device_url = side.device_url(),
-        master_key = side.master_key_b64,
+        master_key_file = side.master_key_file.display(),
         cert = files.cert.display(),
         key = files.key.display(),
         ca = pki.ca_cert.display(),
@@ -852,7 +852,10 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<ChaosReport> {
         let serving = fleet.clone();
         tokio::spawn(async move { serving.serve(fleet_listener, std::future::pending()).await });
     }
-    let sides = [Side::new("dms1", D1, D2)?, Side::new("dms2", D2, D1)?];
+    let sides = [
+        Side::new(&dir, "dms1", D1, D2)?,
+        Side::new(&dir, "dms2", D2, D1)?,
+    ];
     let mut accounts = Vec::new();
     let mut planned = Vec::new();
     for i in 0..options.delegations {

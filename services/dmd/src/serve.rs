@@ -162,7 +162,7 @@ pub async fn serve_health(
 
 /// NATS URLs (one, or several separated by commas) as they may be printed: `nats://user:pass@host`
 /// shows as `nats://…@host`.
-fn without_credentials(urls: &str) -> String {
+pub fn without_credentials(urls: &str) -> String {
     urls.split(',')
         .map(|url| match (url.find("://"), url.rfind('@')) {
             (Some(scheme), Some(at)) if at > scheme => {
@@ -175,8 +175,9 @@ fn without_credentials(urls: &str) -> String {
 }
 
 /// Runs until a signal (then drains) or until a service fails.
-pub async fn run(only: Option<Service>, text: &str) -> anyhow::Result<()> {
-    let c = config::parse(text, |k| std::env::var(k).ok())?;
+pub async fn run(only: Option<Service>, text: &str, file: &std::path::Path) -> anyhow::Result<()> {
+    let c = config::parse(text, &config::ProcessEnvironment::for_file(file))
+        .map_err(|e| anyhow::anyhow!("configuration, {e}"))?;
     let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(addr) = c.health {
         let listener = TcpListener::bind(addr)

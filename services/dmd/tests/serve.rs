@@ -12,6 +12,14 @@ const CONFIG: &str = r#"
 name = "dms1"
 server_id = "dms1.operator.example"
 
+[[peer]]
+server_id = "dms2.enterprise.example"
+endpoint = "https://dms2.enterprise.example/delegation"
+ca = "PEER_CA"
+spki_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+types = ["Partial"]
+scopes = ["./Vendor"]
+
 [admin]
 listen = "127.0.0.1:0"
 token_env = "DMD_TEST_TOKEN"
@@ -21,13 +29,6 @@ listen = "127.0.0.1:0"
 
 [auth]
 dm_address = "http://127.0.0.1:9/dm"
-
-[[auth.peer]]
-server_id = "dms2.enterprise.example"
-endpoint = "https://dms2.enterprise.example/delegation"
-spki_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
-allowed_types = ["Partial"]
-allowed_scopes = ["./Vendor"]
 
 [acceptance]
 offered_types = ["Partial"]
@@ -53,9 +54,17 @@ fn get_status(addr: &str, path: &str) -> u16 {
     answer.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
+/// Writes the configuration (and the peer's CA file it names) into the temporary directory.
 fn write_config(tag: &str, text: &str) -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!("dmd-serve-{tag}-{}.toml", std::process::id()));
-    std::fs::write(&path, text).unwrap();
+    let dir = std::env::temp_dir();
+    let ca = dir.join(format!("dmd-serve-{tag}-{}-ca.pem", std::process::id()));
+    std::fs::write(
+        &ca,
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let path = dir.join(format!("dmd-serve-{tag}-{}.toml", std::process::id()));
+    std::fs::write(&path, text.replace("PEER_CA", &ca.display().to_string())).unwrap();
     path
 }
 
@@ -169,7 +178,55 @@ fn a_bad_configuration_is_refused_before_anything_starts() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("[acceptance]"), "{err}");
+    assert!(err.contains("line 25"), "the file's own line: {err}");
     let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn config_check_resolves_every_reference_and_names_the_place() {
+    let good = write_config("check-good", CONFIG);
+    let out = Command::new(env!("CARGO_BIN_EXE_dmd"))
+        .args(["config", "check"])
+        .arg(&good)
+        .env("DMD_TEST_TOKEN", "t0k3n")
+        .output()
+        .unwrap();
+    let said = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("peers [dms2.enterprise.example]"), "{said}");
+    // The token's variable unset: the place is the key that names it.
+    let out = Command::new(env!("CARGO_BIN_EXE_dmd"))
+        .args(["config", "check"])
+        .arg(&good)
+        .env_remove("DMD_TEST_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.starts_with(&format!("{}:16:13: ", good.display())),
+        "{err}"
+    );
+    assert!(err.contains("DMD_TEST_TOKEN"), "{err}");
+    // A peer's CA file that is not there.
+    let bad = write_config(
+        "check-bad",
+        &CONFIG.replace("PEER_CA", "/nonexistent/ca.pem"),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_dmd"))
+        .args(["config", "check"])
+        .arg(&bad)
+        .env("DMD_TEST_TOKEN", "t0k3n")
+        .output()
+        .unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains(":9:6: [[peer]] ca: cannot read /nonexistent/ca.pem"),
+        "{err}"
+    );
+    for p in [good, bad] {
+        let _ = std::fs::remove_file(p);
+    }
 }
 
 #[test]

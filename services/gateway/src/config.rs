@@ -179,9 +179,10 @@ struct RawConfig {
     timeouts: RawTimeouts,
 }
 
+/// `[timeouts]` as written: milliseconds per limit, each optional (the default otherwise).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawTimeouts {
+pub struct RawTimeouts {
     handshake_ms: Option<u64>,
     read_ms: Option<u64>,
     auth_ms: Option<u64>,
@@ -196,7 +197,8 @@ struct RawTimeouts {
 }
 
 impl RawTimeouts {
-    fn resolve(&self) -> Timeouts {
+    /// The limits, defaults filled in.
+    pub fn resolve(&self) -> Timeouts {
         let d = Timeouts::default();
         let ms = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_millis);
         let send_deadline = ms(self.send_deadline_ms, d.send_deadline);

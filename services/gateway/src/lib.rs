@@ -48,8 +48,8 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 pub use ask::{TRACE_HEADERS, TYPE_HEADER, VERSION_HEADER};
 pub use config::{
-    Config, ConfigError, DEFAULT_MAX_BODY_BYTES, DEFAULT_PATH, Peer, Timeouts, TlsFiles, Trust,
-    TrustedCa,
+    Config, ConfigError, DEFAULT_MAX_BODY_BYTES, DEFAULT_PATH, Peer, RawTimeouts, Timeouts,
+    TlsFiles, Trust, TrustedCa,
 };
 pub use convert::{SERVER_CRED_AUTH_TYPE, peer_message};
 pub use tls::{PeerIdentity, install_crypto_provider, spki_sha256_hex};

@@ -62,7 +62,8 @@ impl AcceptancePolicy {
         Ok(policy)
     }
 
-    fn check(&self) -> Result<(), PolicyError> {
+    /// Checks every type name and URI (a policy built in code; [`AcceptancePolicy::from_toml`] does it).
+    pub fn check(&self) -> Result<(), PolicyError> {
         let known = ["Partial", "Full", "Final", "Temporary"];
         for t in &self.offered_types {
             if !known.contains(&t.as_str()) {
