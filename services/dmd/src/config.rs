@@ -11,6 +11,7 @@
 //! nats_url = "nats://nats:4222"          # absent: `dmd all` runs on the in-process bus (nothing is kept);
 //!                                        # a cluster: "nats://n1:4222,nats://n2:4222,nats://n3:4222"
 //! nats_replicas = 1                      # optional: copies of each stream and bucket (3 on a 3-node cluster)
+//! # nats_url_env = "DMD_NATS_URL"        # instead of nats_url, for a URL with credentials (user:password@)
 //!
 //! [tls]                                  # this server's certificate (serverAuth + clientAuth) and key
 //! cert = "/etc/dmd/tls/server.crt"
@@ -228,7 +229,10 @@ struct Deployment {
     name: S<String>,
     server_id: S<String>,
     #[serde(default)]
-    nats_url: Option<String>,
+    nats_url: Option<S<String>>,
+    /// A variable holding the URL: credentials in a URL are a secret, never written in the file.
+    #[serde(default)]
+    nats_url_env: Option<S<String>>,
     #[serde(default)]
     nats_replicas: Option<S<u8>>,
 }
@@ -521,7 +525,43 @@ pub fn parse(text: &str, env: &dyn Environment) -> Result<FileConfig, ConfigErro
     let names = dm_bus::Names::new(d.name.get_ref())
         .map_err(|e| p.at(d.name.span(), format!("[deployment] name: {e}")))?;
     let server_id = d.server_id.get_ref().clone();
-    let nats_replicas = match (&d.nats_replicas, &d.nats_url) {
+    let nats_url = match (&d.nats_url, &d.nats_url_env) {
+        (Some(url), None) => {
+            // `scheme://user:password@host` or `scheme://token@host`: credentials in the file.
+            if url
+                .get_ref()
+                .split(',')
+                .any(|u| u.split("://").nth(1).is_some_and(|rest| rest.contains('@')))
+            {
+                return Err(p.at(
+                    url.span(),
+                    "[deployment] nats_url: credentials are never written in the file; put the URL in a variable and name it with nats_url_env",
+                ));
+            }
+            Some(url.get_ref().clone())
+        }
+        (None, Some(var)) => Some(
+            env.var(var.get_ref())
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| {
+                    p.at(
+                        var.span(),
+                        format!(
+                            "[deployment] nats_url_env: the variable {} is not set",
+                            var.get_ref()
+                        ),
+                    )
+                })?,
+        ),
+        (Some(url), Some(_)) => {
+            return Err(p.at(
+                url.span(),
+                "[deployment] give nats_url or nats_url_env, not both",
+            ));
+        }
+        (None, None) => None,
+    };
+    let nats_replicas = match (&d.nats_replicas, &nats_url) {
         (None, _) => 1,
         (Some(n), None) => {
             return Err(p.at(n.span(), "[deployment] nats_replicas: only with nats_url"));
@@ -671,7 +711,7 @@ pub fn parse(text: &str, env: &dyn Environment) -> Result<FileConfig, ConfigErro
                 dm_auth::Config::new(names.clone(), registry, a.dm_address.get_ref().clone())
                     .map_err(|e| p.at(a.dm_address.span(), format!("[auth] {e}")))?;
             let named = a.master_key_file.is_some() || a.master_key_env.is_some();
-            if named || d.nats_url.is_some() {
+            if named || nats_url.is_some() {
                 // On NATS the secrets outlive the process: a key made up here would lose them all.
                 let key = secret(
                     &p,
@@ -812,7 +852,7 @@ pub fn parse(text: &str, env: &dyn Environment) -> Result<FileConfig, ConfigErro
         orchestrator,
         name: names.deployment().to_string(),
         server_id,
-        nats_url: d.nats_url,
+        nats_url,
         nats_replicas,
         admin,
         health,
@@ -1050,5 +1090,18 @@ push_url = "http://push:8700"
         }
         let e = error("[deployment]\nname = \"x\"\nserver_id = \"y\"\nnats_replicas = 3\n");
         assert!(e.message.contains("only with nats_url"), "{e}");
+        // Credentials in the URL are a secret: from a variable only.
+        let e = error(&cluster.replace("nats://n2:4222", "nats://dmd:s3cret@n2:4222"));
+        assert!(e.message.contains("nats_url_env"), "{e}");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        let mut g = given();
+        g.vars
+            .insert("NATS".into(), "nats://dmd:s3cret@n1:4222".into());
+        let c = parse(
+            "[deployment]\nname = \"x\"\nserver_id = \"y\"\nnats_url_env = \"NATS\"\n",
+            &g,
+        )
+        .unwrap();
+        assert_eq!(c.nats_url.as_deref(), Some("nats://dmd:s3cret@n1:4222"));
     }
 }
