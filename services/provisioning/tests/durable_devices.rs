@@ -67,17 +67,25 @@ async fn run(i: &mut Instance, value: &str) {
     assert!(outcome.result.is_ok(), "{outcome:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_service_reaches_its_devices_with_the_nonces_in_force() {
+/// A device store, a fleet serving one device whose account has these secrets, and the address the
+/// device channel keeps across restarts (as a deployment's does).
+struct Setup {
+    devices: dm_bus::Kv,
+    key: MasterKey,
+    fleet: Fleet,
+    fleet_url: String,
+    addr: SocketAddr,
+    account: DefaultAccount,
+}
+
+async fn setup(server_secret: &str, client_secret: &str) -> Setup {
     let bus = Bus::in_process();
     let devices = bus.kv("dmd_dms1_devices", 1).await.unwrap();
-    let key = MasterKey::random();
     let fleet = Fleet::new();
     let fleet_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let fleet_url = format!("http://{}", fleet_listener.local_addr().unwrap());
     let serving = fleet.clone();
     tokio::spawn(async move { serving.serve(fleet_listener, std::future::pending()).await });
-    // The device channel's address stays the same across the restart, as a deployment's does.
     let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap()
@@ -86,13 +94,33 @@ async fn a_restarted_service_reaches_its_devices_with_the_nonces_in_force() {
     let account = DefaultAccount {
         server_id: D1.into(),
         addr: format!("http://{addr}/dm"),
-        server_secret: "server-secret-value".into(),
+        server_secret: server_secret.into(),
         server_nonce_b64: auth::encode_nonce(b"sn"),
         client_name: DEV.into(),
-        client_secret: "client-secret-value".into(),
+        client_secret: client_secret.into(),
         client_nonce_b64: auth::encode_nonce(b"cn"),
     };
     fleet.insert(Device::with_default_tree(DEV, &account).unwrap());
+    Setup {
+        devices,
+        key: MasterKey::random(),
+        fleet,
+        fleet_url,
+        addr,
+        account,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_service_reaches_its_devices_with_the_nonces_in_force() {
+    let Setup {
+        devices,
+        key,
+        fleet,
+        fleet_url,
+        addr,
+        account,
+    } = setup("server-secret-value", "client-secret-value").await;
     let seed = DeviceCredentials {
         server_secret: account.server_secret.clone(),
         server_nonce_b64: account.server_nonce_b64.clone(),
@@ -146,30 +174,15 @@ async fn a_restarted_service_reaches_its_devices_with_the_nonces_in_force() {
 /// pending server secret, package #1 checked against the pending client secret) and makes them current.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_sent_but_never_confirmed_still_reach_the_device() {
-    let bus = Bus::in_process();
-    let devices = bus.kv("dmd_dms1_devices", 1).await.unwrap();
-    let key = MasterKey::random();
-    let fleet = Fleet::new();
-    let fleet_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let fleet_url = format!("http://{}", fleet_listener.local_addr().unwrap());
-    let serving = fleet.clone();
-    tokio::spawn(async move { serving.serve(fleet_listener, std::future::pending()).await });
-    let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
     // The device already holds the new secrets.
-    let account = DefaultAccount {
-        server_id: D1.into(),
-        addr: format!("http://{addr}/dm"),
-        server_secret: "new-server-secret".into(),
-        server_nonce_b64: auth::encode_nonce(b"sn"),
-        client_name: DEV.into(),
-        client_secret: "new-client-secret".into(),
-        client_nonce_b64: auth::encode_nonce(b"cn"),
-    };
-    fleet.insert(Device::with_default_tree(DEV, &account).unwrap());
+    let Setup {
+        devices,
+        key,
+        fleet: _fleet,
+        fleet_url,
+        addr,
+        account,
+    } = setup("new-server-secret", "new-client-secret").await;
     let stored = DeviceCredentials {
         server_secret: "old-server-secret".into(),
         server_nonce_b64: account.server_nonce_b64.clone(),
