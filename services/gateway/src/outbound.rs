@@ -319,7 +319,11 @@ impl Outbound {
             return;
         };
         let value = Bytes::from(seq.to_string());
-        for _ in 0..10 {
+        // The next message of the delegation waits for this record: a bus away (a NATS node lost, a
+        // leader being elected) is waited out, up to the send deadline.
+        let give_up_at = tokio::time::Instant::now() + self.timeouts.send_deadline;
+        let mut attempt = 0u32;
+        loop {
             let written = match self.sent.get(&key).await {
                 Ok(Some(e)) => {
                     let done = std::str::from_utf8(&e.value)
@@ -333,14 +337,18 @@ impl Outbound {
                 Ok(None) => self.sent.create(&key, value.clone()).await,
                 Err(e) => Err(e),
             };
-            match written {
+            let e = match written {
                 Ok(_) => return,
                 Err(BusError::Conflict(_)) => continue,
-                Err(e) => {
-                    tracing::warn!(outbox_id = %envelope.outbox_id, error = %e, "the order of sent messages could not be recorded");
-                    return;
-                }
+                Err(e) => e,
+            };
+            let pause = backoff(attempt, Duration::from_millis(50), Duration::from_secs(2));
+            if tokio::time::Instant::now() + pause >= give_up_at {
+                tracing::warn!(outbox_id = %envelope.outbox_id, error = %e, "the order of sent messages could not be recorded");
+                return;
             }
+            tokio::time::sleep(pause).await;
+            attempt += 1;
         }
     }
 

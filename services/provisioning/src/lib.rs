@@ -144,6 +144,9 @@ struct DeviceEntry {
     /// This replica holds the device's lease (its record in `device_owners`): it alone talks to the
     /// device until it lets go.
     leased: bool,
+    /// The revision of the lease record this replica wrote last: letting go is a compare-and-set on it,
+    /// so that it never clears a lease taken again since.
+    lease_revision: u64,
 }
 
 #[derive(Debug, Default)]
@@ -530,29 +533,35 @@ impl Provisioning {
         let taken = loop {
             let written = match f.owners.get(&key).await {
                 Ok(None) => f.owners.create(&key, me.clone()).await,
-                Ok(Some(e)) if e.value == me => break true,
+                // Already this replica's: written again, so that a letting-go still under way (at the
+                // older revision) fails instead of clearing the lease just taken.
+                Ok(Some(e)) if e.value == me => f.owners.update(&key, me.clone(), e.revision).await,
                 Ok(Some(e)) if e.value.is_empty() || !f.alive(&e.value).await => {
                     f.owners.update(&key, me.clone(), e.revision).await
                 }
-                Ok(Some(_)) => break false,
+                Ok(Some(_)) => break None,
                 Err(e) => {
                     tracing::warn!(dev_id, error = %e, "the device's lease cannot be read");
-                    break false;
+                    break None;
                 }
             };
             match written {
-                Ok(_) => break true,
+                Ok(revision) => break Some(revision),
                 Err(dm_bus::BusError::Conflict(_)) => continue,
                 Err(e) => {
                     tracing::warn!(dev_id, error = %e, "the device's lease cannot be written");
-                    break false;
+                    break None;
                 }
             }
         };
-        if taken && let Some(d) = self.lock().devices.get_mut(dev_id) {
+        let Some(revision) = taken else {
+            return false;
+        };
+        if let Some(d) = self.lock().devices.get_mut(dev_id) {
             d.leased = true;
+            d.lease_revision = revision;
         }
-        taken
+        true
     }
 
     /// Lets the device's lease go once this replica has nothing more for it.
@@ -562,21 +571,34 @@ impl Provisioning {
             match inner.devices.get_mut(dev_id) {
                 Some(d) if d.leased && d.session.is_none() && d.queue.is_empty() => {
                     d.leased = false;
-                    true
+                    Some(d.lease_revision)
                 }
-                _ => false,
+                _ => None,
             }
         };
-        let Some(f) = self.forward.as_ref().filter(|_| idle) else {
+        let (Some(f), Some(revision)) = (self.forward.as_ref(), idle) else {
             return;
         };
         let key = dm_bus::subjects::encode_key(dev_id);
-        if let Ok(Some(e)) = f.owners.get(&key).await
-            && e.value == f.me.as_bytes()
-        {
-            // Lost to a conflict: another replica took it meanwhile, which is what letting go means.
-            let _ = f.owners.update(&key, Bytes::new(), e.revision).await;
-        }
+        let f = f.clone();
+        let dev_id = dev_id.to_string();
+        // In the background, and again until it is written: a lease left behind while this replica
+        // lives would keep every other replica from the device (a bus away is waited out).
+        tokio::spawn(async move {
+            let mut pause = Duration::from_millis(50);
+            for _ in 0..60 {
+                // At the revision this replica wrote: a conflict means the lease was taken again since
+                // (by this replica or another), which is what letting go allows.
+                match f.owners.update(&key, Bytes::new(), revision).await {
+                    Ok(_) | Err(dm_bus::BusError::Conflict(_)) => return,
+                    Err(_) => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+            tracing::warn!(dev_id, "the device's lease could not be let go");
+        });
     }
 
     /// The answer to a device message, from the replica that holds the device (this one, or the owner
