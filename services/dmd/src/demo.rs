@@ -164,7 +164,14 @@ fn spec(side: SideSpec<'_>, pki: &pki::Pki, push_url: &str) -> anyhow::Result<De
             endpoint: peer_endpoint.to_string(),
             ca: pki.ca_cert.clone(),
         }],
-        timeouts: dm_gateway::Timeouts::default(),
+        // Shorter than a deployment's defaults (5 min to send, 6 min before a lost delivery comes
+        // back): a send command handed out by a NATS node that dies is taken up again within a minute,
+        // which the end-to-end tests of node loss wait for.
+        timeouts: dm_gateway::Timeouts {
+            send_deadline: Duration::from_secs(45),
+            ack_wait: Duration::from_secs(60),
+            ..dm_gateway::Timeouts::default()
+        },
     };
     let acceptance = AcceptancePolicy {
         offered_types: vec![

@@ -668,7 +668,11 @@ impl Provisioning {
                 .await
                 .map_err(EnqueueError::SnapshotStore)?;
         }
-        self.find_device(dev_id).await;
+        // A first session's device was registered (and stored) by the caller just now: a read of the
+        // store may not see that write yet (a cluster electing leaders), and must not forget it.
+        if !matches!(job, Job::FirstSession(_)) {
+            self.find_device(dev_id).await;
+        }
         let wake = {
             let mut inner = self.lock();
             let entry = inner
