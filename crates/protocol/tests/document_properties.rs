@@ -10,7 +10,10 @@ fn examples() -> Vec<Vec<u8>> {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
     let mut out: Vec<Vec<u8>> = std::fs::read_dir(dir)
         .unwrap()
-        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().path())
+        // examples/config/ holds configuration files, not documents.
+        .filter(|p| p.is_file())
+        .map(|p| std::fs::read(p).unwrap())
         .collect();
     out.push(
         std::fs::read(concat!(
