@@ -126,6 +126,11 @@ pub(crate) fn backoff(n: u32, min: Duration, max: Duration) -> Duration {
     })
 }
 
+/// The `seq` a record of the `sent` bucket holds (the last message of its delegation that is done).
+fn done_seq(value: &[u8]) -> Option<u64> {
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
 fn lane_key(d: &DelegationRef) -> String {
     format!("{}/{}", d.peer_server_id, d.session_id.to_ascii_lowercase())
 }
@@ -303,10 +308,7 @@ impl Outbound {
             return true;
         }
         match self.sent.get(&key).await {
-            Ok(Some(e)) => std::str::from_utf8(&e.value)
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok())
-                .is_some_and(|done| done + 1 >= seq),
+            Ok(Some(e)) => done_seq(&e.value).is_some_and(|done| done + 1 >= seq),
             Ok(None) => false,
             // The store is away: better out of order than stuck.
             Err(_) => true,
@@ -326,10 +328,7 @@ impl Outbound {
         loop {
             let written = match self.sent.get(&key).await {
                 Ok(Some(e)) => {
-                    let done = std::str::from_utf8(&e.value)
-                        .ok()
-                        .and_then(|v| v.parse::<u64>().ok());
-                    if done.is_some_and(|d| d >= seq) {
+                    if done_seq(&e.value).is_some_and(|d| d >= seq) {
                         return;
                     }
                     self.sent.update(&key, value.clone(), e.revision).await
