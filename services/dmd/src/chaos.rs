@@ -199,10 +199,31 @@ fn terminal(p: Phase) -> bool {
     )
 }
 
-/// A free loopback port (bound, then let go: the process that will use it binds it again).
+/// A free loopback port (bound, then let go: the process that will use it binds it again, maybe
+/// after several restarts). Chosen below the kernel's ephemeral range: a port from that range is
+/// soon the source port of some outbound connection (to NATS, to a peer), and the process that
+/// owns the port could then not start again. Never the same port twice in one run.
 fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
-    Ok(l.local_addr()?.port())
+    static TAKEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, first_ephemeral.saturating_sub(1).max(10_001));
+    let mut rng = rand::rng();
+    let mut taken = TAKEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..1000 {
+        let port = rng.random_range(low..=high);
+        if taken.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            taken.insert(port);
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port between {low} and {high}")
 }
 
 /// One supervised process: started again whenever it ends, until the run stops.
