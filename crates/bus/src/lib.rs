@@ -19,6 +19,7 @@ pub mod subjects;
 pub mod testing;
 pub mod trace;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -51,17 +52,65 @@ pub enum BusError {
 }
 
 /// How the bus uses NATS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BusOptions {
     /// How many servers of a JetStream cluster keep a copy of every stream and key-value bucket this bus
     /// creates (JetStream allows 1 to 5): 1 on a single server, 3 on a three-node cluster so that losing
     /// one node loses nothing. Streams and buckets that exist already keep their own count.
     pub replicas: u8,
+    /// How the connection is protected: TLS and who the client is.
+    pub security: NatsSecurity,
 }
 
 impl Default for BusOptions {
     fn default() -> Self {
-        Self { replicas: 1 }
+        Self {
+            replicas: 1,
+            security: NatsSecurity::default(),
+        }
+    }
+}
+
+/// TLS and credentials of the NATS connection. The default is none of them (a server on loopback in
+/// tests and `dmd demo`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatsSecurity {
+    /// Refuse a server that does not speak TLS (the connection is never made in clear).
+    pub require_tls: bool,
+    /// PEM file of the CA(s) the servers' certificates chain to (besides the system's roots).
+    pub ca: Option<PathBuf>,
+    /// This client's certificate and key (PEM), for servers that verify clients (mutual TLS).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    pub credentials: Option<NatsCredentials>,
+}
+
+/// Who the client is to the NATS server.
+#[derive(Clone, PartialEq, Eq)]
+pub enum NatsCredentials {
+    /// A `.creds` file (user JWT and nkey seed, decentralised authentication).
+    CredsFile(PathBuf),
+    /// A user nkey seed (`SU…`): the server knows the public key and checks a signed nonce.
+    NkeySeed(String),
+    Token(String),
+    UserPassword {
+        user: String,
+        password: String,
+    },
+}
+
+impl std::fmt::Debug for NatsCredentials {
+    /// Names the kind of credential, never the secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NatsCredentials::CredsFile(p) => f.debug_tuple("CredsFile").field(p).finish(),
+            NatsCredentials::NkeySeed(_) => f.write_str("NkeySeed(<redacted>)"),
+            NatsCredentials::Token(_) => f.write_str("Token(<redacted>)"),
+            NatsCredentials::UserPassword { user, .. } => f
+                .debug_struct("UserPassword")
+                .field("user", user)
+                .field("password", &"<redacted>")
+                .finish(),
+        }
     }
 }
 

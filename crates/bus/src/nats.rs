@@ -9,8 +9,8 @@ use dm_metrics::BusOp;
 use futures::StreamExt;
 
 use crate::{
-    Acker, BusError, BusOptions, ConsumerConfig, Delivery, Entry, Headers, Message, Reply, Request,
-    WorkQueue,
+    Acker, BusError, BusOptions, ConsumerConfig, Delivery, Entry, Headers, Message,
+    NatsCredentials, NatsSecurity, Reply, Request, WorkQueue,
 };
 
 /// Runs a NATS operation, recording its latency (and whether it failed) in the process's metrics.
@@ -57,6 +57,86 @@ fn from_header_map(map: Option<&HeaderMap>) -> Headers {
 /// waited 5 s.
 const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The client's options from `security`: credentials first (a `.creds` file is read here), then TLS.
+async fn connect_options(security: &NatsSecurity) -> Result<async_nats::ConnectOptions, BusError> {
+    let mut options = async_nats::ConnectOptions::new();
+    match &security.credentials {
+        None => {}
+        Some(NatsCredentials::CredsFile(path)) => {
+            options = options.credentials_file(path).await.map_err(|e| {
+                // The reader's message may quote the file; only its name and the kind of failure.
+                BusError::InvalidOption(format!(
+                    "NATS credentials file {}: {}",
+                    path.display(),
+                    e.kind()
+                ))
+            })?;
+        }
+        Some(NatsCredentials::NkeySeed(seed)) => {
+            // Checked here: a bad seed would otherwise surface as a failed handshake at every connect.
+            nkeys::KeyPair::from_seed(seed).map_err(|_| {
+                BusError::InvalidOption("NATS nkey seed: not a valid user seed (SU…)".into())
+            })?;
+            options = options.nkey(seed.clone());
+        }
+        Some(NatsCredentials::Token(token)) => options = options.token(token.clone()),
+        Some(NatsCredentials::UserPassword { user, password }) => {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+    }
+    let tls = security.require_tls || security.ca.is_some() || security.client_cert.is_some();
+    if tls {
+        // async-nats builds its rustls configuration with the process's provider: ring, as everywhere
+        // (STACK.md); installing it twice is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    if let Some(ca) = &security.ca {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let Some((cert, key)) = &security.client_cert {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    Ok(options.require_tls(security.require_tls))
+}
+
+/// A failed first connection, said without anything the client was given: async-nats's messages name
+/// the server's complaint ("authorization violation"), the TLS failure or the network error.
+fn connect_error(e: &async_nats::ConnectError) -> BusError {
+    use async_nats::ConnectErrorKind as K;
+    let what = match e.kind() {
+        // A failed handshake comes as an I/O error carrying rustls's.
+        K::Io if from_tls(e) => {
+            "TLS failed (wrong CA, a server without TLS, or a client certificate refused)"
+        }
+        K::Authentication | K::AuthorizationViolation => {
+            "the server refused the credentials (authorization violation)"
+        }
+        K::Tls => "TLS failed (wrong CA, a server without TLS, or a client certificate refused)",
+        K::TimedOut => "timed out",
+        K::Dns => "the name does not resolve",
+        K::Io => "no connection",
+        // The parser's message quotes the URL, which may hold a password.
+        K::ServerParse => return BusError::InvalidOption("invalid NATS server URL".into()),
+        _ => "failed",
+    };
+    BusError::Nats(format!("cannot connect: {what}: {e}"))
+}
+
+/// Whether a rustls error is among the causes of `e`.
+fn from_tls(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        let inner = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref());
+        if c.is::<rustls::Error>() || inner.is_some_and(|i| i.is::<rustls::Error>()) {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 #[derive(Debug, Clone)]
 pub struct NatsBus {
     client: async_nats::Client,
@@ -69,10 +149,11 @@ impl NatsBus {
     /// Connects to the first of `urls` that answers; the client fails over to the others (and to servers
     /// the cluster announces) when its server goes away.
     pub(crate) async fn connect(urls: &[&str], options: BusOptions) -> Result<Self, BusError> {
-        let client = async_nats::ConnectOptions::new()
+        let client = connect_options(&options.security)
+            .await?
             .connect(urls)
             .await
-            .map_err(nats_error)?;
+            .map_err(|e| connect_error(&e))?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(JETSTREAM_TIMEOUT);
         Ok(Self {

@@ -18,6 +18,78 @@ pub struct NatsServer {
     child: Child,
     url: String,
     _store: tempfile_dir::TempDir,
+    security: Option<ServerSecurity>,
+}
+
+/// What a secured test server asks of its clients ([`NatsServer::start_secured`]).
+#[derive(Debug, Clone, Default)]
+pub struct ServerSecurity {
+    /// Clients must speak TLS, with this server certificate.
+    pub tls: Option<ServerTls>,
+    /// Who may connect (none: anybody).
+    pub auth: Option<ServerAuth>,
+}
+
+/// The server's certificate and key (PEM files); with `client_ca`, clients must present a certificate
+/// chaining to it (mutual TLS).
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+/// The one user a secured test server knows.
+#[derive(Debug, Clone)]
+pub enum ServerAuth {
+    Token(String),
+    /// The user's public nkey (`U…`).
+    Nkey(String),
+    UserPassword {
+        user: String,
+        password: String,
+    },
+}
+
+impl ServerSecurity {
+    /// The server's configuration file: listen address, store, TLS and authorization blocks.
+    fn config(&self, port: &str, store: &Path) -> String {
+        let mut c = format!(
+            "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {store:?} }}\n",
+            store = store.display().to_string()
+        );
+        if let Some(tls) = &self.tls {
+            c.push_str(&format!(
+                "tls {{ cert_file: {:?}, key_file: {:?}",
+                tls.cert.display().to_string(),
+                tls.key.display().to_string()
+            ));
+            if let Some(ca) = &tls.client_ca {
+                c.push_str(&format!(
+                    ", ca_file: {:?}, verify: true",
+                    ca.display().to_string()
+                ));
+            }
+            c.push_str(" }\n");
+        }
+        match &self.auth {
+            None => {}
+            Some(ServerAuth::Token(t)) => {
+                c.push_str(&format!("authorization {{ token: {t:?} }}\n"));
+            }
+            Some(ServerAuth::Nkey(public)) => {
+                c.push_str(&format!(
+                    "authorization {{ users: [ {{ nkey: {public:?} }} ] }}\n"
+                ));
+            }
+            Some(ServerAuth::UserPassword { user, password }) => {
+                c.push_str(&format!(
+                    "authorization {{ users: [ {{ user: {user:?}, password: {password:?} }} ] }}\n"
+                ));
+            }
+        }
+        c
+    }
 }
 
 mod tempfile_dir {
@@ -115,11 +187,27 @@ impl NatsServer {
         let bin = find_binary().ok_or(StartError::NotFound)?;
         check_version(&bin)?;
         let store = tempfile_dir::TempDir::new().map_err(|e| StartError::Start(e.to_string()))?;
-        let (child, url) = Self::spawn(&bin, "-1", store.path())?;
+        let (child, url) = Self::spawn(&bin, "-1", store.path(), None)?;
         Ok(Self {
             child,
             url,
             _store: store,
+            security: None,
+        })
+    }
+
+    /// Starts a server that asks for TLS and/or credentials, from a configuration file written into its
+    /// store directory, and waits until it listens.
+    pub fn start_secured(security: ServerSecurity) -> Result<Self, StartError> {
+        let bin = find_binary().ok_or(StartError::NotFound)?;
+        check_version(&bin)?;
+        let store = tempfile_dir::TempDir::new().map_err(|e| StartError::Start(e.to_string()))?;
+        let (child, url) = Self::spawn(&bin, "-1", store.path(), Some(&security))?;
+        Ok(Self {
+            child,
+            url,
+            _store: store,
+            security: Some(security),
         })
     }
 
@@ -135,16 +223,33 @@ impl NatsServer {
         self.kill();
         let bin = find_binary().ok_or(StartError::NotFound)?;
         let port = self.url.rsplit(':').next().unwrap_or_default().to_string();
-        let (child, url) = Self::spawn(&bin, &port, self._store.path())?;
+        let (child, url) = Self::spawn(&bin, &port, self._store.path(), self.security.as_ref())?;
         self.child = child;
         self.url = url;
         Ok(())
     }
 
-    fn spawn(bin: &Path, port: &str, store: &Path) -> Result<(Child, String), StartError> {
-        let mut child = Command::new(bin)
-            .args(["-a", "127.0.0.1", "-p", port, "-js", "-sd"])
-            .arg(store)
+    fn spawn(
+        bin: &Path,
+        port: &str,
+        store: &Path,
+        security: Option<&ServerSecurity>,
+    ) -> Result<(Child, String), StartError> {
+        let mut command = Command::new(bin);
+        match security {
+            None => {
+                command
+                    .args(["-a", "127.0.0.1", "-p", port, "-js", "-sd"])
+                    .arg(store);
+            }
+            Some(security) => {
+                let file = store.join("server.conf");
+                std::fs::write(&file, security.config(port, &store.join("js")))
+                    .map_err(|e| StartError::Start(e.to_string()))?;
+                command.arg("-c").arg(file);
+            }
+        }
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -38,9 +38,15 @@ where
 #[tokio::test]
 async fn replicas_out_of_range_and_empty_urls_are_refused() {
     for replicas in [0, 6] {
-        let err = Bus::connect_with("nats://127.0.0.1:1", BusOptions { replicas })
-            .await
-            .unwrap_err();
+        let err = Bus::connect_with(
+            "nats://127.0.0.1:1",
+            BusOptions {
+                replicas,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, BusError::InvalidOption(_)), "{err}");
     }
     let err = Bus::connect(" , ").await.unwrap_err();
@@ -127,9 +133,15 @@ async fn a_three_node_cluster_loses_a_node_and_then_its_meta_leader_and_goes_on(
         .await
         .expect("a three-node nats-server cluster (scripts/test installs nats-server)");
     eprintln!("cluster ready after {:?}", started.elapsed());
-    let bus = Bus::connect_with(&cluster.url(), BusOptions { replicas: 3 })
-        .await
-        .unwrap();
+    let bus = Bus::connect_with(
+        &cluster.url(),
+        BusOptions {
+            replicas: 3,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     let names = Names::new("dms1").unwrap();
     bus.ensure_work_queue(&names.work_queue(Area::Cmd))
         .await

@@ -196,6 +196,7 @@ pub async fn run(only: Option<Service>, text: &str, file: &std::path::Path) -> a
             url,
             dm_bus::BusOptions {
                 replicas: c.nats_replicas,
+                ..Default::default()
             },
         )
         .await

@@ -156,9 +156,15 @@ async fn delegations_go_on_when_a_nats_node_and_then_the_meta_leader_are_killed(
     let mut cluster = NatsCluster::start(3)
         .await
         .expect("a three-node nats-server cluster (scripts/test installs nats-server)");
-    let bus = Bus::connect_with(&cluster.url(), BusOptions { replicas: 3 })
-        .await
-        .unwrap();
+    let bus = Bus::connect_with(
+        &cluster.url(),
+        BusOptions {
+            replicas: 3,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     let dir = tempdir::Dir::new("cluster");
     let mut w = World::start(dir.path(), bus.clone(), 12).await.unwrap();
     let mut all = Vec::new();
