@@ -98,6 +98,11 @@ pub enum NatsCredentials {
     },
 }
 
+/// Whether `seed` is a user nkey seed (`SU…`) the client can sign with.
+pub fn valid_nkey_seed(seed: &str) -> bool {
+    seed.starts_with("SU") && nkeys::KeyPair::from_seed(seed).is_ok()
+}
+
 impl std::fmt::Debug for NatsCredentials {
     /// Names the kind of credential, never the secret.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

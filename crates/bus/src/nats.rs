@@ -74,9 +74,11 @@ async fn connect_options(security: &NatsSecurity) -> Result<async_nats::ConnectO
         }
         Some(NatsCredentials::NkeySeed(seed)) => {
             // Checked here: a bad seed would otherwise surface as a failed handshake at every connect.
-            nkeys::KeyPair::from_seed(seed).map_err(|_| {
-                BusError::InvalidOption("NATS nkey seed: not a valid user seed (SU…)".into())
-            })?;
+            if !crate::valid_nkey_seed(seed) {
+                return Err(BusError::InvalidOption(
+                    "NATS nkey seed: not a valid user seed (SU…)".into(),
+                ));
+            }
             options = options.nkey(seed.clone());
         }
         Some(NatsCredentials::Token(token)) => options = options.token(token.clone()),

@@ -679,3 +679,11 @@ impl Drop for NatsCluster {
         }
     }
 }
+
+/// A new NATS user nkey: its seed (the client's secret) and its public key (what the server knows).
+pub fn user_nkey() -> (String, String) {
+    let pair = nkeys::KeyPair::new_user();
+    // A freshly made pair always has its seed.
+    let seed = pair.seed().unwrap_or_default();
+    (seed, pair.public_key())
+}

@@ -13,6 +13,14 @@
 //! nats_replicas = 1                      # optional: copies of each stream and bucket (3 on a 3-node cluster)
 //! # nats_url_env = "DMD_NATS_URL"        # instead of nats_url, for a URL with credentials (user:password@)
 //!
+//! [nats]                                 # optional: TLS and credentials of the NATS connection
+//! ca = "/etc/dmd/nats/ca.pem"            # the servers' certificates chain to this CA; TLS is then required
+//! # cert = "/etc/dmd/nats/client.pem"    # with key: a client certificate (servers that verify clients)
+//! # key = "/etc/dmd/nats/client.key"
+//! # require_tls = true                   # default: true with ca or cert (set it alone for a public CA)
+//! creds_file = "/run/secrets/dmd.creds"  # or nkey_seed_file / nkey_seed_env (a user seed, SU…),
+//!                                        # token_file / token_env, user with password_file / password_env
+//!
 //! [tls]                                  # this server's certificate (serverAuth + clientAuth) and key
 //! cert = "/etc/dmd/tls/server.crt"
 //! key = "/etc/dmd/tls/server.key"
@@ -78,6 +86,8 @@ pub struct FileConfig {
     pub nats_url: Option<String>,
     /// How many cluster nodes keep each stream and bucket the deployment creates (1 to 5).
     pub nats_replicas: u8,
+    /// TLS and credentials of the NATS connection (`[nats]`).
+    pub nats_security: dm_bus::NatsSecurity,
     pub admin: Option<AdminConfig>,
     /// Where `/livez` and `/readyz` are served.
     pub health: Option<SocketAddr>,
@@ -206,6 +216,8 @@ struct FileToml {
     #[serde(default)]
     tls: Option<S<Tls>>,
     #[serde(default)]
+    nats: Option<S<Nats>>,
+    #[serde(default)]
     peer: Vec<S<PeerToml>>,
     #[serde(default)]
     admin: Option<S<Admin>>,
@@ -258,6 +270,37 @@ struct PeerToml {
     scopes: S<Vec<String>>,
     #[serde(default)]
     max_temporary_secs: Option<S<u64>>,
+}
+
+/// `[nats]`: how the NATS connection is protected. Secrets (seed, token, password) are named, never
+/// written; the `.creds` file is read by the client itself.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Nats {
+    #[serde(default)]
+    ca: Option<S<PathBuf>>,
+    #[serde(default)]
+    cert: Option<S<PathBuf>>,
+    #[serde(default)]
+    key: Option<S<PathBuf>>,
+    #[serde(default)]
+    require_tls: Option<S<bool>>,
+    #[serde(default)]
+    creds_file: Option<S<PathBuf>>,
+    #[serde(default)]
+    nkey_seed_file: Option<S<PathBuf>>,
+    #[serde(default)]
+    nkey_seed_env: Option<S<String>>,
+    #[serde(default)]
+    token_file: Option<S<PathBuf>>,
+    #[serde(default)]
+    token_env: Option<S<String>>,
+    #[serde(default)]
+    user: Option<S<String>>,
+    #[serde(default)]
+    password_file: Option<S<PathBuf>>,
+    #[serde(default)]
+    password_env: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -508,6 +551,146 @@ impl Orchestrator {
     }
 }
 
+impl Nats {
+    /// Checks every file it names and reads the secrets it names.
+    fn resolve(
+        &self,
+        p: &Places<'_>,
+        env: &dyn Environment,
+        span: Range<usize>,
+        url: &str,
+    ) -> Result<dm_bus::NatsSecurity, ConfigError> {
+        use dm_bus::NatsCredentials as C;
+        if let Some(ca) = &self.ca {
+            pem_file(p, env, ca, "[nats] ca", "CERTIFICATE")?;
+        }
+        let client_cert = match (&self.cert, &self.key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                pem_file(p, env, cert, "[nats] cert", "CERTIFICATE")?;
+                pem_file(p, env, key, "[nats] key", "PRIVATE KEY")?;
+                Some((env.resolve(cert.get_ref()), env.resolve(key.get_ref())))
+            }
+            (Some(c), None) | (None, Some(c)) => {
+                return Err(p.at(c.span(), "[nats] cert and key: give both or neither"));
+            }
+        };
+        let implied = self.ca.is_some() || client_cert.is_some();
+        let require_tls = match &self.require_tls {
+            Some(r) if !*r.get_ref() && implied => {
+                return Err(p.at(
+                    r.span(),
+                    "[nats] require_tls = false: ca and cert are for TLS; remove them or require_tls",
+                ));
+            }
+            Some(r) => *r.get_ref(),
+            None => implied,
+        };
+        // At most one way to say who this client is.
+        let password_given = self.password_file.is_some() || self.password_env.is_some();
+        let ways = [
+            ("creds_file", self.creds_file.is_some()),
+            (
+                "nkey_seed_file/nkey_seed_env",
+                self.nkey_seed_file.is_some() || self.nkey_seed_env.is_some(),
+            ),
+            (
+                "token_file/token_env",
+                self.token_file.is_some() || self.token_env.is_some(),
+            ),
+            ("user", self.user.is_some() || password_given),
+        ];
+        let given: Vec<&str> = ways.iter().filter(|(_, g)| *g).map(|(n, _)| *n).collect();
+        if given.len() > 1 {
+            return Err(p.at(
+                span,
+                format!(
+                    "[nats] give one kind of credentials, not {}",
+                    given.join(" and ")
+                ),
+            ));
+        }
+        let credentials = if let Some(f) = &self.creds_file {
+            let text = env.read(f.get_ref()).map_err(|e| {
+                p.at(
+                    f.span(),
+                    format!(
+                        "[nats] creds_file: cannot read {}: {e}",
+                        f.get_ref().display()
+                    ),
+                )
+            })?;
+            if !text.contains("BEGIN NATS USER JWT") || !text.contains("BEGIN USER NKEY SEED") {
+                return Err(p.at(
+                    f.span(),
+                    format!(
+                        "[nats] creds_file: {} is not a NATS .creds file (a user JWT and its nkey seed)",
+                        f.get_ref().display()
+                    ),
+                ));
+            }
+            Some(C::CredsFile(env.resolve(f.get_ref())))
+        } else if self.nkey_seed_file.is_some() || self.nkey_seed_env.is_some() {
+            let seed = secret(
+                p,
+                env,
+                span.clone(),
+                self.nkey_seed_file.as_ref(),
+                self.nkey_seed_env.as_ref(),
+                "[nats] nkey_seed",
+            )?;
+            if !dm_bus::valid_nkey_seed(&seed) {
+                return Err(p.at(span, "[nats] nkey_seed: not a NATS user nkey seed (SU…)"));
+            }
+            Some(C::NkeySeed(seed))
+        } else if self.token_file.is_some() || self.token_env.is_some() {
+            Some(C::Token(secret(
+                p,
+                env,
+                span.clone(),
+                self.token_file.as_ref(),
+                self.token_env.as_ref(),
+                "[nats] token",
+            )?))
+        } else if let Some(user) = &self.user {
+            Some(C::UserPassword {
+                user: user.get_ref().clone(),
+                password: secret(
+                    p,
+                    env,
+                    span.clone(),
+                    self.password_file.as_ref(),
+                    self.password_env.as_ref(),
+                    "[nats] password",
+                )?,
+            })
+        } else if password_given {
+            return Err(p.at(span, "[nats] password: only with user"));
+        } else {
+            None
+        };
+        // A token or password is sent as it is: never over a connection in clear.
+        if matches!(credentials, Some(C::Token(_) | C::UserPassword { .. })) && !require_tls {
+            return Err(p.at(
+                span,
+                "[nats] a token or password would travel in clear: give ca (or require_tls = true)",
+            ));
+        }
+        if credentials.is_some() && url.split(',').any(|u| u.contains('@')) {
+            return Err(p.at(
+                span,
+                "[nats] credentials here and in the URL: give them in one place",
+            ));
+        }
+        Ok(dm_bus::NatsSecurity {
+            require_tls,
+            ca: self.ca.as_ref().map(|c| env.resolve(c.get_ref())),
+            client_cert,
+            credentials,
+        })
+    }
+}
+
 /// The trust anchor name a peer's CA gets between auth and the gateway (derived, so that nothing has to
 /// match by hand).
 fn ca_name(server_id: &str) -> String {
@@ -576,6 +759,17 @@ pub fn parse(text: &str, env: &dyn Environment) -> Result<FileConfig, ConfigErro
                 ),
             ));
         }
+    };
+
+    let nats_security = match (&file.nats, &nats_url) {
+        (None, _) => dm_bus::NatsSecurity::default(),
+        (Some(n), None) => {
+            return Err(p.at(
+                n.span(),
+                "[nats]: only with [deployment] nats_url or nats_url_env",
+            ));
+        }
+        (Some(n), Some(url)) => n.get_ref().resolve(&p, env, n.span(), url)?,
     };
 
     // The peers, once for every service.
@@ -799,6 +993,14 @@ pub fn parse(text: &str, env: &dyn Environment) -> Result<FileConfig, ConfigErro
 
     let provisioning = match &file.provisioning {
         None => None,
+        // Device credentials are sealed with auth's master key: on NATS one made up at start would lose
+        // them at the next restart.
+        Some(s) if nats_url.is_some() && auth.is_none() => {
+            return Err(p.at(
+                s.span(),
+                "[provisioning] on NATS needs the master key: the [auth] table with master_key_file or master_key_env",
+            ));
+        }
         Some(s) => {
             let span = s.span();
             let v = s.get_ref();
@@ -854,6 +1056,7 @@ pub fn parse(text: &str, env: &dyn Environment) -> Result<FileConfig, ConfigErro
         server_id,
         nats_url,
         nats_replicas,
+        nats_security,
         admin,
         health,
         peers,
@@ -1039,6 +1242,23 @@ push_url = "http://push:8700"
             "server_id = \"dms1.operator.example\"\nnats_url = \"nats://nats:4222\"\n",
         ));
         assert!(e.message.contains("master_key_file or"), "{e}");
+        // Provisioning seals device credentials with the same key: on NATS it needs [auth].
+        let e = error(
+            &FILE
+                .replace(
+                    "server_id = \"dms1.operator.example\"\n",
+                    "server_id = \"dms1.operator.example\"\nnats_url = \"nats://nats:4222\"\n",
+                )
+                .replace(
+                    "[auth]\ndm_address = \"https://dm.dms1.operator.example/dm\"\nmaster_key_env = \"MASTER\"\n",
+                    "",
+                ),
+        );
+        assert!(
+            e.message
+                .contains("[provisioning] on NATS needs the master key"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1103,5 +1323,145 @@ push_url = "http://push:8700"
         )
         .unwrap();
         assert_eq!(c.nats_url.as_deref(), Some("nats://dmd:s3cret@n1:4222"));
+    }
+
+    /// A user nkey seed (valid checksum; its key signs nothing real).
+    const SEED: &str = "SUAAAAICAMCAKBQHBAEQUCYMBUHA6EARCIJRIFIWC4MBSGQ3DQOR4H776Y";
+
+    /// FILE on NATS with a `[nats]` table of `nats` lines.
+    fn on_nats(nats: &str) -> String {
+        FILE.replace(
+            "server_id = \"dms1.operator.example\"\n",
+            &format!("server_id = \"dms1.operator.example\"\nnats_url = \"nats://n1:4222\"\n\n[nats]\n{nats}\n"),
+        )
+    }
+
+    fn nats_files() -> Given {
+        let mut g = given();
+        let cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        g.files.insert("/nats/ca.pem".into(), cert.into());
+        g.files.insert("/nats/client.pem".into(), cert.into());
+        g.files.insert(
+            "/nats/client.key".into(),
+            "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n".into(),
+        );
+        g.files.insert("/nats/seed".into(), format!("{SEED}\n"));
+        g.files.insert(
+            "/nats/dmd.creds".into(),
+            "-----BEGIN NATS USER JWT-----\neyJ0\n------END NATS USER JWT------\n\n-----BEGIN USER NKEY SEED-----\nSUAM\n------END USER NKEY SEED------\n".into(),
+        );
+        g.vars.insert("NATS_TOKEN".into(), "n4ts-t0ken".into());
+        g
+    }
+
+    #[test]
+    fn nats_tls_and_credentials_are_resolved() {
+        let g = nats_files();
+        let c = parse(
+            &on_nats("ca = \"/nats/ca.pem\"\ncert = \"/nats/client.pem\"\nkey = \"/nats/client.key\"\nnkey_seed_file = \"/nats/seed\""),
+            &g,
+        )
+        .unwrap();
+        let s = c.nats_security;
+        assert!(s.require_tls, "a CA means TLS");
+        assert_eq!(s.ca.as_deref(), Some(Path::new("/nats/ca.pem")));
+        assert_eq!(
+            s.client_cert,
+            Some(("/nats/client.pem".into(), "/nats/client.key".into()))
+        );
+        assert_eq!(
+            s.credentials,
+            Some(dm_bus::NatsCredentials::NkeySeed(SEED.into()))
+        );
+
+        let c = parse(
+            &on_nats("ca = \"/nats/ca.pem\"\ncreds_file = \"/nats/dmd.creds\""),
+            &g,
+        )
+        .unwrap();
+        assert_eq!(
+            c.nats_security.credentials,
+            Some(dm_bus::NatsCredentials::CredsFile("/nats/dmd.creds".into()))
+        );
+        // A public CA: TLS required, the system's roots.
+        let c = parse(
+            &on_nats("require_tls = true\ntoken_env = \"NATS_TOKEN\""),
+            &g,
+        )
+        .unwrap();
+        assert!(c.nats_security.require_tls && c.nats_security.ca.is_none());
+        assert_eq!(
+            c.nats_security.credentials,
+            Some(dm_bus::NatsCredentials::Token("n4ts-t0ken".into()))
+        );
+        // Without [nats]: nothing asked of the connection.
+        let c = parse(
+            &FILE.replace(
+                "server_id = \"dms1.operator.example\"\n",
+                "server_id = \"dms1.operator.example\"\nnats_url = \"nats://n1:4222\"\n",
+            ),
+            &g,
+        )
+        .unwrap();
+        assert_eq!(c.nats_security, dm_bus::NatsSecurity::default());
+    }
+
+    #[test]
+    fn nats_settings_that_cannot_work_are_refused_without_repeating_a_secret() {
+        let mut g = nats_files();
+        let check = |g: &Given, nats: &str, why: &str| {
+            let e = parse(&on_nats(nats), g).unwrap_err();
+            assert!(e.message.contains(why), "{nats}: {e}");
+            for secret in [SEED, "n4ts-t0ken", "not-a-seed"] {
+                assert!(!e.to_string().contains(secret), "{e}");
+            }
+            e
+        };
+        let e = check(&g, "ca = \"/nats/missing.pem\"", "missing.pem");
+        assert_eq!(e.line, 7, "{e}");
+        check(&g, "ca = \"/nats/client.key\"", "no PEM CERTIFICATE");
+        check(&g, "cert = \"/nats/client.pem\"", "give both or neither");
+        check(
+            &g,
+            "ca = \"/nats/ca.pem\"\nrequire_tls = false",
+            "require_tls = false",
+        );
+        check(
+            &g,
+            "ca = \"/nats/ca.pem\"\ncreds_file = \"/nats/dmd.creds\"\ntoken_env = \"NATS_TOKEN\"",
+            "one kind of credentials",
+        );
+        check(&g, "token_env = \"NATS_TOKEN\"", "travel in clear");
+        check(
+            &g,
+            "ca = \"/nats/ca.pem\"\ncreds_file = \"/nats/ca.pem\"",
+            "not a NATS .creds file",
+        );
+        check(
+            &g,
+            "ca = \"/nats/ca.pem\"\nnkey_seed_env = \"UNSET\"",
+            "UNSET",
+        );
+        check(
+            &g,
+            "ca = \"/nats/ca.pem\"\npassword_env = \"NATS_TOKEN\"",
+            "only with user",
+        );
+        g.vars.insert("BAD_SEED".into(), "not-a-seed".into());
+        check(
+            &g,
+            "ca = \"/nats/ca.pem\"\nnkey_seed_env = \"BAD_SEED\"",
+            "not a NATS user nkey seed",
+        );
+        check(&g, "ca = \"/nats/ca.pem\"\nnkey = \"x\"", "unknown field");
+        // The URL's credentials and [nats] credentials: one place.
+        g.vars.insert("URL".into(), "nats://dmd:pw@n1:4222".into());
+        let text = on_nats("ca = \"/nats/ca.pem\"\ntoken_env = \"NATS_TOKEN\"")
+            .replace("nats_url = \"nats://n1:4222\"", "nats_url_env = \"URL\"");
+        let e = parse(&text, &g).unwrap_err();
+        assert!(e.message.contains("one place"), "{e}");
+        // [nats] without NATS.
+        let e = error(&format!("{FILE}\n[nats]\nca = \"/nats/ca.pem\"\n"));
+        assert!(e.message.contains("only with [deployment] nats_url"), "{e}");
     }
 }

@@ -168,13 +168,14 @@ fn config_check(file: &PathBuf) -> anyhow::Result<ExitCode> {
             .filter_map(|(name, present)| present.then_some(name))
             .collect();
             println!(
-                "{}: ok: deployment {} ({}), bus {}, peers [{}], services {}",
+                "{}: ok: deployment {} ({}), bus {}{}, peers [{}], services {}",
                 file.display(),
                 c.name,
                 c.server_id,
                 c.nats_url
                     .as_deref()
                     .map_or("in-process".to_string(), dmd::serve::without_credentials),
+                dmd::serve::nats_protection(&c.nats_security),
                 c.peers.join(", "),
                 services.join(", ")
             );

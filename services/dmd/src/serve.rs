@@ -174,6 +174,31 @@ pub fn without_credentials(urls: &str) -> String {
         .join(",")
 }
 
+/// How the NATS connection is protected, for the summary lines: ` (TLS, client certificate, nkey)`;
+/// nothing when nothing is asked. Names kinds, never values.
+pub fn nats_protection(s: &dm_bus::NatsSecurity) -> String {
+    let mut parts = Vec::new();
+    if s.require_tls {
+        parts.push("TLS");
+    }
+    if s.client_cert.is_some() {
+        parts.push("client certificate");
+    }
+    parts.push(match &s.credentials {
+        None => "",
+        Some(dm_bus::NatsCredentials::CredsFile(_)) => "creds file",
+        Some(dm_bus::NatsCredentials::NkeySeed(_)) => "nkey",
+        Some(dm_bus::NatsCredentials::Token(_)) => "token",
+        Some(dm_bus::NatsCredentials::UserPassword { .. }) => "user and password",
+    });
+    parts.retain(|p| !p.is_empty());
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
+    }
+}
+
 /// Runs until a signal (then drains) or until a service fails.
 pub async fn run(only: Option<Service>, text: &str, file: &std::path::Path) -> anyhow::Result<()> {
     let c = config::parse(text, &config::ProcessEnvironment::for_file(file))
@@ -187,16 +212,16 @@ pub async fn run(only: Option<Service>, text: &str, file: &std::path::Path) -> a
         tokio::spawn(serve_health(listener, ready.clone()));
     }
     let health = c.health;
-    let bus_shown = c
-        .nats_url
-        .as_deref()
-        .map_or_else(|| "in-process".to_string(), without_credentials);
+    let bus_shown = c.nats_url.as_deref().map_or_else(
+        || "in-process".to_string(),
+        |url| without_credentials(url) + &nats_protection(&c.nats_security),
+    );
     let bus = match (&c.nats_url, only) {
         (Some(url), _) => Bus::connect_with(
             url,
             dm_bus::BusOptions {
                 replicas: c.nats_replicas,
-                ..Default::default()
+                security: c.nats_security.clone(),
             },
         )
         .await
