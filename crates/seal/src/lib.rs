@@ -1,18 +1,30 @@
-//! Encryption at rest (ARCHITECTURE rule 7), shared by the services that keep secrets: every record (a
-//! delegation's secrets in auth) has its own random 256-bit data key; the data key is stored wrapped
-//! (encrypted) with the deployment's master key, the secrets encrypted with the data key. Small records
-//! (a device's credentials in provisioning) may be sealed with the master key directly. XChaCha20-Poly1305 with a random 192-bit nonce per encryption; the associated data binds each
+//! Encryption at rest and on the bus (ARCHITECTURE rule 7), shared by the services that keep secrets:
+//! every record (a delegation's secrets in auth) has its own random 256-bit data key; the data key is
+//! stored wrapped (encrypted) with the deployment's master key, the secrets encrypted with the data key.
+//! Small records (a device's credentials in provisioning) may be sealed with the master key directly.
+//! XChaCha20-Poly1305 with a random 192-bit nonce per encryption; the associated data binds each
 //! ciphertext to its delegation and to its purpose, so a ciphertext moved to another key or field does not
 //! open. Destroying a delegation's wrapped data key makes its secrets unreadable.
+//!
+//! A secret that must cross the bus (from the gateway to auth, from auth to the gateway or provisioning)
+//! travels sealed with the [`BusKey`], derived from the master key with HKDF-SHA256: a reader of the bus
+//! without the master key learns nothing, and the envelope's associated data names the delegation, the
+//! field and the direction, so an envelope replayed into another delegation, field or direction does not
+//! open.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use zeroize::{Zeroize, Zeroizing};
 
 const NONCE_LEN: usize = 24;
 /// Versions the layout of what is sealed (nonce ‖ ciphertext ‖ tag).
 const AAD_PREFIX: &str = "dmd-auth/v1";
+/// The same for bus envelopes (another key, another prefix).
+const BUS_AAD_PREFIX: &str = "dmd-bus/v1";
+/// The HKDF `info` of the bus key: changing it changes the key.
+const BUS_KEY_INFO: &[u8] = b"dmd bus envelope key v1";
 
 /// Encryption failed (only possible for absurdly long inputs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -82,7 +94,7 @@ impl MasterKey {
         record_key: &str,
         purpose: &str,
         sealed: &[u8],
-    ) -> Result<Vec<u8>, OpenError> {
+    ) -> Result<Zeroizing<Vec<u8>>, OpenError> {
         open(&self.key, &aad(purpose, record_key), sealed)
     }
 
@@ -93,8 +105,21 @@ impl MasterKey {
 
     pub fn unwrap_key(&self, record_key: &str, wrapped: &[u8]) -> Result<DataKey, OpenError> {
         let bytes = open(&self.key, &aad("data-key", record_key), wrapped)?;
-        let key: [u8; 32] = bytes.try_into().map_err(|_| OpenError)?;
+        let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| OpenError)?;
         Ok(DataKey(key))
+    }
+
+    /// The deployment's bus envelope key: HKDF-SHA256 of the master key with a fixed label. Every
+    /// process of the deployment with the same master key derives the same key; the master key itself
+    /// need not stay in a process that only seals or opens envelopes.
+    pub fn bus_key(&self) -> BusKey {
+        let mut key = [0u8; 32];
+        let hkdf = hkdf::Hkdf::<sha2::Sha256>::new(None, &self.key);
+        // 32 bytes is far below HKDF-SHA256's limit (255 × 32): the expansion cannot fail.
+        if hkdf.expand(BUS_KEY_INFO, &mut key).is_err() {
+            key = [0; 32];
+        }
+        BusKey(key)
     }
 }
 
@@ -119,8 +144,76 @@ impl std::fmt::Debug for MasterKey {
 
 impl Drop for MasterKey {
     fn drop(&mut self) {
-        self.key = [0; 32];
+        self.key.zeroize();
     }
+}
+
+/// Which way a bus envelope goes: bound into its associated data, so that what auth hands out cannot be
+/// passed back to it as something to keep, and the reverse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// To auth, to be kept (`req.auth.lodge`).
+    ToAuth,
+    /// From auth, for a send or a device plan (`req.auth.fetch`).
+    FromAuth,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::ToAuth => "to-auth",
+            Direction::FromAuth => "from-auth",
+        }
+    }
+}
+
+/// The key that seals secrets crossing the bus ([`MasterKey::bus_key`]). `Debug` never shows it.
+#[derive(Clone)]
+pub struct BusKey([u8; 32]);
+
+impl BusKey {
+    /// Seals one secret of the delegation stored under `record_key` (its field `field`), for `direction`.
+    pub fn seal(
+        &self,
+        record_key: &str,
+        field: &str,
+        direction: Direction,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, SealError> {
+        seal(&self.0, &bus_aad(record_key, field, direction), plaintext)
+    }
+
+    /// Opens what [`BusKey::seal`] sealed for the same delegation, field and direction. The plaintext is
+    /// wiped from memory when dropped.
+    pub fn open(
+        &self,
+        record_key: &str,
+        field: &str,
+        direction: Direction,
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, OpenError> {
+        open(&self.0, &bus_aad(record_key, field, direction), sealed)
+    }
+}
+
+impl std::fmt::Debug for BusKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BusKey(<redacted>)")
+    }
+}
+
+impl Drop for BusKey {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+fn bus_aad(record_key: &str, field: &str, direction: Direction) -> Vec<u8> {
+    format!(
+        "{BUS_AAD_PREFIX}/{}/{field}/{record_key}",
+        direction.as_str()
+    )
+    .into_bytes()
 }
 
 /// One delegation's data key.
@@ -141,7 +234,12 @@ impl DataKey {
         seal(&self.0, &aad(field, record_key), plaintext)
     }
 
-    pub fn open(&self, record_key: &str, field: &str, sealed: &[u8]) -> Result<Vec<u8>, OpenError> {
+    pub fn open(
+        &self,
+        record_key: &str,
+        field: &str,
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, OpenError> {
         open(&self.0, &aad(field, record_key), sealed)
     }
 }
@@ -154,7 +252,7 @@ impl std::fmt::Debug for DataKey {
 
 impl Drop for DataKey {
     fn drop(&mut self) {
-        self.0 = [0; 32];
+        self.0.zeroize();
     }
 }
 
@@ -181,7 +279,7 @@ fn seal(key: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, SealErr
     Ok(out)
 }
 
-fn open(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, OpenError> {
+fn open(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, OpenError> {
     let (nonce_bytes, ciphertext) = sealed.split_at_checked(NONCE_LEN).ok_or(OpenError)?;
     let nonce_bytes: [u8; NONCE_LEN] = nonce_bytes.try_into().map_err(|_| OpenError)?;
     let cipher = XChaCha20Poly1305::new(key.into());
@@ -193,6 +291,7 @@ fn open(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, OpenError>
                 aad,
             },
         )
+        .map(Zeroizing::new)
         .map_err(|_| OpenError)
 }
 
@@ -216,7 +315,10 @@ mod tests {
         );
         let again = master.unwrap_key("dms2/abc", &wrapped).unwrap();
         assert_eq!(
-            again.open("dms2/abc", "temp-key", &sealed).unwrap(),
+            again
+                .open("dms2/abc", "temp-key", &sealed)
+                .unwrap()
+                .as_slice(),
             b"the secret value"
         );
         // Another master key, another delegation, another field, a flipped bit: nothing opens.
@@ -239,6 +341,56 @@ mod tests {
             data.seal("k", "f", b"x").unwrap(),
             data.seal("k", "f", b"x").unwrap()
         );
+    }
+
+    #[test]
+    fn bus_envelopes_open_only_for_their_delegation_field_and_direction() {
+        let master = MasterKey::from_bytes([7; 32]);
+        let bus = master.bus_key();
+        // The same master key gives the same bus key (another process of the deployment opens it).
+        let again = MasterKey::from_bytes([7; 32]).bus_key();
+        let sealed = bus
+            .seal(
+                "dms2/abc",
+                "temp-key",
+                Direction::ToAuth,
+                b"the secret value",
+            )
+            .unwrap();
+        assert!(
+            !sealed
+                .windows(b"the secret value".len())
+                .any(|w| w == b"the secret value")
+        );
+        assert_eq!(
+            again
+                .open("dms2/abc", "temp-key", Direction::ToAuth, &sealed)
+                .unwrap()
+                .as_slice(),
+            b"the secret value"
+        );
+        // Another delegation, field, direction or master key: nothing opens.
+        assert!(
+            bus.open("dms2/abd", "temp-key", Direction::ToAuth, &sealed)
+                .is_err()
+        );
+        assert!(
+            bus.open("dms2/abc", "peer-account", Direction::ToAuth, &sealed)
+                .is_err()
+        );
+        assert!(
+            bus.open("dms2/abc", "temp-key", Direction::FromAuth, &sealed)
+                .is_err()
+        );
+        assert!(
+            MasterKey::from_bytes([8; 32])
+                .bus_key()
+                .open("dms2/abc", "temp-key", Direction::ToAuth, &sealed)
+                .is_err()
+        );
+        // The bus key is not the master key: an envelope does not open as a record sealed at rest.
+        assert!(master.open("dms2/abc", "temp-key", &sealed).is_err());
+        assert_eq!(format!("{bus:?}"), "BusKey(<redacted>)");
     }
 
     #[test]
