@@ -186,6 +186,78 @@ fn traceparent_of_trace(trace_id: &str) -> Option<String> {
     traceparent(trace_id)
 }
 
+tokio::task_local! {
+    /// Who an operator's change is made for ([`Orchestrator::apply_as`]).
+    static CALLER: String;
+}
+
+/// Who caused `event`: the operator the admin API named, the peer whose message it is, the service whose
+/// work ended, the timer.
+fn caller_of(event: &Event) -> String {
+    if let Ok(caller) = CALLER.try_with(String::clone) {
+        return caller;
+    }
+    match &event.kind {
+        Some(event::Kind::Peer(m)) => format!("peer:{}", m.sender),
+        Some(event::Kind::Work(_)) => "service".into(),
+        Some(event::Kind::Timer(_)) => "timer".into(),
+        Some(
+            event::Kind::OperatorStart(_)
+            | event::Kind::OperatorRevoke(_)
+            | event::Kind::OperatorRelease(_),
+        ) => "operator".into(),
+        None => "unknown".into(),
+    }
+}
+
+/// The commands of a decision that stores `after`, each audit record naming caller, method (the event),
+/// target (the delegation and its device) and outcome; one record is added when the decision has none
+/// (a change within a phase), so that every stored change is audited.
+fn audit_commands(
+    mut commands: Vec<pb::Command>,
+    before: Option<&DelegationState>,
+    after: &DelegationState,
+    event: &Event,
+    answer: &Answer,
+) -> Vec<pb::Command> {
+    let caller = caller_of(event);
+    let method = event_name(event);
+    let mut target = format!("delegation {}/{}", after.peer_server_id, after.session_id);
+    if let Some(d) = &after.device {
+        target.push_str(&format!(" device {}", d.dev_id));
+    }
+    let outcome = match answer {
+        Answer::Rejected { status, .. } => status.to_string(),
+        _ => "ok".to_string(),
+    };
+    let mut found = false;
+    for c in &mut commands {
+        if let Some(command::Kind::Audit(r)) = &mut c.kind {
+            r.caller.clone_from(&caller);
+            r.method.clone_from(&method);
+            r.target.clone_from(&target);
+            r.outcome.clone_from(&outcome);
+            found = true;
+        }
+    }
+    if !found {
+        let mut r = pb::AuditRecord {
+            what: "stored".into(),
+            caller,
+            method,
+            target,
+            outcome,
+            ..Default::default()
+        };
+        r.set_from(before.map_or(pb::Phase::Unspecified, DelegationState::phase));
+        r.set_to(after.phase());
+        commands.push(pb::Command {
+            kind: Some(command::Kind::Audit(r)),
+        });
+    }
+    commands
+}
+
 /// A short name of an event for spans: `operator_start`, `peer notif`, `work apply_plan ok`, `timer`, …
 fn event_name(event: &Event) -> String {
     match &event.kind {
@@ -293,21 +365,28 @@ impl Orchestrator {
         Ok(self.inner.claims.holders(dev_id, now_ms()).await?)
     }
 
-    /// Records an operator request in the audit trail (ARCHITECTURE rule 12).
+    /// Records an operator's call in the audit trail (ARCHITECTURE rule 12): who (`caller`, never a
+    /// secret), which call, of what, and how it ended. `delegation`: the (peer, session) it was about.
     pub async fn audit_operator(
         &self,
-        what: &str,
-        peer_server_id: &str,
-        session_id: &str,
+        caller: &str,
+        method: &str,
+        target: &str,
+        delegation: Option<(&str, &str)>,
+        outcome: &str,
     ) -> Result<(), OrchestratorError> {
         let audit = AuditEvent {
-            delegation: Some(DelegationRef {
-                peer_server_id: peer_server_id.to_string(),
-                session_id: session_id.to_string(),
+            delegation: delegation.map(|(peer, session)| DelegationRef {
+                peer_server_id: peer.to_string(),
+                session_id: session.to_string(),
                 ..Default::default()
             }),
             record: Some(pb::AuditRecord {
-                what: format!("operator: {what}"),
+                what: "operator call".into(),
+                caller: caller.to_string(),
+                method: method.to_string(),
+                target: target.to_string(),
+                outcome: outcome.to_string(),
                 ..Default::default()
             }),
             at_ms: now_ms(),
@@ -375,6 +454,23 @@ impl Orchestrator {
             }
         }
         Ok(out)
+    }
+
+    /// [`Orchestrator::apply`] on behalf of `caller` (an operator, as the admin API names them): the audit
+    /// records of the changes it stores name that caller.
+    pub async fn apply_as(
+        &self,
+        caller: &str,
+        peer_server_id: &str,
+        session_id: &str,
+        event: &Event,
+    ) -> Result<Applied, OrchestratorError> {
+        CALLER
+            .scope(
+                caller.to_string(),
+                self.apply(peer_server_id, session_id, event),
+            )
+            .await
     }
 
     /// Decides one event for the delegation (peer, session), commits, publishes. Retries on a lost race.
@@ -553,9 +649,18 @@ impl Orchestrator {
                     .or_else(|| dm_telemetry::trace_id(&tracing::Span::current()))
                     .unwrap_or_else(new_trace_id);
             }
+            // Every stored change is in the audit trail, with who caused it, written with the state (the
+            // outbox): it cannot be lost between the write and its record (ARCHITECTURE rule 12).
+            let audited = audit_commands(
+                decision.commands.clone(),
+                state.as_ref(),
+                &new_state,
+                event,
+                &decision.answer,
+            );
             let stored = StoredDelegation {
                 state: Some(new_state.clone()),
-                outbox: decision.commands.clone(),
+                outbox: audited.clone(),
             };
             let bytes = Bytes::from(stored.encode_to_vec());
             if let Some(c) = claimed.as_mut() {
@@ -594,9 +699,8 @@ impl Orchestrator {
             self.log_failure(state.as_ref(), &new_state);
             // Watchers (the admin API, the demo) see every stored state.
             let _ = self.inner.changes.send(new_state.clone());
-            self.flush(&key, &new_state, &decision.commands, revision)
-                .await?;
-            if !decision.commands.is_empty() {
+            self.flush(&key, &new_state, &audited, revision).await?;
+            if !audited.is_empty() {
                 self.settle(&key, &new_state, revision).await?;
             }
             return Ok(Applied {

@@ -1,0 +1,208 @@
+//! The audit trail (issue 13, "Channels"; ARCHITECTURE rule 12): every admin call, refused ones too, and
+//! every stored change of a delegation, with caller, method, target and outcome, never the token. Read
+//! back from the audit stream of a real nats-server after calls over real gRPC.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use dm_bus::testing::NatsServer;
+use dm_bus::{Area, Bus, ConsumerConfig, Names};
+use dm_orchestrator::{Config, Orchestrator, admin};
+use dm_proto::admin::v1::admin_client::AdminClient;
+use dm_proto::admin::v1::{DelegationId, ListDelegationsRequest, StartDelegationRequest};
+use dm_proto::bus::v1::AuditEvent;
+use dm_saga::pb::{self, DelType, Device, Event, Phase, Role, event};
+use prost::Message;
+use tonic::transport::Channel;
+
+const TOKEN: &str = "operator-token-for-the-audit-test";
+
+fn with_token<T>(mut r: tonic::Request<T>) -> tonic::Request<T> {
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    r
+}
+
+fn start(dev_id: &str) -> StartDelegationRequest {
+    let mut r = StartDelegationRequest {
+        peer_server_id: "dms2.example".into(),
+        device: Some(Device {
+            dev_id: dev_id.into(),
+            ..Default::default()
+        }),
+        scope: vec!["./Vendor/Acme/Apps".into()],
+        ..Default::default()
+    };
+    r.set_role(Role::Delegating);
+    r.set_del_type(DelType::Partial);
+    r
+}
+
+/// Reads the audit stream until `done` holds for what was read, or fails after 20 s.
+async fn read_audit(
+    bus: &Bus,
+    names: &Names,
+    done: impl Fn(&[pb::AuditRecord]) -> bool,
+) -> Vec<(AuditEvent, pb::AuditRecord)> {
+    let mut consumer = bus
+        .consumer(&ConsumerConfig {
+            stream: names.stream(Area::Audit),
+            durable: "audit-test".into(),
+            filter: names.area_wildcard(Area::Audit),
+            ack_wait: Duration::from_secs(30),
+        })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    loop {
+        let records: Vec<pb::AuditRecord> = seen
+            .iter()
+            .map(|(_, r): &(AuditEvent, pb::AuditRecord)| r.clone())
+            .collect();
+        if done(&records) {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "audit records missing; read: {records:#?}"
+        );
+        let next = tokio::time::timeout(Duration::from_secs(1), consumer.next()).await;
+        if let Ok(Ok(Some(delivery))) = next {
+            let text = String::from_utf8_lossy(&delivery.message.payload).to_string();
+            assert!(!text.contains(TOKEN), "the token is in the audit trail");
+            let event = AuditEvent::decode(delivery.message.payload.clone()).unwrap();
+            let record = event.record.clone().unwrap();
+            delivery.ack().await.unwrap();
+            seen.push((event, record));
+        }
+    }
+}
+
+#[tokio::test]
+async fn admin_calls_and_stored_changes_are_audited_with_caller_method_target_and_outcome() {
+    let nats =
+        NatsServer::start().expect("a nats-server for the tests (scripts/test installs one)");
+    let bus = Bus::connect(nats.url()).await.unwrap();
+    let names = Names::new("dms1").unwrap();
+    let config = Config {
+        names: names.clone(),
+        server_id: "dms1.example".into(),
+        saga: dm_saga::Config::default(),
+        ack_wait: Duration::from_secs(5),
+    };
+    let orchestrator = Orchestrator::new(config, bus.clone()).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let svc = admin::server(orchestrator.clone(), TOKEN.into());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    let mut client = AdminClient::new(Channel::from_shared(url).unwrap().connect().await.unwrap());
+
+    // One call that succeeds (and stores a delegation), one refused for want of a token, one refused
+    // by the decider (revoking before Active: 409).
+    let started = client
+        .start_delegation(with_token(tonic::Request::new(start("IMEI:1"))))
+        .await
+        .unwrap()
+        .into_inner()
+        .state
+        .unwrap();
+    let target = format!("delegation dms2.example/{}", started.session_id);
+    client
+        .list_delegations(ListDelegationsRequest::default())
+        .await
+        .unwrap_err();
+    let id = DelegationId {
+        peer_server_id: "dms2.example".into(),
+        session_id: started.session_id.clone(),
+    };
+    client
+        .revoke_delegation(with_token(tonic::Request::new(id)))
+        .await
+        .unwrap_err();
+    // A change made through `Orchestrator::apply` directly (no admin call) is audited too.
+    let other = "0b6c0f55-5d2e-4c3f-9a55-3c2b1d0e9f10";
+    let mut direct = pb::OperatorStart {
+        session_id: other.into(),
+        peer_server_id: "dms2.example".into(),
+        device: Some(Device {
+            dev_id: "IMEI:2".into(),
+            ..Default::default()
+        }),
+        scope: vec!["./Vendor/Acme/Apps".into()],
+        ..Default::default()
+    };
+    direct.set_role(Role::Delegating);
+    direct.set_del_type(DelType::Partial);
+    orchestrator
+        .apply(
+            "dms2.example",
+            other,
+            &Event {
+                kind: Some(event::Kind::OperatorStart(direct)),
+            },
+        )
+        .await
+        .unwrap();
+
+    let token_id = admin::token_id(TOKEN);
+    let call = |method: &'static str| {
+        move |r: &pb::AuditRecord| r.what == "operator call" && r.method == method
+    };
+    let records = read_audit(&bus, &names, |rs| {
+        rs.iter().any(call("StartDelegation"))
+            && rs.iter().any(call("ListDelegations"))
+            && rs.iter().any(call("RevokeDelegation"))
+            && rs.iter().filter(|r| r.what != "operator call").count() >= 2
+    })
+    .await;
+    let find = |f: &dyn Fn(&pb::AuditRecord) -> bool| {
+        records
+            .iter()
+            .find(|(_, r)| f(r))
+            .map(|(e, r)| (e.clone(), r.clone()))
+            .unwrap_or_else(|| panic!("no such record in {records:#?}"))
+    };
+
+    let (_, r) = find(&call("StartDelegation"));
+    assert_eq!(
+        (r.caller.as_str(), r.target.as_str(), r.outcome.as_str()),
+        (token_id.as_str(), target.as_str(), "ok")
+    );
+    let (_, r) = find(&call("ListDelegations"));
+    assert_eq!(r.caller, "unauthenticated");
+    assert!(
+        r.outcome.starts_with("unauthenticated: no operator token"),
+        "{r:?}"
+    );
+    let (e, r) = find(&call("RevokeDelegation"));
+    assert_eq!(r.caller, token_id);
+    assert!(r.outcome.starts_with("AlreadyExists: 409"), "{r:?}");
+    assert_eq!(e.delegation.unwrap().session_id, started.session_id);
+
+    // The stored changes: the admin's start names the operator's token id; the direct one "operator".
+    let (e, r) = find(&|r| r.what != "operator call" && r.target.contains("IMEI:1"));
+    assert_eq!(r.caller, token_id);
+    assert_eq!(r.method, "operator_start");
+    assert_eq!(r.target, format!("{target} device IMEI:1"));
+    assert_eq!(r.outcome, "ok");
+    assert_eq!(r.to(), Phase::NotifSent);
+    assert!(e.revision > 0);
+    let (_, r) = find(&|r| r.what != "operator call" && r.target.contains("IMEI:2"));
+    assert_eq!(
+        (r.caller.as_str(), r.method.as_str()),
+        ("operator", "operator_start")
+    );
+    assert_eq!(r.to(), Phase::NotifSent);
+    // No record carries the token.
+    for (_, r) in &records {
+        assert!(!format!("{r:?}").contains(TOKEN));
+    }
+}
