@@ -34,6 +34,9 @@
 //! types = ["Partial", "Temporary"]       # what may be delegated with this peer, either way
 //! scopes = ["./Vendor/Acme"]             # at or under these URIs ("." allows every scope)
 //! max_temporary_secs = 604800            # the longest Temporary (required when Temporary is allowed)
+//! rate_per_sec = 1000                    # optional: its messages per second (default 1000; past it 503),
+//! rate_burst = 2000                      # at once after a pause (default 2000),
+//! max_in_flight = 400                    # and in progress at the same time (default 400)
 //!
 //! [admin]
 //! listen = "0.0.0.0:7443"
@@ -48,6 +51,7 @@
 //!
 //! [gateway]
 //! listen = "0.0.0.0:8443"
+//! timestamp_window_secs = 300            # a message's Timestamp this far from our clock at most (0: off)
 //! [gateway.timeouts]                     # optional, milliseconds (see docs/operations.md)
 //! send_deadline_ms = 300000
 //!
@@ -270,6 +274,12 @@ struct PeerToml {
     scopes: S<Vec<String>>,
     #[serde(default)]
     max_temporary_secs: Option<S<u64>>,
+    #[serde(default)]
+    rate_per_sec: Option<S<f64>>,
+    #[serde(default)]
+    rate_burst: Option<S<u32>>,
+    #[serde(default)]
+    max_in_flight: Option<S<u32>>,
 }
 
 /// `[nats]`: how the NATS connection is protected. Secrets (seed, token, password) are named, never
@@ -346,6 +356,9 @@ struct Gateway {
     path: Option<String>,
     #[serde(default)]
     max_body_bytes: Option<usize>,
+    /// 0 switches the check off.
+    #[serde(default)]
+    timestamp_window_secs: Option<u64>,
     #[serde(default)]
     timeouts: dm_gateway::RawTimeouts,
 }
@@ -505,6 +518,32 @@ fn types(p: &Places<'_>, value: &S<Vec<String>>, what: &str) -> Result<Vec<DelTy
         }
     }
     Ok(out)
+}
+
+/// A peer's rate and concurrency limits at the gateway, defaults filled in.
+fn peer_limits(p: &Places<'_>, peer: &PeerToml) -> Result<dm_gateway::PeerLimits, ConfigError> {
+    let mut limits = dm_gateway::PeerLimits::default();
+    if let Some(v) = &peer.rate_per_sec {
+        limits.rate_per_sec = *v.get_ref();
+    }
+    if let Some(v) = &peer.rate_burst {
+        limits.rate_burst = *v.get_ref();
+    }
+    if let Some(v) = &peer.max_in_flight {
+        limits.max_in_flight = *v.get_ref();
+    }
+    if let Some((key, reason)) = limits.problem() {
+        let span = match key {
+            "rate_per_sec" => peer.rate_per_sec.as_ref().map(|v| v.span()),
+            "rate_burst" => peer.rate_burst.as_ref().map(|v| v.span()),
+            _ => peer.max_in_flight.as_ref().map(|v| v.span()),
+        };
+        return Err(p.at(
+            span.unwrap_or_else(|| peer.server_id.span()),
+            format!("[[peer]] {key}: {reason}"),
+        ));
+    }
+    Ok(limits)
 }
 
 impl Orchestrator {
@@ -849,6 +888,7 @@ pub fn parse(text: &str, env: &dyn Environment) -> Result<FileConfig, ConfigErro
             server_id: id.clone(),
             endpoint: peer.endpoint.get_ref().clone(),
             ca: env.resolve(peer.ca.get_ref()),
+            limits: peer_limits(&p, peer)?,
         });
         accept.insert(
             id,
@@ -963,6 +1003,7 @@ pub fn parse(text: &str, env: &dyn Environment) -> Result<FileConfig, ConfigErro
                 max_body_bytes: g
                     .max_body_bytes
                     .unwrap_or(dm_gateway::DEFAULT_MAX_BODY_BYTES),
+                timestamp_window: dm_gateway::window_of_secs(g.timestamp_window_secs),
                 tls: dm_gateway::TlsFiles {
                     cert: env.resolve(tls.cert.get_ref()),
                     key: env.resolve(tls.key.get_ref()),
@@ -1293,6 +1334,70 @@ push_url = "http://push:8700"
             let e = error(&format!("{FILE}\n{bad}"));
             assert!(e.message.contains(says), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn the_timestamp_window_and_peer_limits_have_defaults_and_are_checked() {
+        let c = parse(FILE, &given()).unwrap();
+        let g = c.gateway.unwrap();
+        assert_eq!(
+            g.timestamp_window,
+            Some(dm_gateway::DEFAULT_TIMESTAMP_WINDOW)
+        );
+        assert_eq!(g.peers[0].limits, dm_gateway::PeerLimits::default());
+        let file = FILE
+            .replace(
+                "listen = \"0.0.0.0:8443\"",
+                "listen = \"0.0.0.0:8443\"\ntimestamp_window_secs = 0",
+            )
+            .replace(
+                "max_temporary_secs = 86400",
+                "max_temporary_secs = 86400\nrate_per_sec = 2.5\nrate_burst = 10\nmax_in_flight = 3",
+            );
+        let g = parse(&file, &given()).unwrap().gateway.unwrap();
+        assert_eq!(g.timestamp_window, None);
+        assert_eq!(
+            g.peers[0].limits,
+            dm_gateway::PeerLimits {
+                rate_per_sec: 2.5,
+                rate_burst: 10,
+                max_in_flight: 3,
+            }
+        );
+        let g = parse(
+            &FILE.replace(
+                "listen = \"0.0.0.0:8443\"",
+                "listen = \"0.0.0.0:8443\"\ntimestamp_window_secs = 90",
+            ),
+            &given(),
+        )
+        .unwrap()
+        .gateway
+        .unwrap();
+        assert_eq!(g.timestamp_window, Some(Duration::from_secs(90)));
+        // Each bad value names its own line (the key added to the peer table is line 16).
+        for (bad, line, says) in [
+            (
+                "rate_per_sec = 0",
+                16,
+                "rate_per_sec: must be a number above 0",
+            ),
+            ("rate_burst = 0", 16, "rate_burst: must be at least 1"),
+            ("max_in_flight = 0", 16, "max_in_flight: must be at least 1"),
+            ("max_in_flight = -1", 16, "expected u32"),
+        ] {
+            let e = error(&FILE.replace(
+                "max_temporary_secs = 86400",
+                &format!("max_temporary_secs = 86400\n{bad}"),
+            ));
+            assert_eq!(e.line, line, "{bad}: {e}");
+            assert!(e.message.contains(says), "{bad}: {e}");
+        }
+        let e = error(&FILE.replace(
+            "listen = \"0.0.0.0:8443\"",
+            "listen = \"0.0.0.0:8443\"\ntimestamp_window_secs = -5",
+        ));
+        assert!(e.message.contains("invalid value"), "{e}");
     }
 
     #[test]

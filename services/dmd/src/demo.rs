@@ -148,6 +148,7 @@ fn spec(side: SideSpec<'_>, pki: &pki::Pki, push_url: &str) -> anyhow::Result<De
         listen: gateway_listener.local_addr()?,
         path: dm_gateway::DEFAULT_PATH.to_string(),
         max_body_bytes: dm_gateway::DEFAULT_MAX_BODY_BYTES,
+        timestamp_window: Some(dm_gateway::DEFAULT_TIMESTAMP_WINDOW),
         tls: dm_gateway::TlsFiles {
             cert: files.cert.clone(),
             key: files.key.clone(),
@@ -163,6 +164,7 @@ fn spec(side: SideSpec<'_>, pki: &pki::Pki, push_url: &str) -> anyhow::Result<De
             server_id: peer.to_string(),
             endpoint: peer_endpoint.to_string(),
             ca: pki.ca_cert.clone(),
+            limits: dm_gateway::PeerLimits::default(),
         }],
         // Shorter than a deployment's defaults (5 min to send, 6 min before a lost delivery comes
         // back): a send command handed out by a NATS node that dies is taken up again within a minute,

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::guard::{DEFAULT_TIMESTAMP_WINDOW, PeerLimits};
+
 /// Why a configuration is refused. Messages name the key at fault and what to do; never a secret.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -82,7 +84,7 @@ pub struct Trust {
 }
 
 /// A peer DM Server this gateway sends to.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Peer {
     pub server_id: String,
@@ -90,6 +92,9 @@ pub struct Peer {
     pub endpoint: String,
     /// PEM file of the CA(s) that the peer's server certificate must chain to.
     pub ca: PathBuf,
+    /// How much this peer may send (`[peer.limits]`; the defaults otherwise).
+    #[serde(default)]
+    pub limits: PeerLimits,
 }
 
 /// Every time limit of the gateway.
@@ -138,7 +143,7 @@ impl Default for Timeouts {
 }
 
 /// The configuration of one gateway.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// The deployment name that prefixes every bus subject (`dmd.<deployment>.v1.…`).
     pub deployment: String,
@@ -149,6 +154,9 @@ pub struct Config {
     pub path: String,
     /// Largest accepted body; larger is a 413 (A.2).
     pub max_body_bytes: usize,
+    /// How far a message's `Timestamp` may be from this server's clock, either way; further is a 400.
+    /// `None`: not checked.
+    pub timestamp_window: Option<Duration>,
     pub tls: TlsFiles,
     pub trust: Trust,
     pub peers: Vec<Peer>,
@@ -170,6 +178,8 @@ struct RawConfig {
     path: Option<String>,
     #[serde(default)]
     max_body_bytes: Option<u64>,
+    #[serde(default)]
+    timestamp_window_secs: Option<u64>,
     tls: TlsFiles,
     #[serde(default)]
     trust: Trust,
@@ -244,6 +254,7 @@ impl Config {
             listen,
             path: raw.path.unwrap_or_else(|| DEFAULT_PATH.to_string()),
             max_body_bytes,
+            timestamp_window: window_of_secs(raw.timestamp_window_secs),
             tls: raw.tls,
             trust: raw.trust,
             peers: raw.peers,
@@ -309,6 +320,12 @@ impl Config {
             }
             Endpoint::parse(&peer.endpoint)
                 .map_err(|reason| ConfigError::invalid(format!("peer[{i}].endpoint"), reason))?;
+            if let Some((key, reason)) = peer.limits.problem() {
+                return Err(ConfigError::invalid(
+                    format!("peer[{i}].limits.{key}"),
+                    reason,
+                ));
+            }
         }
         let t = &self.timeouts;
         for (key, value) in [
@@ -340,6 +357,15 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+/// `timestamp_window_secs` as written → the window: absent is the default (5 min), 0 switches the check off.
+pub fn window_of_secs(secs: Option<u64>) -> Option<Duration> {
+    match secs {
+        None => Some(DEFAULT_TIMESTAMP_WINDOW),
+        Some(0) => None,
+        Some(n) => Some(Duration::from_secs(n)),
     }
 }
 

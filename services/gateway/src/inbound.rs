@@ -32,6 +32,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::ask::{AskError, TRACE_HEADERS, ask};
 use crate::config::Timeouts;
 use crate::convert::peer_message;
+use crate::guard::{Busy, Guard};
 use crate::tls::{PeerIdentity, TrustVerifier};
 
 pub(crate) struct Inbound {
@@ -44,6 +45,8 @@ pub(crate) struct Inbound {
     pub peer_subject: String,
     /// For the metrics' `deployment` label.
     pub deployment: String,
+    /// The `Timestamp` window and the per-peer limits.
+    pub guard: Guard,
 }
 
 impl Inbound {
@@ -66,7 +69,14 @@ impl Inbound {
             lodge_subject: names.subject(Area::Req, "auth.lodge")?,
             peer_subject: names.subject(Area::Req, "orchestrator.peer")?,
             deployment: names.deployment().to_string(),
+            guard: Guard::off(),
         })
+    }
+
+    /// The same endpoint with these guards (none by default).
+    pub(crate) fn with_guard(mut self, guard: Guard) -> Self {
+        self.guard = guard;
+        self
     }
 }
 
@@ -97,6 +107,16 @@ fn unavailable(reason: &str) -> HttpResponse {
     response
         .headers_mut()
         .insert(RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
+    response
+}
+
+/// 503 for a message past one of its sender's limits, with the wait it needs.
+fn over_limit(busy: &Busy) -> HttpResponse {
+    let mut response = error_response(503, &busy.reason);
+    response.headers_mut().insert(
+        RETRY_AFTER,
+        hyper::header::HeaderValue::from(busy.retry_after_secs),
+    );
     response
 }
 
@@ -257,6 +277,14 @@ impl Inbound {
             }
         };
         *kind = message.body.name();
+        // Limits before any bus request is made for the message.
+        let _permit = match self.guard.limiter.admit(&message.dm_server_id) {
+            Ok(permit) => permit,
+            Err(busy) => {
+                tracing::info!(sender = %message.dm_server_id, reason = %busy.reason, "inbound message over its sender's limit; answering 503");
+                return over_limit(&busy);
+            }
+        };
         // The server span of this hop: child of the peer's context, parent of the requests it makes.
         let span = receive_span(&message, &trace);
         let mut trace = trace;
@@ -318,6 +346,11 @@ impl Inbound {
                 identity.reason
             };
             return error_response(403, &reason);
+        }
+        // An authenticated sender's message, checked for age before anything of it is kept.
+        if let Some(reason) = self.guard.stale(message.timestamp) {
+            tracing::info!(sender = %message.dm_server_id, msg_id = %message.msg_id, %reason, "inbound message refused");
+            return error_response(400, &reason);
         }
         if let Some(response) = self.lodge(message, trace).await {
             return response;

@@ -15,11 +15,16 @@
 //!   (HTTP/1.1 keep-alive; each new one does the full mutual-TLS handshake), and the inbound endpoint
 //!   keeps them open until they idle past `timeouts.read`.
 //!
-//! Nothing secret travels the bus, and no key, account secret or private key reaches a log, an error or a
+//! Nothing secret travels the bus in clear, and no key, account secret or private key reaches a log, an error or a
 //! `Debug` output (ARCHITECTURE rule 7).
 //!
+//! - **Guards** (`guard.rs`): a message whose `Timestamp` is outside `timestamp_window_secs` of this
+//!   server's clock is a 400 (after the identity check, before anything of it is kept); past a peer's
+//!   rate or in-progress limit (`[peer.limits]`) the answer is 503 with `Retry-After`, before any bus
+//!   request. The sender stamps every attempt with the time it goes out and honours a `Retry-After`.
+//!
 //! Configuration (TOML, [`Config::from_toml`]); times in milliseconds; `path`, `max_body_bytes`,
-//! `[[peer]]` and `[timeouts]` are optional (`gateway.example.toml` in this crate):
+//! `timestamp_window_secs`, `[[peer]]` and `[timeouts]` are optional (`gateway.example.toml` in this crate):
 //!
 //! ```toml
 #![doc = include_str!("../gateway.example.toml")]
@@ -28,6 +33,7 @@
 mod ask;
 mod config;
 mod convert;
+mod guard;
 mod inbound;
 mod outbound;
 mod pool;
@@ -49,9 +55,10 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 pub use ask::{TRACE_HEADERS, TYPE_HEADER, VERSION_HEADER};
 pub use config::{
     Config, ConfigError, DEFAULT_MAX_BODY_BYTES, DEFAULT_PATH, Peer, RawTimeouts, Timeouts,
-    TlsFiles, Trust, TrustedCa,
+    TlsFiles, Trust, TrustedCa, window_of_secs,
 };
 pub use convert::{SERVER_CRED_AUTH_TYPE, peer_message};
+pub use guard::{DEFAULT_TIMESTAMP_WINDOW, PeerLimits};
 pub use tls::{PeerIdentity, install_crypto_provider, spki_sha256_hex};
 
 use config::Endpoint;
@@ -155,7 +162,8 @@ impl Gateway {
             config.path.clone(),
             config.max_body_bytes,
             config.timeouts,
-        )?;
+        )?
+        .with_guard(guard::Guard::new(&config));
         let outbound = Outbound {
             sent: bus.kv(&names.bucket("sent")?, 1).await?,
             fetch_subject: names.subject(Area::Req, "auth.fetch")?,

@@ -127,6 +127,19 @@ pub(crate) fn backoff(n: u32, min: Duration, max: Duration) -> Duration {
 }
 
 /// The `seq` a record of the `sent` bucket holds (the last message of its delegation that is done).
+/// The pause before the next attempt: the back-off, or longer when a 503's `Retry-After` asks for it
+/// (never longer than `retry_max`, so that a peer cannot park a message past its deadline by asking).
+pub(crate) fn retry_pause(
+    backoff: Duration,
+    asked: Option<Duration>,
+    retry_max: Duration,
+) -> Duration {
+    match asked {
+        Some(wait) => backoff.max(wait.min(retry_max)),
+        None => backoff,
+    }
+}
+
 fn done_seq(value: &[u8]) -> Option<u64> {
     std::str::from_utf8(value).ok()?.parse().ok()
 }
@@ -512,29 +525,45 @@ impl Outbound {
         loop {
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             let limit = remaining.min(self.timeouts.request);
-            let result = match tokio::time::timeout(limit, self.post(target, &wire, trace)).await {
+            // Every attempt carries the time it goes out: a retry never ages past the peer's window.
+            let stamped = if attempt == 0 {
+                None
+            } else {
+                Some(Wire(crate::guard::restamp(&wire.0, now_utc())))
+            };
+            let this_try = stamped.as_ref().unwrap_or(&wire);
+            let result = match tokio::time::timeout(limit, self.post(target, this_try, trace)).await
+            {
                 Ok(r) => r,
                 Err(_) => Err(AttemptError::TimedOut),
             };
             let status = match &result {
-                Ok((status, _)) => dm_metrics::Status::Code(status.as_u16()),
+                Ok(a) => dm_metrics::Status::Code(a.status.as_u16()),
                 Err(_) => dm_metrics::Status::Error,
             };
             metrics.peer_sent(self.names.deployment(), kind, status);
+            let mut asked_wait = None;
             let retry_reason = match result {
-                Ok((status, _)) if status == StatusCode::SERVICE_UNAVAILABLE => "503".to_string(),
-                Ok((status, body)) => {
-                    if status != StatusCode::ACCEPTED {
-                        let reason = delegation::decode_error(&body)
+                Ok(a) if a.status == StatusCode::SERVICE_UNAVAILABLE => {
+                    asked_wait = a.retry_after;
+                    "503".to_string()
+                }
+                Ok(a) => {
+                    if a.status != StatusCode::ACCEPTED {
+                        let reason = delegation::decode_error(&a.body)
                             .map(|e| e.reason)
                             .unwrap_or_default();
-                        tracing::warn!(%msg_id, status = status.as_u16(), %reason, "peer refused the message");
+                        tracing::warn!(%msg_id, status = a.status.as_u16(), %reason, "peer refused the message");
                     }
-                    return Outcome::Answered(status.as_u16());
+                    return Outcome::Answered(a.status.as_u16());
                 }
                 Err(e) => e.to_string(),
             };
-            let pause = backoff(attempt, self.timeouts.retry_min, self.timeouts.retry_max);
+            let pause = retry_pause(
+                backoff(attempt, self.timeouts.retry_min, self.timeouts.retry_max),
+                asked_wait,
+                self.timeouts.retry_max,
+            );
             if tokio::time::Instant::now() + pause >= deadline {
                 return Outcome::GaveUp(format!(
                     "no final answer before the send deadline (last: {retry_reason})"
@@ -600,7 +629,7 @@ impl Outbound {
         target: &PeerTarget,
         wire: &Wire,
         trace: &[(String, String)],
-    ) -> Result<(StatusCode, Bytes), AttemptError> {
+    ) -> Result<pool::Answer, AttemptError> {
         let endpoint = &target.endpoint;
         // The client span of this hop; the peer's server span is its child.
         let span = if dm_telemetry::enabled() {
@@ -648,8 +677,8 @@ impl Outbound {
             span.clone(),
         )
         .await;
-        if let Ok((status, _)) = &answer {
-            span.record("http.response.status_code", status.as_u16());
+        if let Ok(a) = &answer {
+            span.record("http.response.status_code", a.status.as_u16());
         }
         answer
     }
@@ -715,6 +744,21 @@ impl std::fmt::Debug for FetchError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_503s_retry_after_lengthens_the_pause_up_to_retry_max() {
+        let ms = Duration::from_millis;
+        assert_eq!(retry_pause(ms(500), None, ms(30_000)), ms(500));
+        assert_eq!(retry_pause(ms(500), Some(ms(2_000)), ms(30_000)), ms(2_000));
+        assert_eq!(
+            retry_pause(ms(4_000), Some(ms(1_000)), ms(30_000)),
+            ms(4_000)
+        );
+        assert_eq!(
+            retry_pause(ms(500), Some(ms(3_600_000)), ms(30_000)),
+            ms(30_000)
+        );
+    }
 
     #[test]
     fn backoff_grows_to_its_cap_with_jitter() {

@@ -37,6 +37,25 @@ pub(crate) const MAX_AGE: Duration = Duration::from_secs(10 * 60);
 
 pub(crate) type Sender = SendRequest<Full<Bytes>>;
 
+/// A peer's answer: the status, the body (up to the limit) and the wait a `Retry-After` asks for.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    pub status: StatusCode,
+    pub body: Bytes,
+    pub retry_after: Option<Duration>,
+}
+
+/// `Retry-After` in delta-seconds (RFC 9110 10.2.3). The HTTP-date form is not read: the caller's
+/// back-off applies then.
+fn retry_after(headers: &hyper::HeaderMap) -> Option<Duration> {
+    let text = headers
+        .get(hyper::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    text.parse::<u64>().ok().map(Duration::from_secs)
+}
+
 /// One open connection: its request handle (the connection task runs apart) and when it was made.
 pub(crate) struct Conn {
     sender: Sender,
@@ -156,7 +175,7 @@ impl Pool {
         max_answer: usize,
         ready_wait: Duration,
         connect: C,
-    ) -> Result<(StatusCode, Bytes), AttemptError>
+    ) -> Result<Answer, AttemptError>
     where
         C: FnOnce() -> F,
         F: Future<Output = Result<Sender, AttemptError>>,
@@ -199,19 +218,25 @@ impl Pool {
         conn: Conn,
         response: hyper::Response<hyper::body::Incoming>,
         max_answer: usize,
-    ) -> Result<(StatusCode, Bytes), AttemptError> {
+    ) -> Result<Answer, AttemptError> {
         let status = response.status();
-        match Limited::new(response.into_body(), max_answer)
+        let retry_after = retry_after(response.headers());
+        let body = match Limited::new(response.into_body(), max_answer)
             .collect()
             .await
         {
             Ok(body) => {
                 self.checkin(conn);
-                Ok((status, body.to_bytes()))
+                body.to_bytes()
             }
             // The status is the answer; the connection is in an unknown state and is dropped.
-            Err(_) => Ok((status, Bytes::new())),
-        }
+            Err(_) => Bytes::new(),
+        };
+        Ok(Answer {
+            status,
+            body,
+            retry_after,
+        })
     }
 }
 
@@ -285,7 +310,7 @@ mod tests {
         let (addr, accepted, answered) = server().await;
         let pool = Pool::default();
         for _ in 0..10 {
-            let (status, body) = pool
+            let Answer { status, body, .. } = pool
                 .exchange(request(addr), 1024, WAIT, || connect(addr))
                 .await
                 .unwrap();
@@ -355,7 +380,7 @@ mod tests {
         });
         let pool = Pool::default();
         for _ in 0..3 {
-            let (status, _) = pool
+            let Answer { status, .. } = pool
                 .exchange(request(addr), 1024, WAIT, || connect(addr))
                 .await
                 .unwrap();
@@ -445,7 +470,7 @@ mod tests {
         }
         broken.store(true, Ordering::SeqCst);
         let fresh = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (status, _) = pool
+        let Answer { status, .. } = pool
             .exchange(request(addr), 1024, WAIT, || connect_breakable(fresh))
             .await
             .unwrap();

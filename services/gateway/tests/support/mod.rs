@@ -198,6 +198,7 @@ impl Pki {
             listen: "127.0.0.1:0".parse().unwrap(),
             path: "/delegation".into(),
             max_body_bytes: 64 * 1024,
+            timestamp_window: Some(dm_gateway::DEFAULT_TIMESTAMP_WINDOW),
             tls: TlsFiles { cert, key },
             trust: Trust {
                 cas: vec![TrustedCa {
@@ -225,6 +226,7 @@ impl Pki {
             server_id: server_id.into(),
             endpoint: format!("https://{addr}/delegation"),
             ca: self.ca_file.clone(),
+            limits: dm_gateway::PeerLimits::default(),
         }
     }
 }
@@ -269,6 +271,27 @@ impl Client {
         content_type: Option<&str>,
         body: impl Into<Bytes>,
     ) -> Result<(u16, Bytes), String> {
+        self.exchange(addr, method, content_type, body)
+            .await
+            .map(|(status, _, body)| (status, body))
+    }
+
+    /// One POST of a delegation message: `(status, headers, body)`.
+    pub async fn post_full(
+        &self,
+        addr: SocketAddr,
+        body: impl Into<Bytes>,
+    ) -> Result<(u16, hyper::HeaderMap, Bytes), String> {
+        self.exchange(addr, "POST", Some(CONTENT_TYPE), body).await
+    }
+
+    async fn exchange(
+        &self,
+        addr: SocketAddr,
+        method: &str,
+        content_type: Option<&str>,
+        body: impl Into<Bytes>,
+    ) -> Result<(u16, hyper::HeaderMap, Bytes), String> {
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| e.to_string())?;
@@ -295,13 +318,14 @@ impl Client {
                 .await
                 .map_err(|e| format!("request: {e}"))?;
             let status = response.status().as_u16();
+            let headers = response.headers().clone();
             let body = response
                 .into_body()
                 .collect()
                 .await
                 .map_err(|e| format!("body: {e}"))?
                 .to_bytes();
-            Ok((status, body))
+            Ok((status, headers, body))
         }
         .await;
         driver.abort();
@@ -631,14 +655,35 @@ pub fn msg_id(n: u64) -> String {
     dm_saga::message_id(SESSION, pb::Role::Delegating, n)
 }
 
+/// This machine's clock as a message `Timestamp`.
+pub fn now_stamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    dm_protocol::types::UtcTime::from_unix(i64::try_from(secs).unwrap()).to_string()
+}
+
+/// A message sent now.
 fn envelope(msg_id: &str, session: &str, sender: &str, body: &str) -> String {
+    envelope_at(msg_id, session, sender, &now_stamp(), body)
+}
+
+/// A message stamped `timestamp`.
+pub fn envelope_at(
+    msg_id: &str,
+    session: &str,
+    sender: &str,
+    timestamp: &str,
+    body: &str,
+) -> String {
     format!(
         r#"<?xml version="1.0" encoding="UTF-8"?>
 <DelegationMessage xmlns="urn:oma:xml:dm:delegation:1.0" Version="1.0">
   <MsgID>{msg_id}</MsgID>
   <SessionID>{session}</SessionID>
   <DMServerID>{sender}</DMServerID>
-  <Timestamp>2026-11-21T22:40:10Z</Timestamp>
+  <Timestamp>{timestamp}</Timestamp>
   {body}
 </DelegationMessage>"#
     )
