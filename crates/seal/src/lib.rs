@@ -16,7 +16,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroize;
+/// A value wiped from memory when dropped (secrets opened from an envelope or a record).
+pub use zeroize::Zeroizing;
 
 const NONCE_LEN: usize = 24;
 /// Versions the layout of what is sealed (nonce ‖ ciphertext ‖ tag).
@@ -167,6 +169,16 @@ impl Direction {
     }
 }
 
+/// The names of the secrets that cross the bus, bound into their envelopes.
+pub mod field {
+    /// The peer's DM Account received in DELEGATION_START (TNDS).
+    pub const PEER_ACCOUNT: &str = "peer-account";
+    /// This server's DM Account sent in DELEGATION_START (TNDS).
+    pub const OWN_ACCOUNT: &str = "own-account";
+    /// The TEMP_DELEGATION_KEY (base64 text).
+    pub const TEMP_KEY: &str = "temp-key";
+}
+
 /// The key that seals secrets crossing the bus ([`MasterKey::bus_key`]). `Debug` never shows it.
 #[derive(Clone)]
 pub struct BusKey([u8; 32]);
@@ -195,6 +207,19 @@ impl BusKey {
         open(&self.0, &bus_aad(record_key, field, direction), sealed)
     }
 }
+
+/// Compared in constant time.
+impl PartialEq for BusKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0
+            .iter()
+            .zip(other.0.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+}
+
+impl Eq for BusKey {}
 
 impl std::fmt::Debug for BusKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -6,9 +6,12 @@
 //! On the bus (docs/bus.md):
 //! - `req.auth.identity` (`IdentityCheck` → `IdentityAnswer`): allowed iff the registry entry matching the
 //!   certificate (by SPKI pin, or by CA + SAN) has ServerID == `dm_server_id`;
-//! - `req.auth.lodge` (`Lodge` → `LodgeAnswer`): keeps a secret of an inbound message;
-//! - `req.auth.fetch` (`Fetch` → `FetchAnswer`): hands a secret out for a send or a device plan — the only
-//!   payload that ever carries one;
+//! - `req.auth.lodge` (`Lodge` → `LodgeAnswer`): keeps a secret of an inbound message, sealed by the
+//!   gateway with the deployment's bus key (`dm_seal::BusKey`) and handed over by the orchestrator once
+//!   it accepted the message;
+//! - `req.auth.fetch` (`Fetch` → `FetchAnswer`): hands a secret out for a send or a device plan, sealed
+//!   with the bus key. No payload carries a secret in clear: a reader of the bus without the master key
+//!   learns none.
 //! - commands `cmd.auth.{verify_peer, create_key, forget_key, purge}` (consumer `<dep>_auth`); the outcomes
 //!   of `verify_peer` and `create_key` go to `evt.auth.peer_verified` and `evt.auth.key_created` as a
 //!   `WorkResult` with msg-id `<outbox_id>:result`, then the command is acknowledged. Each command is
@@ -39,6 +42,7 @@ use dm_protocol::delegation::{DelType, TempDelegationKey};
 use dm_protocol::dmacc::DmAccount;
 use dm_protocol::tnds;
 use dm_protocol::types::DmUri;
+use dm_seal::{BusKey, Direction, Zeroizing, field};
 use prost::Message as _;
 use tokio::task::JoinSet;
 
@@ -52,6 +56,7 @@ pub use registry::{
     TrustRegistry, format_pin, parse_pin,
 };
 
+pub use vault::{OpenedRecord, RecordError, open_stored_record};
 use vault::{Fetched, Kind, Lodged, Vault};
 
 /// The service's name on the bus (consumer, queue group, subjects).
@@ -120,6 +125,8 @@ struct Service {
     config: Config,
     bus: Bus,
     vault: Vault,
+    /// Opens what the gateway lodges, seals what is fetched.
+    bus_key: BusKey,
 }
 
 impl std::fmt::Debug for Service {
@@ -181,7 +188,13 @@ pub async fn run(
         "auth serving"
     );
     let sweep_every = config.sweep_interval;
-    let service = Arc::new(Service { config, bus, vault });
+    let bus_key = config.master_key.bus_key();
+    let service = Arc::new(Service {
+        config,
+        bus,
+        vault,
+        bus_key,
+    });
     let sweeper = {
         let service = service.clone();
         tokio::spawn(async move {
@@ -325,10 +338,20 @@ impl Service {
         if d.peer_server_id.is_empty() || d.session_id.is_empty() {
             return refuse("the delegation needs a peer ServerID and a SessionID");
         }
-        let (kind, value) = match secret {
-            lodge::Secret::StartAccountTnds(tnds_bytes) => {
+        let key = delegation_key(&d.peer_server_id, &d.session_id);
+        let (sealed, name) = match &secret {
+            lodge::Secret::SealedStartAccount(b) => (b, field::PEER_ACCOUNT),
+            lodge::Secret::SealedTempDelegationKey(b) => (b, field::TEMP_KEY),
+        };
+        let Ok(plain) = self.bus_key.open(&key, name, Direction::ToAuth, sealed) else {
+            return refuse(
+                "the sealed secret does not open (another master key, another delegation, or tampered)",
+            );
+        };
+        let (kind, value): (Kind, Zeroizing<Vec<u8>>) = match secret {
+            lodge::Secret::SealedStartAccount(_) => {
                 // The gateway checked the message; a second look keeps garbage out of the bucket.
-                let account = tnds::decode(&tnds_bytes)
+                let account = tnds::decode(&plain)
                     .ok()
                     .and_then(|tree| DmAccount::from_tnds(&tree).ok());
                 match account {
@@ -336,19 +359,25 @@ impl Service {
                     Some(a) if a.server_id != d.peer_server_id => {
                         return refuse("the DM Account's ServerID is not the peer's");
                     }
-                    Some(_) => (Kind::PeerAccount, tnds_bytes),
+                    Some(_) => (Kind::PeerAccount, plain),
                 }
             }
-            lodge::Secret::TempDelegationKey(text) => {
-                match text.trim().parse::<TempDelegationKey>() {
-                    Ok(key) => (Kind::TempKey, key.to_base64().into_bytes()),
+            lodge::Secret::SealedTempDelegationKey(_) => {
+                let parsed = std::str::from_utf8(&plain)
+                    .map_err(|_| "is not UTF-8 text".to_string())
+                    .and_then(|text| {
+                        text.trim()
+                            .parse::<TempDelegationKey>()
+                            .map_err(|rule| rule.to_string())
+                    });
+                match parsed {
+                    Ok(key) => (Kind::TempKey, Zeroizing::new(key.to_base64().into_bytes())),
                     Err(rule) => {
                         return refuse(&format!("the TEMP_DELEGATION_KEY {rule}"));
                     }
                 }
             }
         };
-        let key = delegation_key(&d.peer_server_id, &d.session_id);
         match self.vault.lodge(&key, kind, &value, now_ms()).await {
             Ok(Lodged::Stored) | Ok(Lodged::AlreadyStored) => LodgeAnswer {
                 ok: true,
@@ -375,7 +404,7 @@ impl Service {
     async fn fetch_answer(&self, payload: Bytes) -> FetchAnswer {
         let missing = |reason: &str| FetchAnswer {
             found: false,
-            value: Vec::new(),
+            sealed_value: Vec::new(),
             reason: reason.to_string(),
         };
         let Ok(req) = Fetch::decode(payload) else {
@@ -393,9 +422,13 @@ impl Service {
         let key = delegation_key(&d.peer_server_id, &d.session_id);
         let config = &self.config;
         let make_own = || {
-            account::own_account_tnds(config.registry.server_id(), &config.dm_address, &d.dev_id)
+            Zeroizing::new(account::own_account_tnds(
+                config.registry.server_id(),
+                &config.dm_address,
+                &d.dev_id,
+            ))
         };
-        let make: Option<&(dyn Fn() -> Vec<u8> + Sync)> = if kind == Kind::OwnAccount {
+        let make: Option<&(dyn Fn() -> Zeroizing<Vec<u8>> + Sync)> = if kind == Kind::OwnAccount {
             if d.dev_id.is_empty() {
                 return missing("the delegation names no device, which the account's CLCRED needs");
             }
@@ -404,11 +437,19 @@ impl Service {
             None
         };
         match self.vault.fetch(&key, kind, now_ms(), make).await {
-            Ok(Fetched::Found(value)) => FetchAnswer {
-                found: true,
-                value,
-                reason: String::new(),
-            },
+            Ok(Fetched::Found(value)) => {
+                match self
+                    .bus_key
+                    .seal(&key, kind.field(), Direction::FromAuth, &value)
+                {
+                    Ok(sealed_value) => FetchAnswer {
+                        found: true,
+                        sealed_value,
+                        reason: String::new(),
+                    },
+                    Err(_) => missing("the secret could not be sealed"),
+                }
+            }
             Ok(Fetched::Missing(reason)) => missing(&reason),
             Err(e) => {
                 tracing::warn!(error = %e, "a secret could not be read");

@@ -18,6 +18,7 @@ use dm_bus::{BusError, Kv};
 use dm_proto::saga::v1::{Work, WorkResult};
 use prost::Message as _;
 
+use dm_seal::Zeroizing;
 use dm_seal::{DataKey, MasterKey, SealError};
 
 /// How many handled commands a record remembers.
@@ -66,6 +67,60 @@ pub(crate) struct Done {
     pub result: Option<WorkResult>,
 }
 
+/// The secrets of one stored record of the `secrets` bucket, opened with the master key (`None`: not
+/// held). For an operator's look into the store, and for the tests that search every output of the
+/// system for secrets. `Debug` shows which are held, never their values.
+#[derive(Default)]
+pub struct OpenedRecord {
+    pub peer_account: Option<Zeroizing<Vec<u8>>>,
+    pub own_account: Option<Zeroizing<Vec<u8>>>,
+    pub temp_key: Option<Zeroizing<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for OpenedRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenedRecord")
+            .field("peer_account", &self.peer_account.is_some())
+            .field("own_account", &self.own_account.is_some())
+            .field("temp_key", &self.temp_key.is_some())
+            .finish()
+    }
+}
+
+/// A stored record that does not decode or open with the master key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the stored record does not decode or open with this master key")]
+pub struct RecordError;
+
+/// Opens the stored value `stored` of the record under `record_key` (a delegation key) with `master`.
+pub fn open_stored_record(
+    master: &MasterKey,
+    record_key: &str,
+    stored: &[u8],
+) -> Result<OpenedRecord, RecordError> {
+    let r = Record::decode(stored).map_err(|_| RecordError)?;
+    let mut opened = OpenedRecord::default();
+    if r.wrapped_key.is_empty() {
+        return Ok(opened);
+    }
+    let data_key = master
+        .unwrap_key(record_key, &r.wrapped_key)
+        .map_err(|_| RecordError)?;
+    let open = |kind: Kind, sealed: &[u8]| -> Result<Option<Zeroizing<Vec<u8>>>, RecordError> {
+        if sealed.is_empty() {
+            return Ok(None);
+        }
+        data_key
+            .open(record_key, kind.field(), sealed)
+            .map(Some)
+            .map_err(|_| RecordError)
+    };
+    opened.peer_account = open(Kind::PeerAccount, &r.peer_account)?;
+    opened.own_account = open(Kind::OwnAccount, &r.own_account)?;
+    opened.temp_key = open(Kind::TempKey, &r.temp_key)?;
+    Ok(opened)
+}
+
 /// Which secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -75,12 +130,12 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
-    /// The purpose bound into the ciphertext.
-    fn field(self) -> &'static str {
+    /// The purpose bound into the ciphertext, at rest and in bus envelopes.
+    pub(crate) fn field(self) -> &'static str {
         match self {
-            Kind::PeerAccount => "peer-account",
-            Kind::OwnAccount => "own-account",
-            Kind::TempKey => "temp-key",
+            Kind::PeerAccount => dm_seal::field::PEER_ACCOUNT,
+            Kind::OwnAccount => dm_seal::field::OWN_ACCOUNT,
+            Kind::TempKey => dm_seal::field::TEMP_KEY,
         }
     }
 
@@ -131,11 +186,20 @@ pub(crate) enum Lodged {
     Conflict(&'static str),
 }
 
-/// The outcome of a fetch.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The outcome of a fetch. The secret is wiped from memory when dropped; `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq)]
 pub(crate) enum Fetched {
-    Found(Vec<u8>),
+    Found(Zeroizing<Vec<u8>>),
     Missing(String),
+}
+
+impl std::fmt::Debug for Fetched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fetched::Found(_) => f.write_str("Found(<redacted>)"),
+            Fetched::Missing(reason) => f.debug_tuple("Missing").field(reason).finish(),
+        }
+    }
 }
 
 enum Step<T> {
@@ -241,7 +305,12 @@ impl Vault {
         }
     }
 
-    fn open(&self, key: &str, r: &mut Record, kind: Kind) -> Result<Vec<u8>, VaultError> {
+    fn open(
+        &self,
+        key: &str,
+        r: &mut Record,
+        kind: Kind,
+    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
         let data_key = self.data_key(key, r)?;
         let sealed = kind.slot(r).clone();
         data_key
@@ -284,7 +353,7 @@ impl Vault {
             }
             if !kind.slot(&mut r).is_empty() {
                 let present = self.open(key, &mut r, kind)?;
-                return Ok(Step::Keep(if present == secret {
+                return Ok(Step::Keep(if present.as_slice() == secret {
                     Lodged::AlreadyStored
                 } else {
                     Lodged::Conflict(match kind {
@@ -309,7 +378,7 @@ impl Vault {
         key: &str,
         kind: Kind,
         now_ms: i64,
-        make_own: Option<&(dyn Fn() -> Vec<u8> + Sync)>,
+        make_own: Option<&(dyn Fn() -> Zeroizing<Vec<u8>> + Sync)>,
     ) -> Result<Fetched, VaultError> {
         self.modify(key, |record| {
             let Some(mut r) = record else {
@@ -515,11 +584,11 @@ mod tests {
         // …and reads back.
         assert_eq!(
             v.fetch(KEY, Kind::PeerAccount, 0, None).await.unwrap(),
-            Fetched::Found(account.to_vec())
+            Fetched::Found(Zeroizing::new(account.to_vec()))
         );
         assert_eq!(
             v.fetch(KEY, Kind::TempKey, 1, None).await.unwrap(),
-            Fetched::Found(key_text.as_bytes().to_vec())
+            Fetched::Found(Zeroizing::new(key_text.as_bytes().to_vec()))
         );
         // Lodged again: the same is fine, a different one is refused and the first stays.
         assert_eq!(
@@ -532,7 +601,7 @@ mod tests {
         ));
         assert_eq!(
             v.fetch(KEY, Kind::PeerAccount, 0, None).await.unwrap(),
-            Fetched::Found(account.to_vec())
+            Fetched::Found(Zeroizing::new(account.to_vec()))
         );
         // A created key is base64 of 32 bytes and not in the bucket either.
         let created = "dms2.example/other";
@@ -555,7 +624,7 @@ mod tests {
         v.purge(KEY, "o:2:0", 0).await.unwrap();
         for kind in [Kind::PeerAccount, Kind::TempKey, Kind::OwnAccount] {
             assert!(matches!(
-                v.fetch(KEY, kind, 0, Some(&|| b"own".to_vec()))
+                v.fetch(KEY, kind, 0, Some(&|| Zeroizing::new(b"own".to_vec())))
                     .await
                     .unwrap(),
                 Fetched::Missing(_)
@@ -604,7 +673,7 @@ mod tests {
         let b = Vault::new(kv, master, TTL);
         assert_eq!(
             b.fetch(KEY, Kind::PeerAccount, 0, None).await.unwrap(),
-            Fetched::Found(b"account".to_vec())
+            Fetched::Found(Zeroizing::new(b"account".to_vec()))
         );
     }
 
@@ -658,7 +727,7 @@ mod tests {
             v.fetch("p/3", Kind::TempKey, ttl_ms + 1, None)
                 .await
                 .unwrap(),
-            Fetched::Found(b"k3".to_vec())
+            Fetched::Found(Zeroizing::new(b"k3".to_vec()))
         );
         // A retired key lodged again (a late retry) is not kept.
         assert!(matches!(
@@ -673,7 +742,7 @@ mod tests {
         let counter = std::sync::atomic::AtomicUsize::new(0);
         let make = || {
             let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            format!("account {n}").into_bytes()
+            Zeroizing::new(format!("account {n}").into_bytes())
         };
         let a = v
             .fetch(KEY, Kind::OwnAccount, 0, Some(&make))
@@ -683,7 +752,7 @@ mod tests {
             .fetch(KEY, Kind::OwnAccount, 0, Some(&make))
             .await
             .unwrap();
-        assert_eq!(a, Fetched::Found(b"account 0".to_vec()));
+        assert_eq!(a, Fetched::Found(Zeroizing::new(b"account 0".to_vec())));
         assert_eq!(a, b);
     }
 }

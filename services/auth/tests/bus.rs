@@ -19,6 +19,7 @@ use dm_proto::bus::v1::{
 use dm_proto::saga::v1::{self as pb, DelType, Role, Work, command, event};
 use dm_protocol::dmacc::{APP_ID, AddrType, AppAddr, AppAuth, AuthLevel, DmAccount, Secret};
 use dm_protocol::tnds;
+use dm_seal::{Direction, field};
 use prost::Message as _;
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -54,6 +55,24 @@ allowed_scopes = ["."]
         B64.encode([42u8; 32])
     ))
     .unwrap()
+}
+
+fn master_key() -> dm_auth::MasterKey {
+    dm_auth::MasterKey::from_bytes([42u8; 32])
+}
+
+/// A secret as the gateway read it from a peer's message, before it is sealed.
+enum Clear {
+    Account(Vec<u8>),
+    Key(String),
+}
+
+/// A fetch answer, its secret opened with the bus key.
+#[derive(Debug)]
+struct Opened {
+    found: bool,
+    value: Vec<u8>,
+    reason: String,
 }
 
 fn reference(peer: &str, session: &str) -> DelegationRef {
@@ -112,7 +131,24 @@ impl Client {
         .await
     }
 
-    async fn lodge(&self, d: DelegationRef, secret: lodge::Secret) -> LodgeAnswer {
+    /// Lodges a secret as the orchestrator hands it over: sealed by the gateway with the bus key.
+    async fn lodge(&self, d: DelegationRef, secret: Clear) -> LodgeAnswer {
+        let key = dm_auth::delegation_key(&d.peer_server_id, &d.session_id);
+        let bus_key = master_key().bus_key();
+        let seal =
+            |name: &str, plain: &[u8]| bus_key.seal(&key, name, Direction::ToAuth, plain).unwrap();
+        let secret = match secret {
+            Clear::Account(tnds) => {
+                lodge::Secret::SealedStartAccount(seal(field::PEER_ACCOUNT, &tnds))
+            }
+            Clear::Key(text) => {
+                lodge::Secret::SealedTempDelegationKey(seal(field::TEMP_KEY, text.as_bytes()))
+            }
+        };
+        self.lodge_sealed(d, secret).await
+    }
+
+    async fn lodge_sealed(&self, d: DelegationRef, secret: lodge::Secret) -> LodgeAnswer {
         let l = Lodge {
             delegation: Some(d),
             secret: Some(secret),
@@ -125,7 +161,32 @@ impl Client {
         .await
     }
 
-    async fn fetch(&self, d: DelegationRef, what: fetch::What) -> FetchAnswer {
+    /// Fetches a secret and opens it as the gateway or provisioning does.
+    async fn fetch(&self, d: DelegationRef, what: fetch::What) -> Opened {
+        let key = dm_auth::delegation_key(&d.peer_server_id, &d.session_id);
+        let answer = self.fetch_sealed(d, what).await;
+        let name = match what {
+            fetch::What::OwnAccount => field::OWN_ACCOUNT,
+            fetch::What::PeerAccount => field::PEER_ACCOUNT,
+            _ => field::TEMP_KEY,
+        };
+        let value = if answer.found {
+            master_key()
+                .bus_key()
+                .open(&key, name, Direction::FromAuth, &answer.sealed_value)
+                .unwrap()
+                .to_vec()
+        } else {
+            Vec::new()
+        };
+        Opened {
+            found: answer.found,
+            value,
+            reason: answer.reason,
+        }
+    }
+
+    async fn fetch_sealed(&self, d: DelegationRef, what: fetch::What) -> FetchAnswer {
         let mut f = Fetch {
             delegation: Some(d),
             ..Default::default()
@@ -203,7 +264,7 @@ impl Client {
     }
 
     /// Waits until `fetch` says the secret is gone.
-    async fn until_gone(&self, d: &DelegationRef, what: fetch::What) -> FetchAnswer {
+    async fn until_gone(&self, d: &DelegationRef, what: fetch::What) -> Opened {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
             let a = self.fetch(d.clone(), what).await;
@@ -287,38 +348,69 @@ async fn auth_over(bus: Bus, deployment: &str) {
     // ---- lodge and fetch ----
     let d = reference("dms2.example", SESSION);
     let account = peer_account_tnds();
-    let a = c
-        .lodge(d.clone(), lodge::Secret::StartAccountTnds(account.clone()))
-        .await;
+    let a = c.lodge(d.clone(), Clear::Account(account.clone())).await;
     assert!(a.ok, "{a:?}");
     // A retry is fine; a different account for the same delegation is refused.
-    assert!(
-        c.lodge(d.clone(), lodge::Secret::StartAccountTnds(account.clone()))
-            .await
-            .ok
-    );
+    assert!(c.lodge(d.clone(), Clear::Account(account.clone())).await.ok);
     let other = String::from_utf8(account.clone())
         .unwrap()
         .replace(PEER_SECRET, "another-secret");
     assert!(
-        !c.lodge(
-            d.clone(),
-            lodge::Secret::StartAccountTnds(other.into_bytes())
-        )
-        .await
-        .ok
+        !c.lodge(d.clone(), Clear::Account(other.into_bytes()))
+            .await
+            .ok
     );
     // An account of another server, or garbage, is refused.
     let mut of_other = d.clone();
     of_other.peer_server_id = "dms3.example".into();
-    assert!(
-        !c.lodge(of_other, lodge::Secret::StartAccountTnds(account.clone()))
-            .await
-            .ok
-    );
+    assert!(!c.lodge(of_other, Clear::Account(account.clone())).await.ok);
     let f = c.fetch(d.clone(), fetch::What::PeerAccount).await;
     assert!(f.found, "{}", f.reason);
     assert_eq!(f.value, account);
+    // On the bus the answer is an envelope: the peer's secret is not in it, in any form.
+    let raw = c.fetch_sealed(d.clone(), fetch::What::PeerAccount).await;
+    assert!(raw.found && !raw.sealed_value.is_empty());
+    let raw_bytes = raw.encode_to_vec();
+    for form in [
+        PEER_SECRET.as_bytes().to_vec(),
+        B64.encode(PEER_SECRET).into_bytes(),
+    ] {
+        assert!(!raw_bytes.windows(form.len()).any(|w| w == form.as_slice()));
+    }
+    // An envelope sealed for another delegation, another field or the other direction is refused,
+    // and so is one sealed with another master key.
+    let key = dm_auth::delegation_key(&d.peer_server_id, &d.session_id);
+    let bus_key = master_key().bus_key();
+    let mut elsewhere = d.clone();
+    elsewhere.session_id = "0b6a7e0c-5d1e-4c41-9b0e-3d3f3c2b1a10".into();
+    for (to, sealed) in [
+        (
+            elsewhere,
+            bus_key
+                .seal(&key, field::PEER_ACCOUNT, Direction::ToAuth, &account)
+                .unwrap(),
+        ),
+        (
+            d.clone(),
+            bus_key
+                .seal(&key, field::TEMP_KEY, Direction::ToAuth, &account)
+                .unwrap(),
+        ),
+        (d.clone(), raw.sealed_value.clone()),
+        (
+            d.clone(),
+            dm_auth::MasterKey::from_bytes([1; 32])
+                .bus_key()
+                .seal(&key, field::PEER_ACCOUNT, Direction::ToAuth, &account)
+                .unwrap(),
+        ),
+    ] {
+        let refused = c
+            .lodge_sealed(to, lodge::Secret::SealedStartAccount(sealed))
+            .await;
+        assert!(!refused.ok);
+        assert!(refused.reason.contains("does not open"), "{refused:?}");
+    }
     // The SessionID is case-insensitive.
     let mut lower = d.clone();
     lower.session_id = SESSION.to_lowercase();
@@ -330,20 +422,14 @@ async fn auth_over(bus: Bus, deployment: &str) {
     let d_prepared = reference("dms2.example", "1c9a6e55-3f0b-4f4e-9d2a-6a1b7c8d9e01");
     let key_text = B64.encode([0x5au8; 32]);
     assert!(
-        c.lodge(
-            d_prepared.clone(),
-            lodge::Secret::TempDelegationKey(key_text.clone())
-        )
-        .await
-        .ok
+        c.lodge(d_prepared.clone(), Clear::Key(key_text.clone()))
+            .await
+            .ok
     );
     assert!(
-        !c.lodge(
-            d_prepared.clone(),
-            lodge::Secret::TempDelegationKey("c2hvcnQ=".into())
-        )
-        .await
-        .ok
+        !c.lodge(d_prepared.clone(), Clear::Key("c2hvcnQ=".into()))
+            .await
+            .ok
     );
     let f = c.fetch(d_prepared.clone(), fetch::What::TempKey).await;
     assert_eq!(f.value, key_text.as_bytes());
@@ -468,7 +554,7 @@ async fn auth_over(bus: Bus, deployment: &str) {
     )
     .await;
     let gone = c.until_gone(&d_key, fetch::What::TempKey).await;
-    assert!(gone.value.is_empty());
+    assert!(gone.value.is_empty(), "{}", gone.reason);
 
     // ---- the bucket holds ciphertext only ----
     let kv = bus.kv(&names.bucket("secrets").unwrap(), 1).await.unwrap();
@@ -514,9 +600,7 @@ async fn auth_over(bus: Bus, deployment: &str) {
         assert!(!c.fetch(d.clone(), what).await.found);
     }
     // A late retry of DELEGATION_START is taken but nothing is kept.
-    let late = c
-        .lodge(d.clone(), lodge::Secret::StartAccountTnds(account.clone()))
-        .await;
+    let late = c.lodge(d.clone(), Clear::Account(account.clone())).await;
     assert!(late.ok && !late.reason.is_empty(), "{late:?}");
     assert!(!c.fetch(d.clone(), fetch::What::PeerAccount).await.found);
 

@@ -983,6 +983,18 @@ pub fn parse(text: &str, env: &dyn Environment) -> Result<FileConfig, ConfigErro
         Some(g) => {
             let span = g.span();
             let g = g.get_ref();
+            // Secrets cross the bus sealed with a key derived from the master key (issue 13): on NATS
+            // the gateway's must be auth's. In one process without [auth] nobody opens them anyway.
+            let bus_key = match (&auth, &nats_url) {
+                (Some(a), _) => a.master_key.bus_key(),
+                (None, None) => dm_auth::MasterKey::random().bus_key(),
+                (None, Some(_)) => {
+                    return Err(p.at(
+                        span,
+                        "[gateway] on NATS needs the master key: the [auth] table with master_key_file or master_key_env (secrets cross the bus sealed with a key derived from it)",
+                    ));
+                }
+            };
             let Some(tls) = &file.tls else {
                 return Err(p.at(
                     span,
@@ -1011,6 +1023,7 @@ pub fn parse(text: &str, env: &dyn Environment) -> Result<FileConfig, ConfigErro
                 trust: trust.clone(),
                 peers: gateway_peers,
                 timeouts: g.timeouts.resolve(),
+                bus_key: Some(bus_key),
             };
             config.validate().map_err(|e| p.at(span, e.to_string()))?;
             Some(config)
@@ -1283,7 +1296,8 @@ push_url = "http://push:8700"
             "server_id = \"dms1.operator.example\"\nnats_url = \"nats://nats:4222\"\n",
         ));
         assert!(e.message.contains("master_key_file or"), "{e}");
-        // Provisioning seals device credentials with the same key: on NATS it needs [auth].
+        // Secrets cross the bus sealed with a key derived from the master key: on NATS the gateway
+        // needs [auth].
         let e = error(
             &FILE
                 .replace(
@@ -1294,6 +1308,23 @@ push_url = "http://push:8700"
                     "[auth]\ndm_address = \"https://dm.dms1.operator.example/dm\"\nmaster_key_env = \"MASTER\"\n",
                     "",
                 ),
+        );
+        assert!(
+            e.message.contains("[gateway] on NATS needs the master key"),
+            "{e}"
+        );
+        // Provisioning seals device credentials with the same key: on NATS it needs [auth] too.
+        let e = error(
+            &FILE
+                .replace(
+                    "server_id = \"dms1.operator.example\"\n",
+                    "server_id = \"dms1.operator.example\"\nnats_url = \"nats://nats:4222\"\n",
+                )
+                .replace(
+                    "[auth]\ndm_address = \"https://dm.dms1.operator.example/dm\"\nmaster_key_env = \"MASTER\"\n",
+                    "",
+                )
+                .replace("[gateway]\nlisten = \"0.0.0.0:8443\"\n", ""),
         );
         assert!(
             e.message

@@ -174,6 +174,7 @@ fn spec(side: SideSpec<'_>, pki: &pki::Pki, push_url: &str) -> anyhow::Result<De
             ack_wait: Duration::from_secs(60),
             ..dm_gateway::Timeouts::default()
         },
+        bus_key: Some(auth.master_key.bus_key()),
     };
     let acceptance = AcceptancePolicy {
         offered_types: vec![

@@ -176,6 +176,7 @@ pub async fn start(spec: DeploymentSpec, bus: Bus) -> anyhow::Result<Running> {
             .context("device bucket")?;
         let service = service
             .with_snapshot_store(store)
+            .with_bus_key(p.master_key.bus_key())
             .with_device_store(devices, p.master_key)
             // Replicas share the device channel: a device may post to any of them.
             .with_forwarding(bus.clone(), names.clone())

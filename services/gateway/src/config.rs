@@ -161,6 +161,9 @@ pub struct Config {
     pub trust: Trust,
     pub peers: Vec<Peer>,
     pub timeouts: Timeouts,
+    /// Seals the secrets of inbound messages for auth and opens those auth hands out for sends: the
+    /// deployment's bus key (`MasterKey::bus_key`). Required to bind; never in the gateway's own TOML.
+    pub bus_key: Option<dm_seal::BusKey>,
 }
 
 /// The default endpoint path.
@@ -259,6 +262,7 @@ impl Config {
             trust: raw.trust,
             peers: raw.peers,
             timeouts: raw.timeouts.resolve(),
+            bus_key: None,
         };
         config.validate()?;
         Ok(config)

@@ -1,8 +1,10 @@
 //! The peer-facing endpoint: mutually authenticated TLS connections, kept alive for many HTTP/1.1
 //! exchanges one after the other, each request checked in the order of PROTOCOL.md A.2:
-//! 415 content type, 405 method, 413 size, 400 decoding, 403 identity (auth), then lodge secrets with auth
-//! and hand the message to the orchestrator, whose answer (duplicate → same answer, 404, 409, 202) is
-//! passed on; 503 when auth or the orchestrator do not answer in time.
+//! 415 content type, 405 method, 413 size, 400 decoding, 403 identity (auth), then hand the message to the
+//! orchestrator, whose answer (duplicate → same answer, 404, 409, 202) is passed on; 503 when auth or the
+//! orchestrator do not answer in time. The secret of a START (the account) or a PREPARED (the key) goes
+//! along sealed for auth: the orchestrator lodges it with auth only once its decision accepted the message
+//! and before it commits, so a refused message (404, 409) leaves no secret on the bus or in the store.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -14,8 +16,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use dm_bus::{Area, Bus, Names};
 use dm_proto::bus::v1::{
-    DelegationRef, IdentityAnswer, IdentityCheck, InboundAnswer, InboundPeerMessage, Lodge,
-    LodgeAnswer, lodge,
+    DelegationRef, IdentityAnswer, IdentityCheck, InboundAnswer, InboundPeerMessage, Lodge, lodge,
 };
 use dm_protocol::delegation::{self, Body, DelegationError, Limits, Message};
 use dm_saga::pb;
@@ -41,12 +42,13 @@ pub(crate) struct Inbound {
     pub limits: Limits,
     pub timeouts: Timeouts,
     pub identity_subject: String,
-    pub lodge_subject: String,
     pub peer_subject: String,
     /// For the metrics' `deployment` label.
     pub deployment: String,
     /// The `Timestamp` window and the per-peer limits.
     pub guard: Guard,
+    /// Seals the secret of a START or a PREPARED for auth.
+    pub bus_key: Option<dm_seal::BusKey>,
 }
 
 impl Inbound {
@@ -66,11 +68,18 @@ impl Inbound {
             },
             timeouts,
             identity_subject: names.subject(Area::Req, "auth.identity")?,
-            lodge_subject: names.subject(Area::Req, "auth.lodge")?,
             peer_subject: names.subject(Area::Req, "orchestrator.peer")?,
             deployment: names.deployment().to_string(),
             guard: Guard::off(),
+            bus_key: None,
         })
+    }
+
+    /// The same endpoint, sealing the secrets of inbound messages with `key` (without one, a START or a
+    /// PREPARED gets 503: its secret cannot be handed on).
+    pub(crate) fn with_bus_key(mut self, key: dm_seal::BusKey) -> Self {
+        self.bus_key = Some(key);
+        self
     }
 
     /// The same endpoint with these guards (none by default).
@@ -352,11 +361,12 @@ impl Inbound {
             tracing::info!(sender = %message.dm_server_id, msg_id = %message.msg_id, %reason, "inbound message refused");
             return error_response(400, &reason);
         }
-        if let Some(response) = self.lodge(message, trace).await {
-            return response;
-        }
+        let Ok(lodge) = self.sealed_secret(message) else {
+            return unavailable("the message's secret could not be stored; retry later");
+        };
         let inbound = InboundPeerMessage {
             message: Some(peer_message(message)),
+            lodge,
         };
         let answer: InboundAnswer = match ask(
             &self.bus,
@@ -392,22 +402,35 @@ impl Inbound {
         }
     }
 
-    /// Hands the secret part of START (the account) and PREPARED (the key) to auth. `Some` is the answer
-    /// to give when that failed.
-    async fn lodge(&self, message: &Message, trace: &[(String, String)]) -> Option<HttpResponse> {
+    /// The secret part of START (the account) or PREPARED (the key), sealed for auth with the bus key:
+    /// bound to the delegation, the field and the direction. `Err`: it cannot be sealed (503).
+    fn sealed_secret(&self, message: &Message) -> Result<Option<Lodge>, dm_seal::SealError> {
         // The receiver of START is the delegating server, the receiver of PREPARED the delegated one.
-        let (role, secret) = match &message.body {
+        let (role, field, plain) = match &message.body {
             Body::Start(start) => (
                 pb::Role::Delegating,
-                lodge::Secret::StartAccountTnds(
-                    dm_protocol::tnds::encode(&start.dm_acc).into_bytes(),
-                ),
+                dm_seal::field::PEER_ACCOUNT,
+                dm_seal::Zeroizing::new(dm_protocol::tnds::encode(&start.dm_acc).into_bytes()),
             ),
             Body::Prepared(p) => (
                 pb::Role::Delegated,
-                lodge::Secret::TempDelegationKey(p.temp_delegation_key.to_base64()),
+                dm_seal::field::TEMP_KEY,
+                dm_seal::Zeroizing::new(p.temp_delegation_key.to_base64().into_bytes()),
             ),
-            _ => return None,
+            _ => return Ok(None),
+        };
+        let Some(bus_key) = &self.bus_key else {
+            tracing::error!("no bus key: the message's secret cannot be handed on; answering 503");
+            return Err(dm_seal::SealError);
+        };
+        let record = dm_bus::subjects::delegation_key(
+            &message.dm_server_id,
+            &message.session_id.to_string(),
+        );
+        let sealed = bus_key.seal(&record, field, dm_seal::Direction::ToAuth, &plain)?;
+        let secret = match &message.body {
+            Body::Start(_) => lodge::Secret::SealedStartAccount(sealed),
+            _ => lodge::Secret::SealedTempDelegationKey(sealed),
         };
         let mut delegation = DelegationRef {
             peer_server_id: message.dm_server_id.clone(),
@@ -415,30 +438,10 @@ impl Inbound {
             ..Default::default()
         };
         delegation.set_role(role);
-        let request = Lodge {
+        Ok(Some(Lodge {
             delegation: Some(delegation),
             secret: Some(secret),
-        };
-        match ask::<LodgeAnswer>(
-            &self.bus,
-            &self.lodge_subject,
-            &request,
-            "dmd.bus.v1.Lodge",
-            "LodgeAnswer",
-            trace,
-            self.timeouts.auth,
-        )
-        .await
-        {
-            Ok(a) if a.ok => None,
-            Ok(a) => {
-                tracing::warn!(reason = %a.reason, "auth did not keep the message's secret; answering 503");
-                Some(unavailable(
-                    "the message's secret could not be stored; retry later",
-                ))
-            }
-            Err(e) => Some(bus_trouble("auth (lodge)", &e)),
-        }
+        }))
     }
 
     /// Serves one accepted TCP connection: the mutual-TLS handshake, then HTTP/1.1 requests until the peer

@@ -3,13 +3,14 @@
 //! - **Inbound**: an HTTPS endpoint with mutual TLS. The handshake accepts a client certificate that chains
 //!   to a configured CA or whose SubjectPublicKeyInfo SHA-256 is pinned, and nothing else. Each request is
 //!   checked in the order of A.2 — 415 content type, 405 method, 413 size, 400 decoding, 403 identity (asked
-//!   of auth on `req.auth.identity`) — then the secrets of DELEGATION_START (the account, as TNDS) and
-//!   DELEGATION_PREPARED (the TEMP_DELEGATION_KEY) are lodged with auth (`req.auth.lodge`), and the
-//!   secret-free message goes to the orchestrator (`req.orchestrator.peer`), whose answer — given after the
+//!   of auth on `req.auth.identity`) — then the secret-free message goes to the orchestrator
+//!   (`req.orchestrator.peer`) with the secret of DELEGATION_START (the account, as TNDS) or
+//!   DELEGATION_PREPARED (the TEMP_DELEGATION_KEY) sealed for auth with the bus key (the orchestrator
+//!   lodges it with auth only if its decision accepts the message), and its answer — given after the
 //!   decision was committed — is the HTTP answer (202, or the status with a `<DelegationError>` body:
 //!   duplicates get the first answer, 404, 409, …). 503 when auth or the orchestrator do not answer in time.
 //! - **Outbound**: the saga's `Send` commands (`cmd.gateway.send`) become messages POSTed to the peer with
-//!   this server's client certificate; secrets are fetched from auth at send time; network errors and 503
+//!   this server's client certificate; secrets are fetched from auth at send time, sealed with the bus key; network errors and 503
 //!   are retried with exponential back-off and the same MsgID until the send deadline; per delegation a
 //!   message goes out only after the previous one got its final answer. Connections to a peer are pooled
 //!   (HTTP/1.1 keep-alive; each new one does the full mutual-TLS handshake), and the inbound endpoint
@@ -124,6 +125,13 @@ impl Gateway {
     ) -> Result<Gateway, GatewayError> {
         install_crypto_provider();
         config.validate()?;
+        let bus_key = config.bus_key.clone().ok_or_else(|| {
+            ConfigError::invalid(
+                "bus_key",
+                "the gateway needs the deployment's master key ([auth] master_key_file or \
+                 master_key_env): secrets cross the bus sealed with a key derived from it",
+            )
+        })?;
         let names = Names::new(&config.deployment)
             .map_err(|e| ConfigError::invalid("deployment", e.to_string()))?;
         let material = tls::load(&config)?;
@@ -163,10 +171,12 @@ impl Gateway {
             config.max_body_bytes,
             config.timeouts,
         )?
-        .with_guard(guard::Guard::new(&config));
+        .with_guard(guard::Guard::new(&config))
+        .with_bus_key(bus_key.clone());
         let outbound = Outbound {
             sent: bus.kv(&names.bucket("sent")?, 1).await?,
             fetch_subject: names.subject(Area::Req, "auth.fetch")?,
+            bus_key,
             bus,
             names,
             server_id: config.server_id.clone(),

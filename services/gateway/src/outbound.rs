@@ -65,6 +65,8 @@ pub(crate) struct Outbound {
     pub peers: HashMap<String, PeerTarget>,
     pub timeouts: Timeouts,
     pub fetch_subject: String,
+    /// Opens what auth hands out (sealed for this deployment).
+    pub bus_key: dm_seal::BusKey,
 }
 
 /// The encoded message: it may hold a secret, so it never shows in `Debug`.
@@ -604,13 +606,33 @@ impl Outbound {
                 answer.reason
             )));
         }
+        let field = match what {
+            fetch::What::OwnAccount => dm_seal::field::OWN_ACCOUNT,
+            fetch::What::TempKey => dm_seal::field::TEMP_KEY,
+            _ => return Err(FetchError::Permanent("unexpected secret kind".into())),
+        };
+        let record =
+            dm_bus::subjects::delegation_key(&delegation.peer_server_id, &delegation.session_id);
+        let value = self
+            .bus_key
+            .open(
+                &record,
+                field,
+                dm_seal::Direction::FromAuth,
+                &answer.sealed_value,
+            )
+            .map_err(|_| {
+                FetchError::Permanent(
+                    "the secret from auth does not open (another master key, or tampered)".into(),
+                )
+            })?;
         match what {
-            fetch::What::OwnAccount => dm_protocol::tnds::decode(&answer.value)
+            fetch::What::OwnAccount => dm_protocol::tnds::decode(&value)
                 .map(Secret::OwnAccount)
                 .map_err(|e| {
                     FetchError::Permanent(format!("the account from auth is not TNDS: {e}"))
                 }),
-            fetch::What::TempKey => std::str::from_utf8(&answer.value)
+            fetch::What::TempKey => std::str::from_utf8(&value)
                 .ok()
                 .and_then(|s| TempDelegationKey::from_str(s.trim()).ok())
                 .map(Secret::TempKey)

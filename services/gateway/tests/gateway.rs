@@ -12,7 +12,7 @@ use bytes::Bytes;
 use dm_bus::testing::NatsServer;
 use dm_bus::{Area, Bus, Headers, Names};
 use dm_gateway::{Config, ConfigError, Gateway, GatewayError};
-use dm_proto::bus::v1::{CommandEnvelope, DelegationRef, fetch, lodge};
+use dm_proto::bus::v1::{CommandEnvelope, DelegationRef, fetch};
 use dm_saga::pb::{self, peer_message, send_message};
 use prost::Message as _;
 use support::*;
@@ -308,6 +308,33 @@ async fn handshakes_without_a_trusted_certificate_fail() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_start_or_prepared_lodges_nothing() {
+    let r = receiver(Bus::in_process(), true, true).await;
+    let addr = r.gateway.addr;
+    let dms1 = Client::new(&r.pki, Some(&r.pki.dms1));
+    // No NOTIF before: the SessionID is unknown (404), and nothing may reach auth.
+    for (i, body) in [
+        start(&msg_id(1), SESSION, "dms1.example"),
+        prepared(&msg_id(2), SESSION, "dms1.example"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let a = dms1.post(addr, body).await.unwrap();
+        assert_eq!(a.0, 404, "message {i}: {}", String::from_utf8_lossy(&a.1));
+    }
+    assert!(r.auth.lock().unwrap().lodged.is_empty());
+    // What went to the orchestrator carried the secret sealed only.
+    let o = r.orchestrator.lock().unwrap();
+    assert_eq!(o.payloads.len(), 2);
+    for payload in &o.payloads {
+        for secret in [ACCOUNT_SECRET.as_bytes(), TEMP_KEY.as_bytes()] {
+            assert!(!contains(payload, secret), "a secret travelled the bus");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_are_lodged_with_auth_and_never_reach_the_bus() {
     let r = receiver(Bus::in_process(), true, true).await;
     let addr = r.gateway.addr;
@@ -334,17 +361,16 @@ async fn secrets_are_lodged_with_auth_and_never_reach_the_bus() {
             ("dms1.example", SESSION)
         );
         assert_eq!(d.role(), pb::Role::Delegating);
-        let Some(lodge::Secret::StartAccountTnds(tnds)) = &account.secret else {
-            panic!("no account lodged")
-        };
-        let tree = dm_protocol::tnds::decode(tnds).unwrap();
+        let (field, tnds) = opened(account);
+        assert_eq!(field, dm_seal::field::PEER_ACCOUNT);
+        let tree = dm_protocol::tnds::decode(&tnds).unwrap();
         let expected = dm_protocol::tnds::decode(account_tnds("dms1.example").as_bytes()).unwrap();
         assert_eq!(tree, expected);
         let key = &auth.lodged[1];
         assert_eq!(key.delegation.as_ref().unwrap().role(), pb::Role::Delegated);
         assert_eq!(
-            key.secret,
-            Some(lodge::Secret::TempDelegationKey(TEMP_KEY.into()))
+            opened(key),
+            (dm_seal::field::TEMP_KEY, TEMP_KEY.as_bytes().to_vec())
         );
     }
     // The orchestrator got the messages without their secrets.
@@ -599,13 +625,12 @@ async fn outbound_retries_503_with_the_same_msgid_in_order_over_nats() {
     drop(o);
     // The key went from DMS-1's auth over mTLS into DMS-2's auth, and nowhere else.
     let auth2 = p.receiver.auth.lock().unwrap();
-    assert!(
-        auth2
-            .lodged
-            .iter()
-            .all(|l| l.secret == Some(lodge::Secret::TempDelegationKey(TEMP_KEY.into())))
+    // Lodged once: the two copies answered 503 were refused, and a refused message lodges nothing.
+    assert_eq!(auth2.lodged.len(), 1);
+    assert_eq!(
+        opened(&auth2.lodged[0]),
+        (dm_seal::field::TEMP_KEY, TEMP_KEY.as_bytes().to_vec())
     );
-    assert_eq!(auth2.lodged.len(), 3);
     let auth1 = p.sender_auth.lock().unwrap();
     assert_eq!(auth1.fetches.len(), 1);
     assert_eq!(auth1.fetches[0].what(), fetch::What::TempKey);
@@ -680,11 +705,9 @@ async fn outbound_start_carries_this_servers_account_from_auth() {
     }
     {
         let auth2 = p.receiver.auth.lock().unwrap();
-        let Some(lodge::Secret::StartAccountTnds(tnds)) = &auth2.lodged[0].secret else {
-            panic!("no account lodged")
-        };
+        let (_, tnds) = opened(&auth2.lodged[0]);
         assert_eq!(
-            dm_protocol::tnds::decode(tnds).unwrap(),
+            dm_protocol::tnds::decode(&tnds).unwrap(),
             dm_protocol::tnds::decode(account_tnds("dms1.example").as_bytes()).unwrap()
         );
     }

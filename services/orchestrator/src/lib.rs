@@ -31,7 +31,7 @@ use bytes::Bytes;
 use dm_bus::{Area, Bus, BusError, ConsumerConfig, Headers, Kv, Names};
 use dm_proto::bus::v1::{
     AuditEvent, CommandEnvelope, DelegationRef, EventEnvelope, InboundAnswer, InboundPeerMessage,
-    StoredDelegation, StoredTimerView,
+    Lodge, LodgeAnswer, StoredDelegation, StoredTimerView,
 };
 use dm_saga::pb::{self, DelegationState, Event, command, event};
 use dm_saga::{Answer, Claim, Decider, claim_of};
@@ -497,7 +497,64 @@ impl Orchestrator {
         let span = self
             .step_span(&key, peer_server_id, session_id, event, traceparent)
             .await;
-        tracing::Instrument::instrument(self.apply_locked(key, event, traceparent), span).await
+        tracing::Instrument::instrument(self.apply_locked(key, event, traceparent, None), span)
+            .await
+    }
+
+    /// [`Orchestrator::apply_traced`] for a peer's message that carries a secret (START's account,
+    /// PREPARED's key, sealed by the gateway): the secret is lodged with auth only if the decision accepts
+    /// the message, and before that decision is committed. A refused message leaves no secret anywhere;
+    /// an accepted one is never ahead of its secret (the commands it starts fetch it); a secret auth does
+    /// not keep commits nothing (503: the peer sends the message again).
+    async fn apply_peer(
+        &self,
+        message: &pb::PeerMessage,
+        event: &Event,
+        traceparent: Option<&str>,
+        lodge: Option<&Lodge>,
+    ) -> Result<Applied, OrchestratorError> {
+        let key = delegation_key(&message.sender, &message.session_id);
+        let span = self
+            .step_span(
+                &key,
+                &message.sender,
+                &message.session_id,
+                event,
+                traceparent,
+            )
+            .await;
+        tracing::Instrument::instrument(self.apply_locked(key, event, traceparent, lodge), span)
+            .await
+    }
+
+    /// Hands a sealed secret to auth (`req.auth.lodge`); `Err` says why it was not kept.
+    async fn lodge(&self, lodge: &Lodge, traceparent: Option<&str>) -> Result<(), String> {
+        let subject = self
+            .inner
+            .config
+            .names
+            .subject(Area::Req, "auth.lodge")
+            .map_err(|e| e.to_string())?;
+        let mut headers = typed_headers("dmd.bus.v1.Lodge");
+        if let Some(tp) = traceparent {
+            headers.insert("traceparent", tp);
+        }
+        let answer = self
+            .inner
+            .bus
+            .request(
+                &subject,
+                headers,
+                Bytes::from(lodge.encode_to_vec()),
+                LODGE_TIMEOUT,
+            )
+            .await
+            .map_err(|e| format!("auth did not answer: {e}"))?;
+        match LodgeAnswer::decode(answer.payload) {
+            Ok(a) if a.ok => Ok(()),
+            Ok(a) => Err(a.reason),
+            Err(_) => Err("auth's answer does not decode".into()),
+        }
     }
 
     /// The span of one step (one event decided): child of the context the event came with, else of the
@@ -544,12 +601,13 @@ impl Orchestrator {
         key: String,
         event: &Event,
         traceparent: Option<&str>,
+        lodge: Option<&Lodge>,
     ) -> Result<Applied, OrchestratorError> {
         let _guard = self.shard(&key).lock().await;
         // Set once this call claimed the device for a new delegation: released if nothing is stored.
         let mut claimed: Option<NewClaim> = None;
         let result = self
-            .decide_and_commit(&key, event, traceparent, &mut claimed)
+            .decide_and_commit(&key, event, traceparent, lodge, &mut claimed)
             .await;
         // Refused before anything was written: the claim goes. Once the state may have been written
         // (even if the call then failed: a publish, a write whose answer was lost), the claim stays with
@@ -578,6 +636,7 @@ impl Orchestrator {
         key: &str,
         event: &Event,
         traceparent: Option<&str>,
+        lodge: Option<&Lodge>,
         claimed: &mut Option<NewClaim>,
     ) -> Result<Applied, OrchestratorError> {
         let key = key.to_string();
@@ -643,6 +702,21 @@ impl Orchestrator {
                     state: None,
                 });
             };
+            // The message's secret goes to auth now that the message is accepted, before the decision
+            // is stored: a refused message put nothing on the bus, and the commands of this decision
+            // find the secret kept.
+            if let Some(lodge) = lodge
+                && let Err(reason) = self.lodge(lodge, traceparent).await
+            {
+                tracing::warn!(%reason, "auth did not keep the message's secret; answering 503");
+                return Ok(Applied {
+                    answer: Answer::Rejected {
+                        status: 503,
+                        reason: "the message's secret could not be stored; retry later".into(),
+                    },
+                    state,
+                });
+            }
             if new_state.trace_id.is_empty() {
                 new_state.trace_id = traceparent
                     .and_then(trace_id_of)
@@ -925,9 +999,9 @@ impl Orchestrator {
                 request = peer.next() => {
                     let Some(request) = request else { break Ok(()) };
                     match InboundPeerMessage::decode(request.message.payload.clone()) {
-                        Ok(InboundPeerMessage { message: Some(m) }) => {
+                        Ok(InboundPeerMessage { message: Some(m), lodge }) => {
                             let key = delegation_key(&m.sender, &m.session_id);
-                            Some((key, Input::Peer { request, message: m }))
+                            Some((key, Input::Peer { request, message: m, lodge }))
                         }
                         _ => {
                             let answer = InboundAnswer { http_status: 400, reason: "malformed request".into() };
@@ -1081,7 +1155,11 @@ impl Orchestrator {
                         tracing::warn!(error = %e, "an event could not be acknowledged; it comes again");
                     }
                 }
-                Input::Peer { request, message } => {
+                Input::Peer {
+                    request,
+                    message,
+                    lodge,
+                } => {
                     let event = Event {
                         kind: Some(event::Kind::Peer(message.clone())),
                     };
@@ -1091,7 +1169,7 @@ impl Orchestrator {
                         .get("traceparent")
                         .map(str::to_string);
                     let answer = match self
-                        .apply_traced(&message.sender, &message.session_id, &event, tp.as_deref())
+                        .apply_peer(&message, &event, tp.as_deref(), lodge.as_ref())
                         .await
                     {
                         Ok(applied) => InboundAnswer {
@@ -1159,6 +1237,9 @@ impl Orchestrator {
     }
 }
 
+/// How long auth may take to keep a peer message's secret (the gateway waits for the whole decision).
+const LODGE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Attempts after which an event that cannot be decided is dropped as poison (with a dead-letter record).
 const MAX_DELIVER: u64 = 20;
 
@@ -1176,6 +1257,8 @@ enum Input {
     Peer {
         request: dm_bus::Request,
         message: pb::PeerMessage,
+        /// The message's secret, sealed for auth (START, PREPARED).
+        lodge: Option<Lodge>,
     },
     Timer {
         key: String,

@@ -169,6 +169,8 @@ pub struct Provisioning {
     devices: Option<Arc<DeviceStore>>,
     /// Replicas hand each other device messages: `None` for a lone replica.
     forward: Option<Arc<Forwarding>>,
+    /// Opens the secrets auth hands out for plans and first sessions (the deployment's bus key).
+    bus_key: Option<dm_seal::BusKey>,
 }
 
 /// How replicas of the service share the device channel: a device posts to whichever replica its
@@ -273,6 +275,7 @@ impl Provisioning {
                 store: None,
                 devices: None,
                 forward: None,
+                bus_key: None,
             },
             rx,
         )
@@ -325,6 +328,17 @@ impl Provisioning {
             }
         }
         Ok(())
+    }
+
+    /// Opens the secrets fetched from auth with `key` (the deployment's bus key, `MasterKey::bus_key`).
+    /// Without one, a command that needs a secret fails with that reason.
+    pub fn with_bus_key(mut self, key: dm_seal::BusKey) -> Self {
+        self.bus_key = Some(key);
+        self
+    }
+
+    pub(crate) fn bus_key(&self) -> Option<&dm_seal::BusKey> {
+        self.bus_key.as_ref()
     }
 
     /// Keeps every device's credentials in `kv`, sealed with `key` (the deployment's master key).

@@ -17,6 +17,7 @@ use dm_protocol::delegation::DelType as WireDelType;
 use dm_protocol::dmacc::{AuthLevel, DmAccount, Secret};
 use dm_protocol::types::{DmUri, UtcTime};
 use dm_saga::pb::{self, DelType, Event, Work, WorkResult, command, event};
+use dm_seal::{Direction, Zeroizing, field};
 use prost::Message as _;
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -72,11 +73,15 @@ const AUTH_AWAY: &str = "auth is not answering";
 const STORE_AWAY: &str = "the device store is not answering";
 
 async fn fetch_secret(
+    provisioning: &Provisioning,
     bus: &Bus,
     names: &Names,
     d: &DelegationRef,
     what: fetch::What,
-) -> Result<Vec<u8>, String> {
+) -> Result<Zeroizing<Vec<u8>>, String> {
+    let Some(bus_key) = provisioning.bus_key() else {
+        return Err("no bus key: the secrets auth hands out cannot be opened".into());
+    };
     let mut request = Fetch {
         delegation: Some(d.clone()),
         ..Default::default()
@@ -99,11 +104,18 @@ async fn fetch_secret(
             other => other.to_string(),
         })?;
     let answer = FetchAnswer::decode(answer.payload).map_err(|e| e.to_string())?;
-    if answer.found {
-        Ok(answer.value)
-    } else {
-        Err(format!("auth has no such secret: {}", answer.reason))
+    if !answer.found {
+        return Err(format!("auth has no such secret: {}", answer.reason));
     }
+    let name = match what {
+        fetch::What::OwnAccount => field::OWN_ACCOUNT,
+        fetch::What::PeerAccount => field::PEER_ACCOUNT,
+        _ => field::TEMP_KEY,
+    };
+    let record = dm_bus::subjects::delegation_key(&d.peer_server_id, &d.session_id);
+    bus_key
+        .open(&record, name, Direction::FromAuth, &answer.sealed_value)
+        .map_err(|_| "the secret from auth does not open (another master key, or tampered)".into())
 }
 
 fn account_from_tnds(bytes: &[u8]) -> Result<DmAccount, String> {
@@ -380,13 +392,17 @@ async fn job_for(
     match kind {
         command::Kind::ApplyPlan(plan) => {
             let fail = |status, reason: String| (Work::ApplyPlan, status, reason);
-            let account = fetch_secret(bus, names, &d, fetch::What::PeerAccount)
+            let account = fetch_secret(provisioning, bus, names, &d, fetch::What::PeerAccount)
                 .await
                 .and_then(|b| account_from_tnds(&b))
                 .map_err(|e| fail(500, e))?;
-            let temp_key = fetch_secret(bus, names, &d, fetch::What::TempKey)
+            let temp_key = fetch_secret(provisioning, bus, names, &d, fetch::What::TempKey)
                 .await
-                .and_then(|b| String::from_utf8(b).map_err(|e| e.to_string()))
+                .and_then(|b| {
+                    std::str::from_utf8(&b)
+                        .map(str::to_string)
+                        .map_err(|e| e.to_string())
+                })
                 .map_err(|e| fail(500, e))?;
             let del_type =
                 wire_type(plan.del_type()).ok_or_else(|| fail(400, "no delegation type".into()))?;
@@ -429,11 +445,15 @@ async fn job_for(
         command::Kind::RunFirstSession(first) => {
             let fail = |status, reason: String| (Work::FirstSession, status, reason);
             let plan = first.plan.clone().unwrap_or_default();
-            let temp_key = fetch_secret(bus, names, &d, fetch::What::TempKey)
+            let temp_key = fetch_secret(provisioning, bus, names, &d, fetch::What::TempKey)
                 .await
-                .and_then(|b| String::from_utf8(b).map_err(|e| e.to_string()))
+                .and_then(|b| {
+                    std::str::from_utf8(&b)
+                        .map(str::to_string)
+                        .map_err(|e| e.to_string())
+                })
                 .map_err(|e| fail(500, e))?;
-            let own = fetch_secret(bus, names, &d, fetch::What::OwnAccount)
+            let own = fetch_secret(provisioning, bus, names, &d, fetch::What::OwnAccount)
                 .await
                 .and_then(|b| account_from_tnds(&b))
                 .map_err(|e| fail(500, e))?;

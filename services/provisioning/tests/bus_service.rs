@@ -52,6 +52,11 @@ fn command(outbox_id: &str, kind: command::Kind) -> CommandEnvelope {
     }
 }
 
+/// The deployment's bus key (from a fixed master key).
+fn bus_key() -> dm_seal::BusKey {
+    dm_seal::MasterKey::from_bytes([5; 32]).bus_key()
+}
+
 /// The deployment's work queues, and auth's part: the secrets of the delegation, on `req.auth.fetch`.
 async fn work_queues_and_auth(bus: &Bus, names: &Names) {
     for area in [Area::Cmd, Area::Evt] {
@@ -66,14 +71,21 @@ async fn work_queues_and_auth(bus: &Bus, names: &Names) {
     tokio::spawn(async move {
         while let Some(r) = fetches.next().await {
             let f = Fetch::decode(r.message.payload.clone()).unwrap();
-            let value = match f.what() {
-                fetch::What::PeerAccount => start_xml_account_tnds(),
-                fetch::What::TempKey => TEMP_KEY.as_bytes().to_vec(),
-                _ => Vec::new(),
+            let (field, value) = match f.what() {
+                fetch::What::PeerAccount => {
+                    (dm_seal::field::PEER_ACCOUNT, start_xml_account_tnds())
+                }
+                fetch::What::TempKey => (dm_seal::field::TEMP_KEY, TEMP_KEY.as_bytes().to_vec()),
+                _ => (dm_seal::field::OWN_ACCOUNT, Vec::new()),
             };
+            // Sealed as auth hands it out.
+            let d = f.delegation.clone().unwrap_or_default();
+            let key = dm_bus::subjects::delegation_key(&d.peer_server_id, &d.session_id);
             let answer = FetchAnswer {
                 found: !value.is_empty(),
-                value,
+                sealed_value: bus_key()
+                    .seal(&key, field, dm_seal::Direction::FromAuth, &value)
+                    .unwrap(),
                 reason: String::new(),
             };
             r.respond(Headers::new(), Bytes::from(answer.encode_to_vec()))
@@ -98,6 +110,7 @@ async fn apply_and_restore_over_the_bus() {
     let url = format!("http://{}/dm", listener.local_addr().unwrap());
     let channel: Arc<dyn Package0Channel> = Arc::new(HttpPushChannel::new(&fleet_url));
     let (p1, outcomes) = Provisioning::new(Config::new(D1, url.clone()), channel);
+    let p1 = p1.with_bus_key(bus_key());
     tokio::spawn(p1.clone().serve(listener, std::future::pending()));
     let account = DefaultAccount {
         server_id: D1.into(),
@@ -217,7 +230,7 @@ async fn a_restarted_service_restores_from_the_stored_snapshot() {
             let url = format!("http://{}/dm", listener.local_addr().unwrap());
             let channel: Arc<dyn Package0Channel> = Arc::new(HttpPushChannel::new(&fleet_url));
             let (p, outcomes) = Provisioning::new(Config::new(D1, url.clone()), channel);
-            let p = p.with_snapshot_store(store);
+            let p = p.with_snapshot_store(store).with_bus_key(bus_key());
             tokio::spawn(p.clone().serve(listener, std::future::pending()));
             (p, outcomes, url)
         }
@@ -379,6 +392,7 @@ async fn a_command_left_by_a_stopped_replica_is_carried_out_by_the_next() {
     // The first replica takes the command, but its device cannot be reached; it stops.
     let tried = Arc::new(Unreachable(tokio::sync::Notify::new()));
     let (first, first_outcomes) = Provisioning::new(config(), tried.clone());
+    let first = first.with_bus_key(bus_key());
     first.register_device(DEV, creds.clone());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let first_run = tokio::spawn(dm_provisioning::service::run(
@@ -417,6 +431,7 @@ async fn a_command_left_by_a_stopped_replica_is_carried_out_by_the_next() {
     // The next replica (the device reachable now) gets the command again and carries it out.
     let channel: Arc<dyn Package0Channel> = Arc::new(HttpPushChannel::new(&fleet_url));
     let (next, next_outcomes) = Provisioning::new(config(), channel);
+    let next = next.with_bus_key(bus_key());
     next.register_device(DEV, creds);
     tokio::spawn(next.clone().serve(listener, std::future::pending()));
     tokio::spawn(dm_provisioning::service::run(

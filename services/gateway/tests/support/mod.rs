@@ -15,7 +15,7 @@ use dm_bus::{Area, Bus, Headers, Names};
 use dm_gateway::{Config, Peer, Timeouts, TlsFiles, Trust, TrustedCa};
 use dm_proto::bus::v1::{
     Fetch, FetchAnswer, IdentityAnswer, IdentityCheck, InboundAnswer, InboundPeerMessage, Lodge,
-    LodgeAnswer, fetch,
+    LodgeAnswer, fetch, lodge,
 };
 use dm_saga::pb;
 use http_body_util::{BodyExt, Full};
@@ -30,6 +30,25 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// The bus key of the tests' deployments (from a fixed master key).
+pub fn bus_key() -> dm_seal::BusKey {
+    dm_seal::MasterKey::from_bytes([9; 32]).bus_key()
+}
+
+/// A lodged secret opened as auth opens it: the secret's field and its clear bytes.
+pub fn opened(l: &Lodge) -> (&'static str, Vec<u8>) {
+    let d = l.delegation.clone().unwrap_or_default();
+    let key = dm_bus::subjects::delegation_key(&d.peer_server_id, &d.session_id);
+    let (field, sealed) = match l.secret.as_ref().unwrap() {
+        lodge::Secret::SealedStartAccount(b) => (dm_seal::field::PEER_ACCOUNT, b),
+        lodge::Secret::SealedTempDelegationKey(b) => (dm_seal::field::TEMP_KEY, b),
+    };
+    let plain = bus_key()
+        .open(&key, field, dm_seal::Direction::ToAuth, sealed)
+        .unwrap();
+    (field, plain.to_vec())
+}
 pub const CONTENT_TYPE: &str = "application/vnd.dm.delegation+xml";
 
 /// A directory removed on drop.
@@ -218,6 +237,7 @@ impl Pki {
                 drain: Duration::from_secs(1),
                 ..Timeouts::default()
             },
+            bus_key: Some(bus_key()),
         }
     }
 
@@ -533,15 +553,28 @@ pub async fn stand_in_auth(bus: &Bus, names: &Names, state: Shared<AuthState>) {
     tokio::spawn(async move {
         while let Some(r) = fetch_requests.next().await {
             let f = Fetch::decode(r.message.payload.clone()).unwrap();
-            let session = f.delegation.clone().unwrap_or_default().session_id;
+            let d = f.delegation.clone().unwrap_or_default();
             let value = {
                 let mut st = s.lock().unwrap();
                 st.fetches.push(f.clone());
-                st.secrets.get(&(session, f.what)).cloned()
+                st.secrets.get(&(d.session_id.clone(), f.what)).cloned()
             };
+            // Sealed as auth seals what it hands out.
+            let field = match f.what() {
+                fetch::What::OwnAccount => dm_seal::field::OWN_ACCOUNT,
+                fetch::What::PeerAccount => dm_seal::field::PEER_ACCOUNT,
+                _ => dm_seal::field::TEMP_KEY,
+            };
+            let key = dm_bus::subjects::delegation_key(&d.peer_server_id, &d.session_id);
             let answer = FetchAnswer {
                 found: value.is_some(),
-                value: value.unwrap_or_default(),
+                sealed_value: value
+                    .map(|v| {
+                        bus_key()
+                            .seal(&key, field, dm_seal::Direction::FromAuth, &v)
+                            .unwrap()
+                    })
+                    .unwrap_or_default(),
                 reason: String::new(),
             };
             let _ = r
@@ -571,8 +604,11 @@ pub struct OrchestratorState {
     pub silent: bool,
 }
 
-/// The orchestrator's stand-in: a small model of A.2 items 5-8 (dedupe, 404, 409, 202).
+/// The orchestrator's stand-in: a small model of A.2 items 5-8 (dedupe, 404, 409, 202). Like the real
+/// one, it hands a message's sealed secret to auth only when it accepts the message.
 pub async fn stand_in_orchestrator(bus: &Bus, names: &Names, state: Shared<OrchestratorState>) {
+    let lodge_subject = names.subject(Area::Req, "auth.lodge").unwrap();
+    let bus = bus.clone();
     let mut requests = bus
         .serve(
             &names.subject(Area::Req, "orchestrator.peer").unwrap(),
@@ -585,6 +621,7 @@ pub async fn stand_in_orchestrator(bus: &Bus, names: &Names, state: Shared<Orche
         while let Some(r) = requests.next().await {
             let inbound = InboundPeerMessage::decode(r.message.payload.clone()).unwrap();
             let m = inbound.message.unwrap();
+            let mut accepted_lodge = None;
             let answer = {
                 let mut st = state.lock().unwrap();
                 st.payloads.push(r.message.payload.clone());
@@ -611,11 +648,30 @@ pub async fn stand_in_orchestrator(bus: &Bus, names: &Names, state: Shared<Orche
                         }
                         _ => (202, String::new()),
                     };
+                    if status == 202 {
+                        accepted_lodge = inbound.lodge.clone();
+                    }
                     st.answers
                         .insert((m.sender.clone(), m.msg_id.clone()), status);
                     Some((status, reason))
                 }
             };
+            if let Some(l) = accepted_lodge {
+                let lodged = bus
+                    .request(
+                        &lodge_subject,
+                        Headers::new(),
+                        Bytes::from(l.encode_to_vec()),
+                        Duration::from_secs(2),
+                    )
+                    .await
+                    .ok()
+                    .and_then(|a| LodgeAnswer::decode(a.payload).ok());
+                assert!(
+                    lodged.is_some_and(|a| a.ok),
+                    "auth's stand-in kept the secret"
+                );
+            }
             match answer {
                 Some((http_status, reason)) => {
                     let a = InboundAnswer {

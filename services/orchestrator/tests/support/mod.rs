@@ -200,6 +200,7 @@ impl StandIns {
                 session_id: delegation.session_id.clone(),
                 body: m.body.map(dm_saga::as_received),
             }),
+            lodge: None,
         };
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
