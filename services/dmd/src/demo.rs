@@ -487,6 +487,12 @@ impl World {
         format!("http://{}/dm", self.sides[index].provisioning)
     }
 
+    /// The master key of one side (`D1` or `D2`): what its auth keeps secrets with, and what the key that
+    /// seals secrets on its bus is derived from. For tests that open what the store holds.
+    pub fn master_key(&self, server_id: &str) -> dm_auth::MasterKey {
+        self.sides[usize::from(server_id != D1)].master_key.clone()
+    }
+
     /// Serves the admin API of one side (with its device inventory) on a loopback port until the
     /// process ends; returns its URL.
     pub async fn serve_admin(&self, server_id: &str, token: &str) -> anyhow::Result<String> {
