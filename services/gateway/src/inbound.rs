@@ -21,7 +21,6 @@ use dm_proto::bus::v1::{
 use dm_protocol::delegation::{self, Body, DelegationError, Limits, Message};
 use dm_saga::pb;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -155,7 +154,10 @@ enum BodyError {
 }
 
 /// Reads the body, keeping at most `limit` bytes: one byte more and it stops with `TooLarge`.
-async fn read_limited(mut body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+async fn read_limited<B>(mut body: B, limit: usize) -> Result<Bytes, BodyError>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|_| BodyError::Broken)?;
@@ -223,7 +225,11 @@ fn bus_trouble(what: &str, e: &AskError) -> HttpResponse {
 
 impl Inbound {
     /// One request, answered in the order of A.2, and counted by message type and status.
-    pub(crate) async fn handle(&self, req: Request<Incoming>, peer: &PeerIdentity) -> HttpResponse {
+    /// Generic over the body so that the fuzz target can drive it without a connection (`fuzzing`).
+    pub(crate) async fn handle<B>(&self, req: Request<B>, peer: &PeerIdentity) -> HttpResponse
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin,
+    {
         let metrics = dm_metrics::global();
         let _in_flight = metrics.peer_in_flight(&self.deployment, "in");
         let mut kind = "unreadable";
@@ -233,12 +239,15 @@ impl Inbound {
     }
 
     /// [`Inbound::handle`]; `kind` becomes the message's type once it decoded.
-    async fn answer(
+    async fn answer<B>(
         &self,
-        req: Request<Incoming>,
+        req: Request<B>,
         peer: &PeerIdentity,
         kind: &mut &'static str,
-    ) -> HttpResponse {
+    ) -> HttpResponse
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin,
+    {
         if req.uri().path() != self.path {
             return error_response(404, "no delegation endpoint at this path");
         }

@@ -34,6 +34,8 @@
 mod ask;
 mod config;
 mod convert;
+#[doc(hidden)]
+pub mod fuzzing;
 mod guard;
 mod inbound;
 mod outbound;
