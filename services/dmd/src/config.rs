@@ -67,6 +67,10 @@
 //! listen = "0.0.0.0:8080"
 //! public_url = "https://dm.dms1.operator.example/dm"
 //! push_url = "http://push-gateway:8700"
+//! max_body_bytes = 2097152               # optional, the device endpoint's limits (defaults shown): 413 past it,
+//! request_timeout_secs = 60              # one request from its first byte to its answer,
+//! max_requests_per_device = 2            # messages of one device handled at once (503 + Retry-After past it),
+//! max_requests = 512                     # device messages handled at once in all
 //! ```
 
 use std::net::SocketAddr;
@@ -127,6 +131,8 @@ pub struct ProvisioningConfig {
     pub devices: Vec<(String, DeviceCredentials)>,
     pub session_timeout: Duration,
     pub command_ack_wait: Duration,
+    /// The device endpoint's size, time and count limits.
+    pub limits: dm_provisioning::DeviceLimits,
 }
 
 /// The orchestrator's timing: the saga's step deadlines and how long an event may stay unsettled.
@@ -404,6 +410,14 @@ struct Provisioning {
     session_timeout_secs: Option<u64>,
     #[serde(default)]
     command_ack_wait_secs: Option<u64>,
+    #[serde(default)]
+    max_body_bytes: Option<S<u64>>,
+    #[serde(default)]
+    request_timeout_secs: Option<S<u64>>,
+    #[serde(default)]
+    max_requests_per_device: Option<S<u32>>,
+    #[serde(default)]
+    max_requests: Option<S<u32>>,
     /// Devices to seed the device store with at start (bootstrapping; see docs/operations.md).
     #[serde(default)]
     device: Vec<Device>,
@@ -542,6 +556,50 @@ fn peer_limits(p: &Places<'_>, peer: &PeerToml) -> Result<dm_gateway::PeerLimits
             span.unwrap_or_else(|| peer.server_id.span()),
             format!("[[peer]] {key}: {reason}"),
         ));
+    }
+    Ok(limits)
+}
+
+/// The device endpoint's limits: each at least 1, defaults filled in.
+fn device_limits(
+    p: &Places<'_>,
+    v: &Provisioning,
+) -> Result<dm_provisioning::DeviceLimits, ConfigError> {
+    let at_least_one = |key: &str, value: &S<u64>| {
+        if *value.get_ref() == 0 {
+            Err(p.at(
+                value.span(),
+                format!("[provisioning] {key}: must be at least 1"),
+            ))
+        } else {
+            Ok(*value.get_ref())
+        }
+    };
+    let mut limits = dm_provisioning::DeviceLimits::default();
+    if let Some(v) = &v.max_body_bytes {
+        limits.max_body_bytes = usize::try_from(at_least_one("max_body_bytes", v)?)
+            .map_err(|_| p.at(v.span(), "[provisioning] max_body_bytes: too large"))?;
+    }
+    if let Some(v) = &v.request_timeout_secs {
+        limits.request_timeout = secs(p, v, "[provisioning] request_timeout_secs")?;
+    }
+    for (key, value, field) in [
+        (
+            "max_requests_per_device",
+            &v.max_requests_per_device,
+            &mut limits.max_requests_per_device,
+        ),
+        ("max_requests", &v.max_requests, &mut limits.max_requests),
+    ] {
+        if let Some(n) = value {
+            if *n.get_ref() == 0 {
+                return Err(p.at(
+                    n.span(),
+                    format!("[provisioning] {key}: must be at least 1"),
+                ));
+            }
+            *field = *n.get_ref();
+        }
     }
     Ok(limits)
 }
@@ -1077,6 +1135,7 @@ pub fn parse(text: &str, env: &dyn Environment) -> Result<FileConfig, ConfigErro
                     v.command_ack_wait_secs,
                     Duration::from_secs(60),
                 )?,
+                limits: device_limits(&p, v)?,
                 devices: v
                     .device
                     .iter()
@@ -1341,6 +1400,7 @@ push_url = "http://push:8700"
         let p = c.provisioning.unwrap();
         assert_eq!(p.session_timeout, dm_provisioning::DEFAULT_SESSION_TIMEOUT);
         assert_eq!(p.command_ack_wait, Duration::from_secs(60));
+        assert_eq!(p.limits, dm_provisioning::DeviceLimits::default());
 
         let file = FILE.replace(
             "[provisioning]\n",
@@ -1429,6 +1489,43 @@ push_url = "http://push:8700"
             "listen = \"0.0.0.0:8443\"\ntimestamp_window_secs = -5",
         ));
         assert!(e.message.contains("invalid value"), "{e}");
+    }
+
+    #[test]
+    fn the_device_endpoints_limits_are_read_and_checked() {
+        let file = FILE.replace(
+            "push_url = \"http://push:8700\"\n",
+            "push_url = \"http://push:8700\"\nmax_body_bytes = 65536\nrequest_timeout_secs = 20\n\
+             max_requests_per_device = 1\nmax_requests = 64\n",
+        );
+        let p = parse(&file, &given()).unwrap().provisioning.unwrap();
+        assert_eq!(
+            p.limits,
+            dm_provisioning::DeviceLimits {
+                max_body_bytes: 65536,
+                request_timeout: Duration::from_secs(20),
+                max_requests_per_device: 1,
+                max_requests: 64,
+            }
+        );
+        let last = FILE.lines().count() + 1;
+        for (bad, says) in [
+            ("max_body_bytes = 0", "max_body_bytes: must be at least 1"),
+            (
+                "request_timeout_secs = 0",
+                "request_timeout_secs: must be more than 0",
+            ),
+            (
+                "max_requests_per_device = 0",
+                "max_requests_per_device: must be at least 1",
+            ),
+            ("max_requests = 0", "max_requests: must be at least 1"),
+            ("max_requests = -1", "expected u32"),
+        ] {
+            let e = error(&format!("{FILE}{bad}\n"));
+            assert_eq!(e.line, last, "{bad}: {e}");
+            assert!(e.message.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -74,6 +74,7 @@ pub async fn spec(only: Option<Service>, c: FileConfig) -> anyhow::Result<Deploy
             config: dm_provisioning::Config {
                 session_timeout: p.session_timeout,
                 command_ack_wait: p.command_ack_wait,
+                limits: p.limits,
                 ..dm_provisioning::Config::new(&c.server_id, p.public_url)
             },
             listener: TcpListener::bind(p.listen)

@@ -15,6 +15,7 @@
 //! with 408 and the device's next job goes on.
 
 pub mod inventory;
+mod limits;
 mod plan;
 pub mod service;
 mod session;
@@ -27,7 +28,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use dm_notification::{Package0Channel, ServerCredential};
@@ -35,6 +36,7 @@ use dm_protocol::syncml;
 use tokio::sync::mpsc;
 
 pub use inventory::{Added, DeviceStore, StoredDevice};
+pub use limits::{DEFAULT_MAX_BODY_BYTES, DeviceLimits};
 pub use plan::{AclChange, Observed, PlanError, PlanRequest, Snapshot};
 pub use session::{JobFailure, JobOutcome, JobResult, JobSuccess};
 
@@ -55,6 +57,8 @@ pub struct Config {
     /// How long a command may go unreported before the bus gives it to another replica: while a job runs
     /// it is reported in progress every third of this.
     pub command_ack_wait: Duration,
+    /// Size, time and count limits of the device endpoint.
+    pub limits: DeviceLimits,
 }
 
 impl Config {
@@ -65,6 +69,7 @@ impl Config {
             public_url: public_url.into(),
             session_timeout: DEFAULT_SESSION_TIMEOUT,
             command_ack_wait: Duration::from_secs(60),
+            limits: DeviceLimits::default(),
         }
     }
 }
@@ -160,6 +165,8 @@ struct Inner {
 #[derive(Clone)]
 pub struct Provisioning {
     config: Arc<Config>,
+    /// The device messages in progress, against the endpoint's limits.
+    gate: Arc<limits::Gate>,
     inner: Arc<Mutex<Inner>>,
     channel: Arc<dyn Package0Channel>,
     outcomes: mpsc::UnboundedSender<JobOutcome>,
@@ -268,6 +275,7 @@ impl Provisioning {
         let (outcomes, rx) = mpsc::unbounded_channel();
         (
             Self {
+                gate: limits::Gate::new(config.limits),
                 config: Arc::new(config),
                 inner: Arc::default(),
                 channel,
@@ -955,9 +963,8 @@ impl Provisioning {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        axum::serve(listener, self.router())
-            .with_graceful_shutdown(shutdown)
-            .await
+        let head_timeout = self.config.limits.request_timeout;
+        limits::serve(self.router(), listener, head_timeout, shutdown).await
     }
 
     /// Handles one message of a device; returns the answer and, when a job ended, its outcome, and
@@ -979,12 +986,8 @@ impl Provisioning {
     }
 }
 
-async fn dm_message(State(p): State<Provisioning>, headers: HeaderMap, body: Bytes) -> Response {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    p.route_device(content_type, body).await.into_response()
+async fn dm_message(State(p): State<Provisioning>, request: axum::extract::Request) -> Response {
+    p.limited(request).await
 }
 
 impl Provisioning {
