@@ -158,6 +158,10 @@ pub enum Direction {
     ToAuth,
     /// From auth, for a send or a device plan (`req.auth.fetch`).
     FromAuth,
+    /// A device's message, from the provisioning replica it reached to the one that holds its session.
+    ToDeviceOwner,
+    /// The answer to it, back from that replica.
+    FromDeviceOwner,
 }
 
 impl Direction {
@@ -165,6 +169,8 @@ impl Direction {
         match self {
             Direction::ToAuth => "to-auth",
             Direction::FromAuth => "from-auth",
+            Direction::ToDeviceOwner => "to-device-owner",
+            Direction::FromDeviceOwner => "from-device-owner",
         }
     }
 }
@@ -177,6 +183,9 @@ pub mod field {
     pub const OWN_ACCOUNT: &str = "own-account";
     /// The TEMP_DELEGATION_KEY (base64 text).
     pub const TEMP_KEY: &str = "temp-key";
+    /// A device's SyncML message or the answer to it, forwarded between provisioning replicas (the
+    /// server's commands carry the accounts' secrets it writes on the device).
+    pub const DEVICE_MESSAGE: &str = "device-message";
 }
 
 /// The key that seals secrets crossing the bus ([`MasterKey::bus_key`]). `Debug` never shows it.

@@ -190,6 +190,32 @@ struct Forwarding {
     /// come back to a live replica, which becomes the owner).
     me: String,
     owners: dm_bus::Kv,
+    /// Seals what crosses the bus (the deployment's bus key).
+    key: dm_seal::BusKey,
+}
+
+/// The header naming the device of a forwarded message (bound into its envelope).
+const DEVICE_HEADER: &str = "dmd-device";
+
+/// What a forwarded message and its answer are bound to: the replica that answers, and the device.
+fn forwarded_envelope(owner: &str, dev_id: &str) -> String {
+    format!("{owner}/{dev_id}")
+}
+
+/// The owner's answer, sealed for the replica that forwarded the message; an empty one stays empty.
+fn seal_answer(key: &dm_seal::BusKey, envelope: &str, body: &Bytes) -> Bytes {
+    if body.is_empty() {
+        return Bytes::new();
+    }
+    match key.seal(
+        envelope,
+        dm_seal::field::DEVICE_MESSAGE,
+        dm_seal::Direction::FromDeviceOwner,
+        body,
+    ) {
+        Ok(sealed) => Bytes::from(sealed),
+        Err(_) => Bytes::new(),
+    }
 }
 
 /// How long a replica waits for the owner of a device to answer a forwarded message.
@@ -493,6 +519,16 @@ impl Provisioning {
         names: dm_bus::Names,
     ) -> Result<Self, dm_bus::BusError> {
         let me = format!("{:032x}", rand::random::<u128>());
+        // Device messages carry secrets (the accounts the server writes): they cross the bus sealed.
+        let key = match &self.bus_key {
+            Some(key) => key.clone(),
+            None => {
+                tracing::warn!(
+                    "no bus key: device messages forwarded to other replicas will not open there"
+                );
+                dm_seal::MasterKey::random().bus_key()
+            }
+        };
         let owners = bus.kv(&names.bucket("device_owners")?, 1).await?;
         let subject = names.subject(dm_bus::Area::Req, &format!("provisioning.device.{me}"))?;
         let mut requests = bus
@@ -501,13 +537,15 @@ impl Provisioning {
         self.forward = Some(Arc::new(Forwarding {
             bus,
             names,
-            me,
+            me: me.clone(),
             owners,
+            key: key.clone(),
         }));
         let p = self.clone();
         tokio::spawn(async move {
             while let Some(request) = requests.next().await {
                 let p = p.clone();
+                let (me, key) = (me.clone(), key.clone());
                 tokio::spawn(async move {
                     if request.message.headers.get(PING_HEADER).is_some() {
                         // Another replica asks whether this one is alive (to take a lease over).
@@ -520,13 +558,35 @@ impl Provisioning {
                         .get("content-type")
                         .unwrap_or_default()
                         .to_string();
-                    let answer = p
-                        .answer_device(&content_type, request.message.payload.clone())
-                        .await;
+                    let dev_id = request
+                        .message
+                        .headers
+                        .get(DEVICE_HEADER)
+                        .unwrap_or_default()
+                        .to_string();
+                    let envelope = forwarded_envelope(&me, &dev_id);
                     let mut headers = dm_bus::Headers::new();
-                    headers.insert("content-type", answer.content_type);
-                    headers.insert("dmd-http-status", answer.status.to_string());
-                    if let Err(e) = request.respond(headers, answer.body).await {
+                    let body = match key.open(
+                        &envelope,
+                        dm_seal::field::DEVICE_MESSAGE,
+                        dm_seal::Direction::ToDeviceOwner,
+                        &request.message.payload,
+                    ) {
+                        Ok(plain) => {
+                            let answer = p
+                                .answer_device(&content_type, Bytes::from(plain.to_vec()))
+                                .await;
+                            headers.insert("content-type", answer.content_type);
+                            headers.insert("dmd-http-status", answer.status.to_string());
+                            seal_answer(&key, &envelope, &answer.body)
+                        }
+                        Err(_) => {
+                            tracing::warn!(dev_id, "a forwarded device message does not open");
+                            headers.insert("dmd-http-status", "400");
+                            Bytes::new()
+                        }
+                    };
+                    if let Err(e) = request.respond(headers, body).await {
                         tracing::warn!(error = %e, "a forwarded device message could not be answered");
                     }
                 });
@@ -1130,24 +1190,55 @@ impl Forwarding {
             .ok()?;
         let mut headers = dm_bus::Headers::new();
         headers.insert("content-type", content_type);
+        headers.insert(DEVICE_HEADER, dev_id);
+        let envelope = forwarded_envelope(&owner, dev_id);
+        let sealed = self
+            .key
+            .seal(
+                &envelope,
+                dm_seal::field::DEVICE_MESSAGE,
+                dm_seal::Direction::ToDeviceOwner,
+                body,
+            )
+            .ok()?;
         match self
             .bus
-            .request(&subject, headers, body.clone(), FORWARD_TIMEOUT)
+            .request(&subject, headers, Bytes::from(sealed), FORWARD_TIMEOUT)
             .await
         {
-            Ok(reply) => Some(DeviceAnswer {
-                status: reply
-                    .headers
-                    .get("dmd-http-status")
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(500),
-                content_type: reply
-                    .headers
-                    .get("content-type")
-                    .unwrap_or_default()
-                    .to_string(),
-                body: reply.payload,
-            }),
+            Ok(reply) => {
+                // An empty answer is empty (a sealed one never is).
+                let body = if reply.payload.is_empty() {
+                    Bytes::new()
+                } else {
+                    let opened = self.key.open(
+                        &envelope,
+                        dm_seal::field::DEVICE_MESSAGE,
+                        dm_seal::Direction::FromDeviceOwner,
+                        &reply.payload,
+                    );
+                    match opened {
+                        Ok(plain) => Bytes::from(plain.to_vec()),
+                        Err(_) => {
+                            tracing::warn!(dev_id, "the owner's answer does not open");
+                            return None;
+                        }
+                    }
+                };
+                Some(DeviceAnswer {
+                    status: reply
+                        .headers
+                        .get("dmd-http-status")
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(500),
+                    content_type: reply
+                        .headers
+                        .get("content-type")
+                        .unwrap_or_default()
+                        .to_string(),
+                    body,
+                })
+            }
             Err(e) => {
                 // The owner is gone: whatever it held comes back to a live replica; answer here.
                 tracing::debug!(dev_id, error = %e, "the device's owner does not answer");

@@ -35,6 +35,7 @@ async fn a_device_reaching_another_replica_is_served_by_the_one_with_its_job() {
         let channel: Arc<dyn Package0Channel> = Arc::new(HttpPushChannel::new(&fleet_url));
         let (p, outcomes) = Provisioning::new(Config::new(D1, url.clone()), channel);
         let p = p
+            .with_bus_key(key.bus_key())
             .with_device_store(devices.clone(), key.clone())
             .with_forwarding(bus.clone(), names.clone())
             .await
@@ -147,4 +148,123 @@ async fn a_device_reaching_another_replica_is_served_by_the_one_with_its_job() {
             .all(|s| s.outcome == dm_client::Outcome::Completed),
         "{sessions:?}"
     );
+}
+
+/// Forwarded device messages carry what the server writes on the device (accounts with their secrets):
+/// on a real nats-server, a client subscribed to everything sees the messages forwarded between the
+/// replicas, and never the value the session wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_device_messages_cross_the_bus_sealed() {
+    use futures::StreamExt as _;
+
+    const SECRET: &str = "a-value-only-the-device-may-see-4711";
+    let server = dm_bus::testing::NatsServer::start().unwrap();
+    let sniffer = async_nats::connect(server.url()).await.unwrap();
+    let mut everything = sniffer.subscribe(">").await.unwrap();
+    sniffer.flush().await.unwrap();
+    let seen: Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let recorder = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Some(m) = everything.next().await {
+                seen.lock()
+                    .unwrap()
+                    .push((m.subject.to_string(), m.payload.to_vec()));
+            }
+        })
+    };
+    let bus = Bus::connect(server.url()).await.unwrap();
+    let names = Names::new("dms1").unwrap();
+    let devices = bus.kv("dmd_dms1_devices", 1).await.unwrap();
+    let key = MasterKey::random();
+    let fleet = Fleet::new();
+    let fleet_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fleet_url = format!("http://{}", fleet_listener.local_addr().unwrap());
+    let serving = fleet.clone();
+    tokio::spawn(async move { serving.serve(fleet_listener, std::future::pending()).await });
+    let replica = || async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/dm", listener.local_addr().unwrap());
+        let channel: Arc<dyn Package0Channel> = Arc::new(HttpPushChannel::new(&fleet_url));
+        let (p, outcomes) = Provisioning::new(Config::new(D1, url.clone()), channel);
+        let p = p
+            .with_bus_key(key.bus_key())
+            .with_device_store(devices.clone(), key.clone())
+            .with_forwarding(bus.clone(), names.clone())
+            .await
+            .unwrap();
+        tokio::spawn(p.clone().serve(listener, std::future::pending()));
+        (p, outcomes, url)
+    };
+    let (a, mut a_outcomes, _) = replica().await;
+    let (b, _b_outcomes, b_url) = replica().await;
+    // The device reaches replica B; the job is A's.
+    let account = DefaultAccount {
+        server_id: D1.into(),
+        addr: b_url,
+        server_secret: "s".into(),
+        server_nonce_b64: auth::encode_nonce(b"sn"),
+        client_name: DEV.into(),
+        client_secret: "c".into(),
+        client_nonce_b64: auth::encode_nonce(b"cn"),
+    };
+    fleet.insert(Device::with_default_tree(DEV, &account).unwrap());
+    let creds = DeviceCredentials {
+        server_secret: "s".into(),
+        server_nonce_b64: account.server_nonce_b64.clone(),
+        client_name: DEV.into(),
+        client_secret: "c".into(),
+        client_nonce_b64: account.client_nonce_b64.clone(),
+        ..Default::default()
+    };
+    a.seed_device(DEV, creds.clone()).await.unwrap();
+    b.seed_device(DEV, creds).await.unwrap();
+    let id = a
+        .enqueue(
+            DEV,
+            Job::Commands(vec![Command::Replace(ItemCommand::new(
+                "0",
+                vec![Item::target("./DevInfo/Lang").with_data(SECRET)],
+            ))]),
+        )
+        .await
+        .unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), a_outcomes.recv())
+        .await
+        .expect("the job's outcome in time")
+        .unwrap();
+    assert_eq!(outcome.job_id, id);
+    assert!(outcome.result.is_ok(), "{outcome:?}");
+    let written = fleet
+        .with_device(DEV, |d| {
+            d.tree()
+                .value(&"./DevInfo/Lang".parse().unwrap())
+                .unwrap()
+                .to_string()
+        })
+        .unwrap();
+    assert_eq!(written, SECRET);
+    sniffer.flush().await.unwrap();
+    recorder.abort();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    let forwarded = seen
+        .iter()
+        .filter(|(subject, _)| subject.contains(".req.provisioning.device."))
+        .count();
+    assert!(
+        forwarded >= 2,
+        "the device's messages went through A: {forwarded}"
+    );
+    let forms = [
+        SECRET.as_bytes().to_vec(),
+        auth::encode_nonce(SECRET.as_bytes()).into_bytes(),
+    ];
+    for (subject, payload) in &seen {
+        for form in &forms {
+            assert!(
+                !payload.windows(form.len()).any(|w| w == form.as_slice()),
+                "the value travelled the bus in clear on {subject}"
+            );
+        }
+    }
 }
