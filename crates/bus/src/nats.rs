@@ -29,6 +29,22 @@ fn nats_error(e: impl std::fmt::Display) -> BusError {
     BusError::Nats(e.to_string())
 }
 
+/// A compare-and-set a clustered stream refused because another write of the same key was still being
+/// agreed on (server error 10164, "wrong last sequence"): a conflict like a stale revision, which the
+/// caller resolves by reading again. async-nats reports it as an unclassified publish error.
+fn write_in_flight(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if err.downcast_ref::<jetstream::Error>().is_some_and(|j| {
+            j.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
+        }) {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
 pub(crate) fn to_header_map(headers: &Headers) -> HeaderMap {
     let mut map = HeaderMap::new();
     for (name, value) in &headers.0 {
@@ -278,19 +294,58 @@ impl NatsBus {
     pub(crate) async fn kv(&self, bucket: &str, history: i64) -> Result<NatsKv, BusError> {
         let store = match self.js.get_key_value(bucket).await {
             Ok(store) => store,
-            Err(_) => self
-                .js
-                .create_key_value(kv::Config {
-                    bucket: bucket.to_string(),
-                    history,
-                    storage: stream::StorageType::File,
-                    num_replicas: self.replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(nats_error)?,
+            Err(_) => {
+                // The bucket's stream as async-nats would make it, but for one setting: with more than
+                // one replica a direct get may be answered by a follower behind its leader, and a read
+                // just after a write could miss it (a device forgotten, a compare-and-set from a stale
+                // revision refused). Every read of our buckets must see the last write: with replicas,
+                // reads go to the stream's leader.
+                self.js
+                    .get_or_create_stream(stream::Config {
+                        name: format!("KV_{bucket}"),
+                        subjects: vec![format!("$KV.{bucket}.>")],
+                        max_messages_per_subject: history,
+                        storage: stream::StorageType::File,
+                        num_replicas: self.replicas,
+                        allow_rollup: true,
+                        deny_delete: true,
+                        allow_direct: self.replicas == 1,
+                        discard: stream::DiscardPolicy::New,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(nats_error)?;
+                self.js.get_key_value(bucket).await.map_err(nats_error)?
+            }
+        };
+        let store = if self.replicas > 1 {
+            self.reads_from_the_leader(bucket, store).await?
+        } else {
+            store
         };
         Ok(NatsKv { store })
+    }
+
+    /// A bucket made with direct gets (by an earlier version) is changed to leader reads when it has
+    /// replicas; see [`Self::kv`].
+    async fn reads_from_the_leader(
+        &self,
+        bucket: &str,
+        store: kv::Store,
+    ) -> Result<kv::Store, BusError> {
+        let mut stream = self
+            .js
+            .get_stream(format!("KV_{bucket}"))
+            .await
+            .map_err(nats_error)?;
+        let mut config = stream.info().await.map_err(nats_error)?.config.clone();
+        if !config.allow_direct {
+            return Ok(store);
+        }
+        config.allow_direct = false;
+        self.js.update_stream(config).await.map_err(nats_error)?;
+        // The store remembers how its stream was configured when it was opened.
+        self.js.get_key_value(bucket).await.map_err(nats_error)
     }
 
     pub(crate) async fn serve(&self, subject: &str, group: &str) -> Result<NatsRequests, BusError> {
@@ -483,6 +538,7 @@ impl NatsKv {
             .map_err(|e| match e.kind() {
                 kv::CreateErrorKind::AlreadyExists => BusError::Conflict(key.to_string()),
                 kv::CreateErrorKind::InvalidKey => BusError::InvalidKey(key.to_string()),
+                _ if write_in_flight(&e) => BusError::Conflict(key.to_string()),
                 _ => nats_error(e),
             })
     }
@@ -508,6 +564,7 @@ impl NatsKv {
             .map_err(|e| match e.kind() {
                 kv::UpdateErrorKind::WrongLastRevision => BusError::Conflict(key.to_string()),
                 kv::UpdateErrorKind::InvalidKey => BusError::InvalidKey(key.to_string()),
+                _ if write_in_flight(&e) => BusError::Conflict(key.to_string()),
                 _ => nats_error(e),
             })
     }

@@ -53,11 +53,15 @@ async fn replicas_out_of_range_and_empty_urls_are_refused() {
     assert!(matches!(err, BusError::InvalidOption(_)), "{err}");
 }
 
-async fn replicas_of(cluster: &NatsCluster, stream: &str) -> usize {
+async fn config_of(cluster: &NatsCluster, stream: &str) -> async_nats::jetstream::stream::Config {
     let client = async_nats::connect(cluster.urls()).await.unwrap();
     let js = async_nats::jetstream::new(client);
     let mut s = js.get_stream(stream).await.unwrap();
-    s.info().await.unwrap().config.num_replicas
+    s.info().await.unwrap().config.clone()
+}
+
+async fn replicas_of(cluster: &NatsCluster, stream: &str) -> usize {
+    config_of(cluster, stream).await.num_replicas
 }
 
 /// One round of everything the services use: a publish consumed and acked, a key created and read back,
@@ -150,6 +154,12 @@ async fn a_three_node_cluster_loses_a_node_and_then_its_meta_leader_and_goes_on(
     bus.kv(&bucket, 1).await.unwrap();
     assert_eq!(replicas_of(&cluster, &names.stream(Area::Cmd)).await, 3);
     assert_eq!(replicas_of(&cluster, &format!("KV_{bucket}")).await, 3);
+    // A follower may answer a direct get with what it has: reads must go to the leader.
+    assert!(
+        !config_of(&cluster, &format!("KV_{bucket}"))
+            .await
+            .allow_direct
+    );
     let mut consumer = bus
         .consumer(&ConsumerConfig {
             stream: names.stream(Area::Cmd),
