@@ -157,7 +157,6 @@ async fn active_on_both_sides(w: &World, s: &Started) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "flaky on this 2-core machine (a delegation in flight when a node dies sometimes misses the 150 s step; issue 10 note): cargo test -p dm-e2e --test cluster -- --ignored"]
 async fn delegations_go_on_when_a_nats_node_and_then_the_meta_leader_are_killed() {
     let began = Instant::now();
     // Warnings and errors of every service on the test's output (RUST_LOG may ask for more).
