@@ -150,6 +150,9 @@ async fn a_device_reaching_another_replica_is_served_by_the_one_with_its_job() {
     );
 }
 
+/// What a sniffer saw: each message's subject and payload.
+type Seen = Vec<(String, Vec<u8>)>;
+
 /// Forwarded device messages carry what the server writes on the device (accounts with their secrets):
 /// on a real nats-server, a client subscribed to everything sees the messages forwarded between the
 /// replicas, and never the value the session wrote.
@@ -162,7 +165,7 @@ async fn forwarded_device_messages_cross_the_bus_sealed() {
     let sniffer = async_nats::connect(server.url()).await.unwrap();
     let mut everything = sniffer.subscribe(">").await.unwrap();
     sniffer.flush().await.unwrap();
-    let seen: Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let seen: Arc<std::sync::Mutex<Seen>> = Arc::default();
     let recorder = {
         let seen = seen.clone();
         tokio::spawn(async move {
