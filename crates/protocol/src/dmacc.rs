@@ -30,7 +30,8 @@ pub const APP_ID: &str = "w7";
 /// The URI of the node that holds the accounts.
 pub const DMACC_URI: &str = "./DMAcc";
 
-/// A secret value (`AAuthSecret`). Debug and Serialize print `<redacted>`; read it with [`Secret::expose`].
+/// A secret value (`AAuthSecret`). Debug and Serialize print `<redacted>`; read it with [`Secret::expose`];
+/// wiped from memory when dropped.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
@@ -48,6 +49,13 @@ impl Secret {
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<redacted>")
+    }
+}
+
+/// The value is wiped from memory when the secret is dropped.
+impl Drop for Secret {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
     }
 }
 
