@@ -379,9 +379,16 @@ async fn no_secret_on_the_bus_in_the_logs_or_in_admin_answers() {
         .iter()
         .filter(|m| m.subject.starts_with("$KV."))
         .count();
+    // The traffic that carried secrets before they were sealed was there: a lodge per START and per
+    // PREPARED, fetches for every send and device plan.
+    let on = |name: &str| seen.iter().filter(|m| m.subject.ends_with(name)).count();
+    let (lodges, fetches) = (on(".req.auth.lodge"), on(".req.auth.fetch"));
+    assert!(lodges >= 2 * sessions.len(), "{lodges} lodge requests");
+    assert!(fetches >= 4 * sessions.len(), "{fetches} fetch requests");
     println!(
         "searched {} bus messages ({bus_bytes} payload bytes; {kv_puts} key-value writes, {audits} audit \
-         records), {} bytes of trace logs, {} admin answers for {} secrets in {} forms: {} hits",
+         records, {lodges} lodge and {fetches} fetch requests), {} bytes of trace logs, {} admin answers \
+         for {} secrets in {} forms: {} hits",
         seen.len(),
         log_text.len(),
         admin_answers.len(),
