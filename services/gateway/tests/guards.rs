@@ -11,9 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use dm_bus::{Bus, Names};
+use dm_bus::{Area, Bus, Headers, Names};
 use dm_gateway::{Config, ConfigError, Gateway, GatewayError, PeerLimits};
+use dm_proto::bus::v1::{CommandEnvelope, DelegationRef};
 use dm_protocol::types::UtcTime;
+use dm_saga::pb::{self, send_message};
+use prost::Message as _;
 use support::*;
 use tokio::sync::oneshot;
 
@@ -41,7 +44,10 @@ struct Receiver {
 }
 
 async fn receiver(change: impl FnOnce(&Pki, &mut Config)) -> Receiver {
-    let bus = Bus::in_process();
+    receiver_on(Bus::in_process(), change).await
+}
+
+async fn receiver_on(bus: Bus, change: impl FnOnce(&Pki, &mut Config)) -> Receiver {
     let pki = Pki::new();
     let names = Names::new("dms2").unwrap();
     let auth = Arc::new(Mutex::new(AuthState::default()));
@@ -299,6 +305,119 @@ async fn within_the_default_limits_a_quick_series_passes() {
             .unwrap();
         assert_eq!(a.0, 202, "{}", String::from_utf8_lossy(&a.1));
     }
+    r.gateway.stop().await;
+}
+
+/// DMS-1's command to send a DELEGATION_CONFIRM (no secret needed) in `session`.
+async fn send_confirm(bus: &Bus, session: &str) {
+    let n1 = Names::new("dms1").unwrap();
+    let mut delegation = DelegationRef {
+        peer_server_id: "dms2.example".into(),
+        session_id: session.into(),
+        dev_id: "IMEI:490154203237518".into(),
+        ..Default::default()
+    };
+    delegation.set_role(pb::Role::Delegating);
+    let envelope = CommandEnvelope {
+        delegation: Some(delegation),
+        command: Some(pb::Command {
+            kind: Some(pb::command::Kind::Send(pb::SendMessage {
+                msg_id: dm_saga::message_id(session, pb::Role::Delegating, 0),
+                seq: 0,
+                body: Some(send_message::Body::Confirm(pb::ConfirmBody {
+                    session_established_ms: 1_795_300_812_000,
+                })),
+            })),
+        }),
+        outbox_id: format!("dms2.example/{session}:0:0"),
+        ..Default::default()
+    };
+    let mut h = Headers::new();
+    h.insert("dmd-type", "dmd.bus.v1.CommandEnvelope");
+    h.insert("dmd-version", "1");
+    bus.publish(
+        &n1.subject(Area::Cmd, "gateway.send").unwrap(),
+        h,
+        Bytes::from(envelope.encode_to_vec()),
+        &envelope.outbox_id,
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_sender_waits_out_a_peers_limit_and_gets_through_with_the_same_msgid() {
+    // DMS-2 takes one message of dms1 at once and then one per second.
+    let bus = Bus::in_process();
+    let r = receiver_on(
+        bus.clone(),
+        dms1_with(PeerLimits {
+            rate_per_sec: 1.0,
+            rate_burst: 1,
+            max_in_flight: 100,
+        }),
+    )
+    .await;
+    let sessions = [session(10), session(11), session(12)];
+    {
+        let mut o = r.orchestrator.lock().unwrap();
+        for s in &sessions {
+            o.delegations.insert(("dms1.example".into(), s.clone()));
+        }
+    }
+    let n1 = Names::new("dms1").unwrap();
+    stand_in_auth(&bus, &n1, Arc::default()).await;
+    let config = r.pki.config(
+        "dms1",
+        "dms1.example",
+        &r.pki.dms1,
+        vec![r.pki.peer("dms2.example", r.gateway.addr)],
+    );
+    let sender = Gateway::bind(config, bus.clone()).await.unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(sender.serve(async {
+        let _ = stopped.await;
+    }));
+    // Three delegations' messages at once: two of them are answered 503 with Retry-After at first.
+    for s in &sessions {
+        send_confirm(&bus, s).await;
+    }
+    let o = r.orchestrator.clone();
+    let mut ids = wait_until("all three messages taken", || {
+        let o = o.lock().unwrap();
+        (o.messages.len() >= 3).then(|| {
+            o.messages
+                .iter()
+                .map(|m| m.msg_id.clone())
+                .collect::<Vec<_>>()
+        })
+    })
+    .await;
+    // Each reached the orchestrator once, with the MsgID it was first sent with; the refused attempts
+    // never left the gateway.
+    ids.sort();
+    let mut expected: Vec<String> = sessions
+        .iter()
+        .map(|s| dm_saga::message_id(s, pb::Role::Delegating, 0))
+        .collect();
+    expected.sort();
+    assert_eq!(ids, expected);
+    assert_eq!(r.auth.lock().unwrap().checks.len(), 3);
+    // And some attempts were refused with 503 (only this test sends CONFIRMs in this process).
+    let metrics = dm_metrics::encode();
+    let refused: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("dmd_peer_messages_sent_total")
+                && l.contains("deployment=\"dms1\"")
+                && l.contains("DELEGATION_CONFIRM")
+                && l.contains("status=\"503\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(refused >= 2.0, "503 attempts: {refused}\n{metrics}");
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
     r.gateway.stop().await;
 }
 
