@@ -670,11 +670,23 @@ mod tests {
         a.lodge(KEY, Kind::PeerAccount, b"account", 0)
             .await
             .unwrap();
-        let b = Vault::new(kv, master, TTL);
+        let b = Vault::new(kv.clone(), master.clone(), TTL);
         assert_eq!(
             b.fetch(KEY, Kind::PeerAccount, 0, None).await.unwrap(),
             Fetched::Found(Zeroizing::new(b"account".to_vec()))
         );
+        // What an operator (or a test) opens of a stored record: with the key, under its own key only.
+        let stored = kv.get(KEY).await.unwrap().unwrap().value;
+        let opened = open_stored_record(&master, KEY, &stored).unwrap();
+        assert_eq!(
+            opened.peer_account.as_deref().map(Vec::as_slice),
+            Some(&b"account"[..])
+        );
+        assert!(opened.temp_key.is_none() && opened.own_account.is_none());
+        assert!(!format!("{opened:?}").contains("account\""));
+        assert!(open_stored_record(&MasterKey::random(), KEY, &stored).is_err());
+        assert!(open_stored_record(&master, "p/other", &stored).is_err());
+        assert!(open_stored_record(&master, KEY, b"junk").is_err());
     }
 
     #[tokio::test]
