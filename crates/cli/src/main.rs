@@ -66,9 +66,18 @@ struct Cli {
         global = true
     )]
     endpoint: String,
-    /// The operator token.
+    /// The operator token (not needed with a client certificate the API accepts).
     #[arg(long, env = "DMD_ADMIN_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
+    /// PEM file of the CA the admin API's certificate chains to (an https:// endpoint needs it).
+    #[arg(long, env = "DMD_ADMIN_CA", global = true)]
+    ca: Option<std::path::PathBuf>,
+    /// This operator's client certificate (PEM), with --key: mutual TLS.
+    #[arg(long, env = "DMD_ADMIN_CERT", global = true, requires = "key")]
+    cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "DMD_ADMIN_KEY", global = true, requires = "cert")]
+    key: Option<std::path::PathBuf>,
     /// Machine output: one JSON document (one per line while following a delegation).
     #[arg(long, global = true)]
     json: bool,
@@ -207,6 +216,10 @@ enum DevicesCommand {
 
 fn authorized<T>(token: &str, body: T) -> anyhow::Result<tonic::Request<T>> {
     let mut r = tonic::Request::new(body);
+    // No token: the client certificate speaks for the operator.
+    if token.is_empty() {
+        return Ok(r);
+    }
     r.metadata_mut().insert(
         "authorization",
         format!("Bearer {token}")
@@ -249,12 +262,50 @@ impl Api {
 }
 
 async fn connect(cli: &Cli) -> anyhow::Result<Api> {
-    let token =
-        cli.token.clone().filter(|t| !t.is_empty()).ok_or_else(|| {
-            Usage("the operator token is needed: --token or DMD_ADMIN_TOKEN".into())
-        })?;
-    let channel = Channel::from_shared(cli.endpoint.clone())
-        .map_err(|_| Usage(format!("the endpoint '{}' is not a URL", cli.endpoint)))?
+    let token = match cli.token.clone().filter(|t| !t.is_empty()) {
+        Some(t) => t,
+        None if cli.cert.is_some() => String::new(),
+        None => {
+            return Err(Usage(
+                "the operator token is needed: --token or DMD_ADMIN_TOKEN (or a client certificate: --cert and --key)"
+                    .into(),
+            )
+            .into());
+        }
+    };
+    let mut endpoint = Channel::from_shared(cli.endpoint.clone())
+        .map_err(|_| Usage(format!("the endpoint '{}' is not a URL", cli.endpoint)))?;
+    let https = cli.endpoint.starts_with("https://");
+    if https && cli.ca.is_none() {
+        return Err(Usage(
+            "an https:// endpoint needs --ca (DMD_ADMIN_CA): the CA of the admin API's certificate"
+                .into(),
+        )
+        .into());
+    }
+    if !https && (cli.ca.is_some() || cli.cert.is_some()) {
+        return Err(Usage(
+            "--ca, --cert and --key are for TLS: the endpoint must be https://".into(),
+        )
+        .into());
+    }
+    if https {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| Usage(format!("cannot read {}: {e}", path.display())))
+        };
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &cli.ca {
+            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&cli.cert, &cli.key) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| Usage(format!("TLS settings: {e}")))?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("cannot reach the admin API at {}", cli.endpoint))?;

@@ -41,6 +41,11 @@
 //! [admin]
 //! listen = "0.0.0.0:7443"
 //! token_env = "DMD_ADMIN_TOKEN"          # or token_file = "/run/secrets/admin-token"
+//! cert = "/etc/dmd/tls/admin.crt"        # TLS: this listener's certificate and key (PEM)
+//! key = "/etc/dmd/tls/admin.key"
+//! client_ca = "/etc/dmd/tls/operators-ca.pem"   # optional: operators' client certificates chain to it
+//!                                        # (then the token is optional). Without cert and key the API
+//!                                        # is in clear: only on a loopback address, or with plaintext = true
 //!
 //! [health]
 //! listen = "0.0.0.0:9090"                # /livez and /readyz
@@ -111,7 +116,18 @@ pub struct FileConfig {
 #[derive(Clone)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// The operator token; empty: none (client certificates only).
     pub token: String,
+    /// TLS of the listener; `None`: in clear (loopback, or `plaintext = true`).
+    pub tls: Option<AdminTls>,
+}
+
+/// The admin listener's certificate and key, and the CA operators' client certificates chain to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for AdminConfig {
@@ -119,6 +135,7 @@ impl std::fmt::Debug for AdminConfig {
         f.debug_struct("AdminConfig")
             .field("listen", &self.listen)
             .field("token", &"<redacted>")
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -327,6 +344,15 @@ struct Admin {
     token_env: Option<S<String>>,
     #[serde(default)]
     token_file: Option<S<PathBuf>>,
+    #[serde(default)]
+    cert: Option<S<PathBuf>>,
+    #[serde(default)]
+    key: Option<S<PathBuf>>,
+    #[serde(default)]
+    client_ca: Option<S<PathBuf>>,
+    /// In clear on a non-loopback address: said explicitly (a private network, tests).
+    #[serde(default)]
+    plaintext: Option<S<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -972,17 +998,66 @@ pub fn parse(text: &str, env: &dyn Environment) -> Result<FileConfig, ConfigErro
         Some(a) => {
             let span = a.span();
             let a = a.get_ref();
-            Some(AdminConfig {
-                listen: address(&p, &a.listen, "[admin] listen")?,
-                token: secret(
+            let listen = address(&p, &a.listen, "[admin] listen")?;
+            let tls = match (&a.cert, &a.key) {
+                (Some(cert), Some(key)) => {
+                    pem_file(&p, env, cert, "[admin] cert", "CERTIFICATE")?;
+                    pem_file(&p, env, key, "[admin] key", "PRIVATE KEY")?;
+                    if let Some(ca) = &a.client_ca {
+                        pem_file(&p, env, ca, "[admin] client_ca", "CERTIFICATE")?;
+                    }
+                    if let Some(plain) = a.plaintext.as_ref().filter(|v| *v.get_ref()) {
+                        return Err(p.at(
+                            plain.span(),
+                            "[admin] plaintext = true: cert and key make the API TLS; remove one or the other",
+                        ));
+                    }
+                    Some(AdminTls {
+                        cert: env.resolve(cert.get_ref()),
+                        key: env.resolve(key.get_ref()),
+                        client_ca: a.client_ca.as_ref().map(|c| env.resolve(c.get_ref())),
+                    })
+                }
+                (None, None) => {
+                    if let Some(ca) = &a.client_ca {
+                        return Err(p.at(
+                            ca.span(),
+                            "[admin] client_ca: client certificates need TLS: give cert and key",
+                        ));
+                    }
+                    // The token would travel in clear: only where nobody else listens, or when said.
+                    let said = a.plaintext.as_ref().is_some_and(|v| *v.get_ref());
+                    if !listen.ip().is_loopback() && !said {
+                        return Err(p.at(
+                            a.listen.span(),
+                            format!(
+                                "[admin] listen {listen}: the admin API off loopback needs TLS (cert and key), or plaintext = true to serve it in clear"
+                            ),
+                        ));
+                    }
+                    None
+                }
+                (Some(c), None) | (None, Some(c)) => {
+                    return Err(p.at(c.span(), "[admin] cert and key: give both or neither"));
+                }
+            };
+            let token = if a.token_file.is_none()
+                && a.token_env.is_none()
+                && tls.as_ref().is_some_and(|t| t.client_ca.is_some())
+            {
+                // Client certificates only.
+                String::new()
+            } else {
+                secret(
                     &p,
                     env,
                     span,
                     a.token_file.as_ref(),
                     a.token_env.as_ref(),
                     "[admin] token",
-                )?,
-            })
+                )?
+            };
+            Some(AdminConfig { listen, token, tls })
         }
     };
 
@@ -1696,5 +1771,71 @@ push_url = "http://push:8700"
         // [nats] without NATS.
         let e = error(&format!("{FILE}\n[nats]\nca = \"/nats/ca.pem\"\n"));
         assert!(e.message.contains("only with [deployment] nats_url"), "{e}");
+    }
+
+    #[test]
+    fn the_admin_api_off_loopback_needs_tls_or_says_it_is_in_clear() {
+        let mut g = given();
+        let cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        g.files.insert("/ops/ca.pem".into(), cert.into());
+        g.files.insert("/ops/admin.crt".into(), cert.into());
+        g.files.insert(
+            "/ops/admin.key".into(),
+            "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n".into(),
+        );
+        let off = FILE.replace("listen = \"127.0.0.1:7443\"", "listen = \"0.0.0.0:7443\"");
+        let e = parse(&off, &g).unwrap_err();
+        assert!(e.message.contains("needs TLS (cert and key)"), "{e}");
+        // Said explicitly: in clear.
+        let c = parse(
+            &off.replace(
+                "token_env = \"TOKEN\"",
+                "token_env = \"TOKEN\"\nplaintext = true",
+            ),
+            &g,
+        )
+        .unwrap();
+        assert_eq!(c.admin.unwrap().tls, None);
+        // TLS with client certificates: the token becomes optional.
+        let tls = off.replace(
+            "token_env = \"TOKEN\"",
+            "cert = \"/ops/admin.crt\"\nkey = \"/ops/admin.key\"\nclient_ca = \"/ops/ca.pem\"",
+        );
+        let admin = parse(&tls, &g).unwrap().admin.unwrap();
+        assert_eq!(admin.token, "");
+        assert_eq!(
+            admin.tls,
+            Some(AdminTls {
+                cert: "/ops/admin.crt".into(),
+                key: "/ops/admin.key".into(),
+                client_ca: Some("/ops/ca.pem".into()),
+            })
+        );
+        // TLS without client certificates: the token is still needed.
+        let e = parse(&tls.replace("client_ca = \"/ops/ca.pem\"", ""), &g).unwrap_err();
+        assert!(e.message.contains("token_file or"), "{e}");
+        // What cannot work.
+        for (from, to, why) in [
+            ("key = \"/ops/admin.key\"\n", "", "give both or neither"),
+            (
+                "cert = \"/ops/admin.crt\"\nkey = \"/ops/admin.key\"\n",
+                "",
+                "need TLS",
+            ),
+            (
+                "client_ca = \"/ops/ca.pem\"",
+                "client_ca = \"/ops/admin.key\"",
+                "no PEM CERTIFICATE",
+            ),
+        ] {
+            let e = parse(&tls.replace(from, to), &g).unwrap_err();
+            assert!(e.message.contains(why), "{from}: {e}");
+        }
+        let e = parse(
+            &tls.replace("client_ca =", "plaintext = true\nclient_ca ="),
+            &g,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("plaintext = true"), "{e}");
     }
 }

@@ -204,6 +204,7 @@ fn spec(side: SideSpec<'_>, pki: &pki::Pki, push_url: &str) -> anyhow::Result<De
         saga: Some(dm_saga::Config::default()),
         orchestrator_ack_wait: Duration::from_secs(30),
         admin: None,
+        admin_tls: None,
         inventory_key: Some(master_key.clone()),
         auth: Some(auth),
         gateway: Some((gateway_config, Some(gateway_listener))),

@@ -26,6 +26,8 @@ pub struct DeploymentSpec {
     pub orchestrator_ack_wait: Duration,
     /// The operator API (needs the orchestrator): where it listens and the token it requires.
     pub admin: Option<(TcpListener, dm_protocol::dmacc::Secret)>,
+    /// TLS of the operator API (`None`: in clear, which the configuration allows on loopback only).
+    pub admin_tls: Option<crate::config::AdminTls>,
     /// The master key the admin API seals device credentials with before it stores them (the one
     /// provisioning opens them with); `None`: the admin API serves no device calls.
     pub inventory_key: Option<dm_auth::MasterKey>,
@@ -130,8 +132,12 @@ pub async fn start(spec: DeploymentSpec, bus: Bus) -> anyhow::Result<Running> {
                 inventory,
             );
             let s = stopped(stop_rx.clone());
+            let mut server = tonic::transport::Server::builder();
+            if let Some(tls) = &spec.admin_tls {
+                server = server.tls_config(admin_tls(tls)?).context("[admin] TLS")?;
+            }
             tasks.spawn(async move {
-                tonic::transport::Server::builder()
+                server
                     .add_service(svc)
                     .serve_with_incoming_shutdown(
                         tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -299,4 +305,23 @@ impl Running {
             None => std::future::pending().await,
         }
     }
+}
+
+/// The admin listener's TLS: its certificate, and with a client CA, client certificates verified against
+/// it but optional (a caller without one must then bring the token; the API refuses it otherwise).
+fn admin_tls(tls: &crate::config::AdminTls) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    // rustls's provider is ring, as everywhere (STACK.md).
+    dm_gateway::install_crypto_provider();
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).with_context(|| format!("[admin] cannot read {}", path.display()))
+    };
+    let mut config =
+        ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+    if let Some(ca) = &tls.client_ca {
+        config = config
+            .client_ca_root(Certificate::from_pem(read(ca)?))
+            .client_auth_optional(true);
+    }
+    Ok(config)
 }

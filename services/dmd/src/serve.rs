@@ -92,6 +92,7 @@ pub async fn spec(only: Option<Service>, c: FileConfig) -> anyhow::Result<Deploy
         saga: wanted(only, Service::Orchestrator).then(|| c.orchestrator.saga.clone()),
         orchestrator_ack_wait: c.orchestrator.ack_wait,
         admin,
+        admin_tls: c.admin.as_ref().and_then(|a| a.tls.clone()),
         // The admin API seals devices added through it with the same key (none: no device calls).
         inventory_key: c.auth.as_ref().map(|a| a.master_key.clone()),
         auth: c.auth.filter(|_| wanted(only, Service::Auth)),
