@@ -56,8 +56,8 @@ pub use registry::{
     TrustRegistry, format_pin, parse_pin,
 };
 
-pub use vault::{OpenedRecord, RecordError, open_stored_record};
 use vault::{Fetched, Kind, Lodged, Vault};
+pub use vault::{OpenedRecord, RecordError, open_stored_record};
 
 /// The service's name on the bus (consumer, queue group, subjects).
 pub const SERVICE: &str = "auth";
