@@ -1,6 +1,6 @@
 //! Issue 13, item 1: a reader of the bus learns no secret. Two deployments on a real nats-server run a
-//! delegation of every type (Partial, Full, Final, Temporary; both initiators) to Active, and revoke one,
-//! while a raw NATS client subscribed to `>` records every message (commands, events, requests and
+//! delegation of every type (Partial, Full, Final, Temporary; both initiators) to Active, revoke one, and
+//! DMS-1 refuses two STARTs (an unknown SessionID: 404; a late one: 409), while a raw NATS client subscribed to `>` records every message (commands, events, requests and
 //! replies, JetStream API traffic, stream contents, key-value puts, audit records). Every secret of the
 //! run — the TEMP_DELEGATION_KEYs, DMS-2's account secrets as sent in DELEGATION_START, the secrets DMS-2
 //! rotated in on the devices, DMS-1's device secrets — is then searched for in every subject, header and
@@ -33,6 +33,9 @@ use futures::StreamExt as _;
 use prost::Message as _;
 
 const STEP: Duration = Duration::from_secs(60);
+/// The client secret in the account of the STARTs DMS-1 refuses: it must never reach the bus or a log.
+const REFUSED_SECRET: &str = "secret-of-a-refused-start-5c1e";
+const UNKNOWN_SESSION: &str = "7e57ab1e-0000-4000-8000-00000000c0de";
 const TOKEN: &str = "secrets-test-admin-token";
 
 /// One message as the sniffer saw it.
@@ -61,6 +64,72 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
     fn make_writer(&'a self) -> Self::Writer {
         self.clone()
     }
+}
+
+/// DMS-2's DELEGATION_START as a peer sends it (the shipped example, stamped now, with its own MsgID, the
+/// given SessionID and [`REFUSED_SECRET`] as the account's client secret).
+fn start_message(session_id: &str) -> String {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/start.xml"
+    ))
+    .unwrap()
+    .replace("c2VjcmV0LWNsaWVudC1wYXNzd29yZA==", REFUSED_SECRET);
+    let mut m = dm_protocol::delegation::decode(text.as_bytes()).unwrap();
+    assert_eq!(m.dm_server_id, D2);
+    m.session_id = session_id.parse().unwrap();
+    m.msg_id = dm_protocol::types::Uuid(rand_bytes());
+    m.msg_id.0[6] = (m.msg_id.0[6] & 0x0f) | 0x40;
+    m.msg_id.0[8] = (m.msg_id.0[8] & 0x3f) | 0x80;
+    m.timestamp = dm_protocol::types::UtcTime::from_unix(now_ms() / 1000);
+    dm_protocol::delegation::encode(&m)
+}
+
+fn rand_bytes() -> [u8; 16] {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    nanos.to_le_bytes()
+}
+
+/// POSTs `body` to a gateway with DMS-2's certificate (from the World's PKI under `dir`); the HTTP status.
+async fn post_as_d2(dir: &std::path::Path, addr: std::net::SocketAddr, body: &str) -> u16 {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(dir.join("ca.pem")).unwrap())
+        .unwrap();
+    let chain = vec![CertificateDer::from_pem_file(dir.join(format!("{D2}.pem"))).unwrap()];
+    let key = PrivateKeyDer::from_pem_file(dir.join(format!("{D2}.key"))).unwrap();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = connector
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await
+        .unwrap();
+    let request = format!(
+        "POST /delegation HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/vnd.dm.delegation+xml\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), tls.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text}"))
 }
 
 fn with_token<T>(message: T) -> tonic::Request<T> {
@@ -243,6 +312,18 @@ async fn no_secret_on_the_bus_in_the_logs_or_in_admin_answers() {
         .await
         .unwrap();
 
+    // STARTs DMS-1 refuses: one for a SessionID it does not know (404), a late one for an Active
+    // delegation (409). Neither may put its account on the bus or in the store.
+    let gateway1 = w.dms1.gateway_addr.unwrap();
+    assert_eq!(
+        post_as_d2(&dir, gateway1, &start_message(UNKNOWN_SESSION)).await,
+        404
+    );
+    assert_eq!(
+        post_as_d2(&dir, gateway1, &start_message(&sessions[1])).await,
+        409
+    );
+
     // The admin API's answers, over gRPC as an operator gets them.
     let mut admin_answers: Vec<Vec<u8>> = Vec::new();
     for side in [D1, D2] {
@@ -316,6 +397,10 @@ async fn no_secret_on_the_bus_in_the_logs_or_in_admin_answers() {
     for (n, s) in rotated.iter().enumerate() {
         secrets.push((format!("device secret {n}"), s.as_bytes().to_vec()));
     }
+    secrets.push((
+        "a refused START's client secret".into(),
+        REFUSED_SECRET.as_bytes().to_vec(),
+    ));
     for i in 0..4 {
         // DMS-1's device credentials as World seeds them.
         secrets.push((
@@ -384,6 +469,28 @@ async fn no_secret_on_the_bus_in_the_logs_or_in_admin_answers() {
     let on = |name: &str| seen.iter().filter(|m| m.subject.ends_with(name)).count();
     let (lodges, fetches) = (on(".req.auth.lodge"), on(".req.auth.fetch"));
     assert!(lodges >= 2 * sessions.len(), "{lodges} lodge requests");
+    // Nothing was lodged for the refused STARTs: none for the unknown SessionID, and DMS-1 got the
+    // late START's session's account once (its own START).
+    let lodged_sessions: Vec<String> = seen
+        .iter()
+        .filter(|m| m.subject == "dmd.dms1.v1.req.auth.lodge")
+        .map(|m| {
+            dm_proto::bus::v1::Lodge::decode(m.payload.as_slice())
+                .unwrap()
+                .delegation
+                .unwrap()
+                .session_id
+        })
+        .collect();
+    assert!(!lodged_sessions.iter().any(|s| s == UNKNOWN_SESSION));
+    assert_eq!(
+        lodged_sessions
+            .iter()
+            .filter(|s| **s == sessions[1])
+            .count(),
+        1,
+        "{lodged_sessions:?}"
+    );
     assert!(fetches >= 4 * sessions.len(), "{fetches} fetch requests");
     println!(
         "searched {} bus messages ({bus_bytes} payload bytes; {kv_puts} key-value writes, {audits} audit \
