@@ -167,8 +167,16 @@ fn config_check(file: &PathBuf) -> anyhow::Result<ExitCode> {
             .into_iter()
             .filter_map(|(name, present)| present.then_some(name))
             .collect();
+            let admin = c.admin.as_ref().map_or_else(String::new, |a| {
+                let how = match &a.tls {
+                    Some(t) if t.client_ca.is_some() => "TLS, client certificates",
+                    Some(_) => "TLS",
+                    None => "in clear",
+                };
+                format!(", admin {} ({how})", a.listen)
+            });
             println!(
-                "{}: ok: deployment {} ({}), bus {}{}, peers [{}], services {}",
+                "{}: ok: deployment {} ({}), bus {}{}, peers [{}], services {}{admin}",
                 file.display(),
                 c.name,
                 c.server_id,
