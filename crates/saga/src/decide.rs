@@ -161,6 +161,9 @@ impl Decider {
                 Some(s),
                 Answer::rejected(409, "a delegation with this SessionID exists"),
             ),
+            (None, event::Kind::Peer(msg)) if !msg.stale.is_empty() => {
+                Decision::unchanged(None, Answer::rejected(400, msg.stale.clone()))
+            }
             (None, event::Kind::Peer(msg)) => self.first_peer_message(msg, now_ms),
             (None, _) => Decision::unchanged(None, Answer::rejected(404, "unknown delegation")),
             (Some(s), event::Kind::Peer(msg)) => self.peer_message(s, msg, now_ms),
@@ -283,6 +286,10 @@ impl Decider {
                 Some(s),
                 Answer::rejected(403, "the sender is not a party of this delegation"),
             );
+        }
+        if !msg.stale.is_empty() {
+            // Not a copy of a message seen: a replay, or a message held back past the window.
+            return Decision::unchanged(Some(s), Answer::rejected(400, msg.stale.clone()));
         }
         let mut step = Step::new(&self.config, s, now);
         let answer = step.on_peer(msg);

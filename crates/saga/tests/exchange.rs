@@ -146,6 +146,7 @@ impl World {
                         msg_id: m.msg_id,
                         sender: self.sides[side].server_id.into(),
                         session_id,
+                        stale: String::new(),
                         body: Some(dm_saga::as_received(body)),
                     }));
                     self.queue.push_back((1 - side, event));

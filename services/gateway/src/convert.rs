@@ -125,6 +125,7 @@ pub fn peer_message(m: &Message) -> pb::PeerMessage {
         msg_id: m.msg_id.to_string(),
         sender: m.dm_server_id.clone(),
         session_id: m.session_id.to_string(),
+        stale: String::new(),
         body: Some(body),
     }
 }

@@ -365,16 +365,27 @@ impl Inbound {
             };
             return error_response(403, &reason);
         }
-        // An authenticated sender's message, checked for age before anything of it is kept.
-        if let Some(reason) = self.guard.stale(message.timestamp) {
-            tracing::info!(sender = %message.dm_server_id, msg_id = %message.msg_id, %reason, "inbound message refused");
-            return error_response(400, &reason);
-        }
-        let Ok(lodge) = self.sealed_secret(message) else {
-            return unavailable("the message's secret could not be stored; retry later");
+        // An authenticated sender's message, checked for age. A stale one goes on without its secret:
+        // the orchestrator answers a copy of a message it has seen as the first copy was answered (a
+        // peer may retry with the same bytes until the step's deadline, A.2) and refuses any other
+        // with 400, so nothing of it is ever kept.
+        let stale = self.guard.stale(message.timestamp);
+        let lodge = match &stale {
+            Some(reason) => {
+                tracing::info!(sender = %message.dm_server_id, msg_id = %message.msg_id, %reason, "inbound message outside the Timestamp window");
+                None
+            }
+            None => match self.sealed_secret(message) {
+                Ok(lodge) => lodge,
+                Err(_) => {
+                    return unavailable("the message's secret could not be stored; retry later");
+                }
+            },
         };
+        let mut forwarded = peer_message(message);
+        forwarded.stale = stale.unwrap_or_default();
         let inbound = InboundPeerMessage {
-            message: Some(peer_message(message)),
+            message: Some(forwarded),
             lodge,
         };
         let answer: InboundAnswer = match ask(

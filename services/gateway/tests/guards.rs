@@ -1,6 +1,6 @@
 //! Replay and abuse guards of the inbound endpoint, with real parts: rcgen certificates, mutual TLS on
 //! loopback, the in-process bus, stand-ins for auth and the orchestrator. A `Timestamp` outside the window
-//! is a 400 with its reason; a burst or a pile-up past a peer's limits is a 503 with `Retry-After`.
+//! is a 400 with its reason unless the message is a copy of one seen (then the first answer); a burst or a pile-up past a peer's limits is a 503 with `Retry-After`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use dm_bus::{Area, Bus, Headers, Names};
 use dm_gateway::{Config, ConfigError, Gateway, GatewayError, PeerLimits};
-use dm_proto::bus::v1::{CommandEnvelope, DelegationRef};
+use dm_proto::bus::v1::{CommandEnvelope, DelegationRef, InboundPeerMessage};
 use dm_protocol::types::UtcTime;
 use dm_saga::pb::{self, send_message};
 use prost::Message as _;
@@ -135,12 +135,21 @@ async fn a_message_outside_the_timestamp_window_is_refused_with_its_reason() {
         .await
         .unwrap();
     assert_error(&a, 403, "dms1.example");
-    // A stale START leaves its account nowhere: auth kept nothing, the orchestrator heard nothing.
+    // A stale START leaves its account nowhere: auth kept nothing, and the orchestrator, which alone
+    // knows whether it is a copy of a message seen, got it marked stale and without its secret.
     let old_start = stamped(&start(&msg_id(5), SESSION, "dms1.example"), &stamp(-3600));
     let a = dms1.post(addr, old_start).await.unwrap();
     assert_error(&a, 400, "Timestamp");
     assert!(r.auth.lock().unwrap().lodged.is_empty());
-    assert!(r.orchestrator.lock().unwrap().messages.is_empty());
+    {
+        let o = r.orchestrator.lock().unwrap();
+        assert!(o.messages.last().unwrap().stale.contains("behind"));
+        let inbound = InboundPeerMessage::decode(o.payloads.last().unwrap().clone()).unwrap();
+        assert!(
+            inbound.lodge.is_none(),
+            "a stale message's secret travelled"
+        );
+    }
 
     // Within the window, either way: taken.
     let a = dms1
@@ -157,8 +166,16 @@ async fn a_message_outside_the_timestamp_window_is_refused_with_its_reason() {
         .unwrap();
     assert_eq!(a.0, 202, "{}", String::from_utf8_lossy(&a.1));
 
+    // A peer retrying an accepted message with its first bytes after the window (A.2: the same MsgID
+    // until the step's deadline) gets the answer the first copy got.
+    let a = dms1
+        .post(addr, stamped(&fresh, &stamp(-3600)))
+        .await
+        .unwrap();
+    assert_eq!(a.0, 202, "{}", String::from_utf8_lossy(&a.1));
+
     // A replay once the dedupe record is gone (the orchestrator forgot everything): the same message,
-    // now older than the window, is refused and never reaches the orchestrator.
+    // now older than the window, is refused.
     {
         let mut o = r.orchestrator.lock().unwrap();
         o.answers.clear();
@@ -170,7 +187,6 @@ async fn a_message_outside_the_timestamp_window_is_refused_with_its_reason() {
         .await
         .unwrap();
     assert_error(&a, 400, "Timestamp");
-    assert!(r.orchestrator.lock().unwrap().messages.is_empty());
     r.gateway.stop().await;
 
     // Switched off (`timestamp_window_secs = 0`): PROTOCOL.md's example time is taken.

@@ -143,14 +143,16 @@ struct NewClaim {
     written: bool,
 }
 
-/// The device and scope an event would start a delegation over (an operator start, a peer's NOTIF).
+/// The device and scope an event would start a delegation over (an operator start, a peer's NOTIF; not a
+/// stale one, which the decider refuses).
 fn start_of(event: &Event) -> Option<(String, Vec<String>)> {
     let (device, scope) = match &event.kind {
         Some(event::Kind::OperatorStart(s)) => (s.device.as_ref(), &s.scope),
         Some(event::Kind::Peer(pb::PeerMessage {
             body: Some(pb::peer_message::Body::Notif(n)),
+            stale,
             ..
-        })) => (n.device.as_ref(), &n.scope),
+        })) if stale.is_empty() => (n.device.as_ref(), &n.scope),
         _ => return None,
     };
     Some((

@@ -147,6 +147,7 @@ async fn the_api_needs_the_token_and_maps_the_contract() {
             msg_id: "0b6a7e0c-5d1e-4c41-9b0e-3d3f3c2b1a10".into(),
             sender: started.peer_server_id.clone(),
             session_id: started.session_id.clone(),
+            stale: String::new(),
             body: Some(dm_saga::pb::peer_message::Body::Res(dm_saga::pb::ResBody {
                 ack: false,
                 status_code: 403,

@@ -110,6 +110,7 @@ fn failure(session_id: &str) -> Event {
             msg_id: "f1".into(),
             sender: PEER.into(),
             session_id: session_id.into(),
+            stale: String::new(),
             body: Some(peer_message::Body::Failure(pb::FailureBody {
                 status_code: 500,
                 step: 1,

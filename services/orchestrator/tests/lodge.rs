@@ -80,6 +80,7 @@ async fn start(bus: &Bus, names: &Names, session: &str, msg_id: &str) -> u32 {
             msg_id: msg_id.into(),
             sender: D2.into(),
             session_id: session.into(),
+            stale: String::new(),
             body: Some(peer_message::Body::Start(pb::StartBody {})),
         }),
         lodge: Some(Lodge {
@@ -116,6 +117,7 @@ fn peer(msg_id: &str, body: peer_message::Body) -> Event {
             msg_id: msg_id.into(),
             sender: D2.into(),
             session_id: SESSION.into(),
+            stale: String::new(),
             body: Some(body),
         })),
     }

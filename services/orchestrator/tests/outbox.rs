@@ -38,6 +38,7 @@ fn res(ack: bool) -> Event {
             msg_id: format!("res-{ack}"),
             sender: PEER.into(),
             session_id: SESSION.into(),
+            stale: String::new(),
             body: Some(peer_message::Body::Res(pb::ResBody {
                 ack,
                 status_code: if ack { 0 } else { 403 },

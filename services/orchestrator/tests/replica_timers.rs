@@ -95,6 +95,7 @@ async fn a_replica_never_answers_from_a_state_another_replica_moved_on() {
             msg_id: "r1".into(),
             sender: PEER.into(),
             session_id: SESSION.into(),
+            stale: String::new(),
             body: Some(pb::peer_message::Body::Res(pb::ResBody {
                 ack: true,
                 ..Default::default()

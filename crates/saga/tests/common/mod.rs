@@ -56,6 +56,7 @@ pub fn peer(msg_id: &str, body: peer_message::Body) -> Event {
         sender: PEER.into(),
         session_id: SESSION.into(),
         body: Some(body),
+        ..Default::default()
     }))
 }
 

@@ -604,7 +604,7 @@ pub struct OrchestratorState {
     pub silent: bool,
 }
 
-/// The orchestrator's stand-in: a small model of A.2 items 5-8 (dedupe, 404, 409, 202). Like the real
+/// The orchestrator's stand-in: a small model of A.2 items 5-8 (dedupe, a stale message's 400, 404, 409, 202). Like the real
 /// one, it hands a message's sealed secret to auth only when it accepts the message.
 pub async fn stand_in_orchestrator(bus: &Bus, names: &Names, state: Shared<OrchestratorState>) {
     let lodge_subject = names.subject(Area::Req, "auth.lodge").unwrap();
@@ -633,6 +633,9 @@ pub async fn stand_in_orchestrator(bus: &Bus, names: &Names, state: Shared<Orche
                     Some((503, "busy".to_string()))
                 } else if let Some(first) = st.answers.get(&(m.sender.clone(), m.msg_id.clone())) {
                     Some((*first, String::new()))
+                } else if !m.stale.is_empty() {
+                    // Outside the gateway's Timestamp window and not a copy of a message seen.
+                    Some((400, m.stale.clone()))
                 } else {
                     let key = (m.sender.clone(), m.session_id.clone());
                     let (status, reason) = match m.body {

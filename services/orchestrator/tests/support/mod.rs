@@ -198,6 +198,7 @@ impl StandIns {
                 msg_id: m.msg_id,
                 sender: self.me.into(),
                 session_id: delegation.session_id.clone(),
+                stale: String::new(),
                 body: m.body.map(dm_saga::as_received),
             }),
             lodge: None,
