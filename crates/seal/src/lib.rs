@@ -193,6 +193,25 @@ pub mod field {
 pub struct BusKey([u8; 32]);
 
 impl BusKey {
+    /// Reads padded standard base64 of exactly 32 bytes (what [`BusKey::to_base64`] writes): the bus key
+    /// given to a process that must not hold the master key. The error names the rule, not the value.
+    pub fn from_base64(text: &str) -> Result<Self, &'static str> {
+        let bytes = Zeroizing::new(
+            B64.decode(text.trim())
+                .map_err(|_| "must be padded standard base64 of exactly 32 bytes")?,
+        );
+        let key: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| "must be base64 of exactly 32 bytes")?;
+        Ok(Self(key))
+    }
+
+    /// The key as padded standard base64, for a secret file of a process that needs only the bus key.
+    pub fn to_base64(&self) -> Zeroizing<String> {
+        Zeroizing::new(B64.encode(self.0))
+    }
+
     /// Seals one secret of the delegation stored under `record_key` (its field `field`), for `direction`.
     pub fn seal(
         &self,
@@ -425,6 +444,9 @@ mod tests {
         // The bus key is not the master key: an envelope does not open as a record sealed at rest.
         assert!(master.open("dms2/abc", "temp-key", &sealed).is_err());
         assert_eq!(format!("{bus:?}"), "BusKey(<redacted>)");
+        // Given to a process as base64, it is the same key.
+        assert_eq!(BusKey::from_base64(&bus.to_base64()).unwrap(), bus);
+        assert!(BusKey::from_base64("AAEC").is_err());
     }
 
     #[test]

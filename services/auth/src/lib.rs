@@ -42,7 +42,7 @@ use dm_protocol::delegation::{DelType, TempDelegationKey};
 use dm_protocol::dmacc::DmAccount;
 use dm_protocol::tnds;
 use dm_protocol::types::DmUri;
-use dm_seal::{BusKey, Direction, Zeroizing, field};
+use dm_seal::{Direction, Zeroizing, field};
 use prost::Message as _;
 use tokio::task::JoinSet;
 
@@ -50,7 +50,7 @@ pub use account::{CLIENT_CRED_KEY, SERVER_CRED_KEY};
 pub use config::{
     Config, ConfigError, DEFAULT_ACK_WAIT, DEFAULT_SWEEP_INTERVAL, DEFAULT_TEMP_KEY_TTL,
 };
-pub use dm_seal::MasterKey;
+pub use dm_seal::{BusKey, MasterKey};
 pub use registry::{
     IdentityRefusal, Peer, PeerIdentity, PeerPolicy, PolicyRefusal, PresentedCertificate,
     TrustRegistry, format_pin, parse_pin,

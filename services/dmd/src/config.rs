@@ -57,6 +57,8 @@
 //! [gateway]
 //! listen = "0.0.0.0:8443"
 //! timestamp_window_secs = 300            # a message's Timestamp this far from our clock at most (0: off)
+//! # bus_key_file = "/run/secrets/bus-key" # or bus_key_env: the bus key alone (`dmd config bus-key FILE`),
+//!                                        # for a gateway whose file has no [auth] (no master key on its host)
 //! [gateway.timeouts]                     # optional, milliseconds (see docs/operations.md)
 //! send_deadline_ms = 300000
 //!
@@ -391,6 +393,11 @@ struct Gateway {
     /// 0 switches the check off.
     #[serde(default)]
     timestamp_window_secs: Option<u64>,
+    /// The bus key alone (`dmd config bus-key` prints it), for a gateway that must not hold the master key.
+    #[serde(default)]
+    bus_key_file: Option<S<PathBuf>>,
+    #[serde(default)]
+    bus_key_env: Option<S<String>>,
     #[serde(default)]
     timeouts: dm_gateway::RawTimeouts,
 }
@@ -1117,14 +1124,44 @@ pub fn parse(text: &str, env: &dyn Environment) -> Result<FileConfig, ConfigErro
             let span = g.span();
             let g = g.get_ref();
             // Secrets cross the bus sealed with a key derived from the master key (issue 13): on NATS
-            // the gateway's must be auth's. In one process without [auth] nobody opens them anyway.
-            let bus_key = match (&auth, &nats_url) {
-                (Some(a), _) => a.master_key.bus_key(),
-                (None, None) => dm_auth::MasterKey::random().bus_key(),
-                (None, Some(_)) => {
+            // the gateway's must be auth's. It is given alone (bus_key_file/_env: a gateway host then
+            // holds no master key), or derived from [auth]'s. In one process without [auth] nobody
+            // opens what the gateway seals anyway.
+            let given = if g.bus_key_file.is_some() || g.bus_key_env.is_some() {
+                let text = secret(
+                    &p,
+                    env,
+                    span.clone(),
+                    g.bus_key_file.as_ref(),
+                    g.bus_key_env.as_ref(),
+                    "[gateway] bus_key",
+                )?;
+                let at = g
+                    .bus_key_file
+                    .as_ref()
+                    .map(|f| f.span())
+                    .or_else(|| g.bus_key_env.as_ref().map(|v| v.span()))
+                    .unwrap_or(0..0);
+                let key = dm_auth::BusKey::from_base64(&text)
+                    .map_err(|r| p.at(at.clone(), format!("[gateway] bus key: {r}")))?;
+                if auth.as_ref().is_some_and(|a| a.master_key.bus_key() != key) {
+                    return Err(p.at(
+                        at,
+                        "[gateway] bus key: not the one derived from [auth]'s master key (`dmd config bus-key FILE` prints it)",
+                    ));
+                }
+                Some(key)
+            } else {
+                None
+            };
+            let bus_key = match (given, &auth, &nats_url) {
+                (Some(key), _, _) => key,
+                (None, Some(a), _) => a.master_key.bus_key(),
+                (None, None, None) => dm_auth::MasterKey::random().bus_key(),
+                (None, None, Some(_)) => {
                     return Err(p.at(
                         span,
-                        "[gateway] on NATS needs the master key: the [auth] table with master_key_file or master_key_env (secrets cross the bus sealed with a key derived from it)",
+                        "[gateway] on NATS needs the master key: the [auth] table with master_key_file or master_key_env, or bus_key_file or bus_key_env (secrets cross the bus sealed with a key derived from it)",
                     ));
                 }
             };
@@ -1281,6 +1318,9 @@ mod tests {
     }
 
     const KEY: &str = "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=";
+
+    /// Another 32-byte key (base64).
+    const B64_OTHER: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
 
     fn given() -> Given {
         let mut g = Given::default();
@@ -1465,6 +1505,50 @@ push_url = "http://push:8700"
                 .contains("[provisioning] on NATS needs the master key"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_gateway_may_be_given_the_bus_key_alone() {
+        let bus_key = dm_auth::MasterKey::from_base64(KEY).unwrap().bus_key();
+        let mut g = given();
+        g.vars
+            .insert("BUS".into(), bus_key.to_base64().as_str().to_string());
+        g.vars.insert("OTHER".into(), B64_OTHER.into());
+        let on_nats = FILE.replace(
+            "server_id = \"dms1.operator.example\"\n",
+            "server_id = \"dms1.operator.example\"\nnats_url = \"nats://nats:4222\"\n",
+        );
+        let without_auth = on_nats
+            .replace(
+                "[auth]\ndm_address = \"https://dm.dms1.operator.example/dm\"\nmaster_key_env = \"MASTER\"\n",
+                "",
+            )
+            .replace("[provisioning]\n", "[ignored]\n");
+        let without_auth = without_auth.split("[ignored]").next().unwrap().to_string();
+        // A gateway process's file: no [auth], the bus key alone.
+        let text = without_auth.replace(
+            "[gateway]\nlisten = \"0.0.0.0:8443\"\n",
+            "[gateway]\nlisten = \"0.0.0.0:8443\"\nbus_key_env = \"BUS\"\n",
+        );
+        let c = parse(&text, &g).unwrap();
+        assert!(c.auth.is_none());
+        assert_eq!(c.gateway.unwrap().bus_key, Some(bus_key.clone()));
+        // Beside [auth], it must be the key derived from the master key.
+        let e = parse(
+            &on_nats.replace(
+                "[gateway]\nlisten = \"0.0.0.0:8443\"\n",
+                "[gateway]\nlisten = \"0.0.0.0:8443\"\nbus_key_env = \"OTHER\"\n",
+            ),
+            &g,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("not the one derived"), "{e}");
+        assert!(!e.message.contains(B64_OTHER));
+        // Not base64 of 32 bytes: refused, without the value.
+        g.vars.insert("BUS".into(), "c2hvcnQ=".into());
+        let e = parse(&text, &g).unwrap_err();
+        assert!(e.message.contains("32 bytes"), "{e}");
+        assert!(!e.message.contains("c2hvcnQ="));
     }
 
     #[test]

@@ -150,6 +150,33 @@ enum ConfigAction {
     /// Exits 0 and prints a summary when the file can be used; prints `FILE:LINE:COLUMN: why` and
     /// exits 1 otherwise.
     Check { file: PathBuf },
+    /// Prints the deployment's bus key (base64), derived from the master key the file's `[auth]` names:
+    /// the secret for `[gateway] bus_key_file`/`bus_key_env`, so that a gateway host holds no master key.
+    BusKey { file: PathBuf },
+}
+
+fn config_bus_key(file: &PathBuf) -> anyhow::Result<ExitCode> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    match dmd::config::parse(&text, &dmd::config::ProcessEnvironment::for_file(file)) {
+        Ok(c) => match c.auth {
+            Some(a) if !a.master_key.is_ephemeral() => {
+                println!("{}", a.master_key.bus_key().to_base64().as_str());
+                Ok(ExitCode::SUCCESS)
+            }
+            _ => {
+                eprintln!(
+                    "{}: no master key: the [auth] table with master_key_file or master_key_env is needed",
+                    file.display()
+                );
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        Err(e) => {
+            eprintln!("{}:{}:{}: {}", file.display(), e.line, e.column, e.message);
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 fn config_check(file: &PathBuf) -> anyhow::Result<ExitCode> {
@@ -306,6 +333,9 @@ fn main() -> ExitCode {
         Command::Config {
             action: ConfigAction::Check { file },
         } => config_check(file),
+        Command::Config {
+            action: ConfigAction::BusKey { file },
+        } => config_bus_key(file),
         Command::Demo => demo(),
         Command::Bench {
             delegations,
