@@ -90,11 +90,22 @@ async fn unknown_certificates_and_false_identities_get_nowhere() {
     let rogue = dmd::pki::generate(&dir.join("rogue"), &["rogue.example"]).unwrap();
     let rogue_files = rogue.files("rogue.example").unwrap();
     let ca = dir.join("ca.pem");
-    let notif = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../examples/notif.xml"
-    ))
+    // The shipped example, stamped now: its own Timestamp is older than the gateway's window.
+    let mut example = dm_protocol::delegation::decode(
+        std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../examples/notif.xml"
+        ))
+        .unwrap()
+        .as_bytes(),
+    )
     .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    example.timestamp = dm_protocol::types::UtcTime::from_unix(i64::try_from(now).unwrap());
+    let notif = dm_protocol::delegation::encode(&example);
     assert!(notif.contains(&format!("<DMServerID>{D1}</DMServerID>")));
 
     // A certificate from a CA nobody trusts: the handshake fails, nothing reaches the orchestrator.
