@@ -61,6 +61,8 @@ pub struct ChaosOptions {
     pub settle: Duration,
     /// Keep the working directory (configurations, logs, the NATS store) even when all went well.
     pub keep: bool,
+    /// Never kill nats-server (only the services).
+    pub spare_nats: bool,
 }
 
 impl Default for ChaosOptions {
@@ -73,6 +75,7 @@ impl Default for ChaosOptions {
             kill_every_ms: (200, 600),
             settle: Duration::from_secs(300),
             keep: false,
+            spare_nats: false,
         }
     }
 }
@@ -1002,7 +1005,9 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<ChaosReport> {
             while kills < options.kills && !done.load(Ordering::SeqCst) {
                 let pause = rng.random_range(options.kill_every_ms.0..=options.kill_every_ms.1);
                 tokio::time::sleep(Duration::from_millis(pause)).await;
-                let victim = &procs[rng.random_range(0..procs.len())];
+                // procs[0] is nats-server.
+                let first = usize::from(options.spare_nats);
+                let victim = &procs[rng.random_range(first..procs.len())];
                 victim.kill.notify_one();
                 *by_process.entry(victim.label.clone()).or_default() += 1;
                 kills += 1;

@@ -111,6 +111,9 @@ enum Command {
         /// Keep the working directory (configurations, logs, NATS store) even when all went well.
         #[arg(long)]
         keep: bool,
+        /// Never kill nats-server (only the services).
+        #[arg(long)]
+        spare_nats: bool,
     },
     /// Every service of a deployment in this process: on NATS when `[deployment] nats_url` is set,
     /// otherwise on the in-process bus (nothing is kept across a restart).
@@ -366,6 +369,7 @@ fn main() -> ExitCode {
             in_flight,
             settle_secs,
             keep,
+            spare_nats,
         } => chaos(dmd::chaos::ChaosOptions {
             delegations: *delegations,
             kills: *kills,
@@ -373,6 +377,7 @@ fn main() -> ExitCode {
             in_flight: *in_flight,
             settle: std::time::Duration::from_secs(*settle_secs),
             keep: *keep,
+            spare_nats: *spare_nats,
             ..Default::default()
         }),
         Command::All { config } => serve(None, config),
