@@ -333,15 +333,12 @@ impl NatsBus {
         bucket: &str,
         store: kv::Store,
     ) -> Result<kv::Store, BusError> {
-        let mut stream = self
-            .js
-            .get_stream(format!("KV_{bucket}"))
-            .await
-            .map_err(nats_error)?;
-        let mut config = stream.info().await.map_err(nats_error)?.config.clone();
+        // The store was opened with its stream's configuration: no request needed to see it.
+        let config = &store.stream.cached_info().config;
         if !config.allow_direct {
             return Ok(store);
         }
+        let mut config = config.clone();
         config.allow_direct = false;
         self.js.update_stream(config).await.map_err(nats_error)?;
         // The store remembers how its stream was configured when it was opened.
