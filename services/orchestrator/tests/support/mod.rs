@@ -205,7 +205,7 @@ impl StandIns {
         };
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
-            let answer = self
+            let asked = self
                 .bus
                 .request(
                     &self.peer.subject(Area::Req, "orchestrator.peer").unwrap(),
@@ -213,8 +213,17 @@ impl StandIns {
                     Bytes::from(inbound.encode_to_vec()),
                     DEADLINE,
                 )
-                .await
-                .unwrap();
+                .await;
+            let answer = match asked {
+                Ok(answer) => answer,
+                // Nobody answers yet (the peer's orchestrator is starting): a network error, retried
+                // like a 503 until the deadline, as a sender does (A.2).
+                Err(_) if tokio::time::Instant::now() <= deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                Err(e) => panic!("{kind}: the peer's orchestrator never answered: {e}"),
+            };
             let answer = InboundAnswer::decode(answer.payload).unwrap();
             self.seen
                 .answers
