@@ -396,6 +396,8 @@ token_env = "{TOKEN_ENV}"
 
 [orchestrator]
 ack_wait_secs = 5
+retry_min_secs = 2
+retry_max_secs = 10
 [orchestrator.deadlines]
 await_res = 60
 decide = 60

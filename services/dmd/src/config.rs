@@ -67,6 +67,8 @@
 //!
 //! [orchestrator]                         # optional; the defaults are shown
 //! ack_wait_secs = 30
+//! retry_min_secs = 30                    # a restore that failed is tried again after this, doubling up to
+//! retry_max_secs = 3600                  # this
 //! [orchestrator.deadlines]               # seconds each step may take
 //! apply = 1800
 //!
@@ -413,6 +415,12 @@ struct Acceptance {
 struct Orchestrator {
     #[serde(default)]
     ack_wait_secs: Option<u64>,
+    /// First pause before device work that must not give up (a restore, Final's last session) is tried
+    /// again; doubled on each try up to `retry_max_secs`.
+    #[serde(default)]
+    retry_min_secs: Option<u64>,
+    #[serde(default)]
+    retry_max_secs: Option<u64>,
     #[serde(default)]
     deadlines: Deadlines,
 }
@@ -653,6 +661,19 @@ impl Orchestrator {
         };
         if let Some(v) = self.ack_wait_secs {
             out.ack_wait = positive("[orchestrator] ack_wait_secs", v)?;
+        }
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        if let Some(v) = self.retry_min_secs {
+            out.saga.retry_min_ms = ms(positive("[orchestrator] retry_min_secs", v)?);
+        }
+        if let Some(v) = self.retry_max_secs {
+            out.saga.retry_max_ms = ms(positive("[orchestrator] retry_max_secs", v)?);
+        }
+        if out.saga.retry_max_ms < out.saga.retry_min_ms {
+            return Err(p.at(
+                span.clone(),
+                "[orchestrator] retry_max_secs: must not be less than retry_min_secs (30 by default)",
+            ));
         }
         let d = self.deadlines;
         let saga = &mut out.saga;
@@ -1563,13 +1584,16 @@ push_url = "http://push:8700"
 
         let file = FILE.replace(
             "[provisioning]\n",
-            "[orchestrator]\nack_wait_secs = 45\n[orchestrator.deadlines]\napply = 600\nawait_res = 90\n\n\
+            "[orchestrator]\nack_wait_secs = 45\nretry_min_secs = 2\nretry_max_secs = 10\n\
+             [orchestrator.deadlines]\napply = 600\nawait_res = 90\n\n\
              [provisioning]\nsession_timeout_secs = 30\ncommand_ack_wait_secs = 20\n",
         );
         let c = parse(&file, &given()).unwrap();
         assert_eq!(c.orchestrator.ack_wait, Duration::from_secs(45));
         assert_eq!(c.orchestrator.saga.apply_ms, 600_000);
         assert_eq!(c.orchestrator.saga.await_res_ms, 90_000);
+        assert_eq!(c.orchestrator.saga.retry_min_ms, 2_000);
+        assert_eq!(c.orchestrator.saga.retry_max_ms, 10_000);
         let p = c.provisioning.unwrap();
         assert_eq!(p.session_timeout, Duration::from_secs(30));
         assert_eq!(p.command_ack_wait, Duration::from_secs(20));
@@ -1580,6 +1604,11 @@ push_url = "http://push:8700"
             ),
             ("[orchestrator.deadlines]\nsoon = 5\n", "soon"),
             ("[orchestrator]\nack_wait_secs = 0\n", "ack_wait_secs"),
+            ("[orchestrator]\nretry_min_secs = 0\n", "retry_min_secs"),
+            (
+                "[orchestrator]\nretry_min_secs = 60\nretry_max_secs = 10\n",
+                "must not be less than retry_min_secs",
+            ),
         ] {
             let e = error(&format!("{FILE}\n{bad}"));
             assert!(e.message.contains(says), "{bad}: {e}");

@@ -222,6 +222,9 @@ fn seal_answer(key: &dm_seal::BusKey, envelope: &str, body: &Bytes) -> Bytes {
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 /// A forwarded request with this header only asks whether the replica is alive.
 const PING_HEADER: &str = "dmd-ping";
+/// How long a replica waits before it asks a lease's silent owner once more whether it is alive: long
+/// enough for a live owner to reconnect and subscribe again after a NATS outage.
+const OWNER_RECONNECT: Duration = Duration::from_secs(3);
 /// How long a replica with work for a device waits before it asks for the device's lease again.
 const LEASE_RETRY: Duration = Duration::from_millis(250);
 
@@ -644,6 +647,66 @@ impl Provisioning {
             d.lease_revision = revision;
         }
         true
+    }
+
+    /// Before this replica answers a device it holds the lease of (the answer may carry a plan's
+    /// commands): the lease must still be its own. Another replica takes a lease over only when it
+    /// believes this one dead (its liveness ping found nobody, e.g. while this replica was reconnecting
+    /// after a NATS outage); from then on that replica talks to the device, and this one gives the
+    /// device's session and jobs up: two sessions at once could complete a plan after its restore.
+    /// A lease that cannot be read is not answered on (503): nothing goes to the device unfenced.
+    async fn fence(&self, dev_id: &str) -> Result<(), DeviceAnswer> {
+        let Some(f) = &self.forward else {
+            return Ok(());
+        };
+        let leased = self.lock().devices.get(dev_id).is_some_and(|d| d.leased);
+        if !leased {
+            return Ok(());
+        }
+        match f.owners.get(&dm_bus::subjects::encode_key(dev_id)).await {
+            Ok(Some(e)) if e.value == f.me.as_bytes() => Ok(()),
+            Ok(_) => {
+                self.give_up_device(dev_id);
+                Err(DeviceAnswer::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "another replica took this device over; try again later",
+                ))
+            }
+            Err(e) => {
+                tracing::warn!(dev_id, error = %e, "the device's lease cannot be read; not answering");
+                Err(DeviceAnswer::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "try again later",
+                ))
+            }
+        }
+    }
+
+    /// The device's lease went to another replica: its session here ends and its jobs are settled as
+    /// superseded (no outcome: the replica that took the device has the command again, or the step's
+    /// deadline fails the delegation; running it here again could apply a plan after its restore).
+    fn give_up_device(&self, dev_id: &str) {
+        let jobs: Vec<u64> = {
+            let mut inner = self.lock();
+            let Some(d) = inner.devices.get_mut(dev_id) else {
+                return;
+            };
+            d.leased = false;
+            d.session = None;
+            d.exchange = None;
+            d.zero_nonce_sent = false;
+            // Disarms the watchdog: nothing is left to time out here.
+            d.activity += 1;
+            d.queue.drain(..).map(|(id, _)| id).collect()
+        };
+        tracing::warn!(
+            dev_id,
+            jobs = jobs.len(),
+            "another replica took the device's lease over; its session and jobs are given up here"
+        );
+        for job_id in jobs {
+            let _ = self.outcomes.send(JobOutcome::superseded(job_id, dev_id));
+        }
     }
 
     /// Lets the device's lease go once this replica has nothing more for it.
@@ -1088,6 +1151,9 @@ impl Provisioning {
             "DM package received"
         );
         let dev_id = msg.hdr.source.loc_uri.clone();
+        if let Err(answer) = p.fence(&dev_id).await {
+            return answer;
+        }
         let creds_before = p.credentials(&dev_id);
         let (handled, created) = match p.handle(&msg) {
             Ok(h) => h,
@@ -1157,14 +1223,23 @@ impl Forwarding {
         ) else {
             return false;
         };
-        let mut headers = dm_bus::Headers::new();
-        headers.insert(PING_HEADER, "1");
-        !matches!(
-            self.bus
-                .request(&subject, headers, Bytes::new(), Duration::from_secs(2))
-                .await,
-            Err(dm_bus::BusError::NoResponders(_))
-        )
+        let ping = || async {
+            let mut headers = dm_bus::Headers::new();
+            headers.insert(PING_HEADER, "1");
+            !matches!(
+                self.bus
+                    .request(&subject, headers, Bytes::new(), Duration::from_secs(2))
+                    .await,
+                Err(dm_bus::BusError::NoResponders(_))
+            )
+        };
+        if ping().await {
+            return true;
+        }
+        // Nobody answers also for a while after a NATS outage, until the owner has reconnected and
+        // subscribed again: asked once more after that, a live owner answers.
+        tokio::time::sleep(OWNER_RECONNECT).await;
+        ping().await
     }
 
     /// The owner's answer, when another replica owns the device and answers.

@@ -316,6 +316,14 @@ async fn carry_out(
             (p, failed(status, reason))
         }
     };
+    if outcome.is_superseded() {
+        // The replica that took the device over carries the command on (or its deadline fails it).
+        tracing::warn!(
+            outbox_id = %p.outbox_id, dev_id = %delegation.dev_id,
+            "job given up: another replica took the device over; no outcome from here"
+        );
+        return Settle::Done;
+    }
     record_job(names.deployment(), p.work, &outcome, started.elapsed());
     publish_until_done(bus, names, &p, outcome).await;
     Settle::Done

@@ -57,6 +57,29 @@ pub struct JobOutcome {
     pub result: JobResult,
 }
 
+/// Not a DM status: the job was given up because another replica took its device over. No outcome is
+/// published for it (see `Provisioning::fence`).
+pub const SUPERSEDED: u32 = 0;
+
+impl JobOutcome {
+    pub(crate) fn superseded(job_id: u64, dev_id: &str) -> Self {
+        Self {
+            job_id,
+            dev_id: dev_id.to_string(),
+            result: Err(JobFailure {
+                status: SUPERSEDED,
+                command: String::new(),
+                reason: "another replica took the device over".into(),
+            }),
+        }
+    }
+
+    /// Whether the job was given up to another replica (nothing to report).
+    pub fn is_superseded(&self) -> bool {
+        matches!(&self.result, Err(f) if f.status == SUPERSEDED)
+    }
+}
+
 /// The answer to a device message, with what else the service must do.
 #[derive(Debug)]
 pub struct Handled {

@@ -271,3 +271,144 @@ async fn forwarded_device_messages_cross_the_bus_sealed() {
         }
     }
 }
+
+/// A replica whose device lease was taken over by another one (which found it silent, e.g. while it
+/// reconnected after a NATS outage) sends the device nothing more: its session and job are given up
+/// without an outcome (the other replica has the command). Two sessions at once once let a plan complete
+/// on a device after its restore had run. Here the device posts through a front that hands the lease to
+/// another replica just before the device's first message reaches A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_the_device_lease_sends_the_device_nothing_more() {
+    use axum::extract::State;
+    use axum::response::IntoResponse as _;
+    use bytes::Bytes;
+
+    let bus = Bus::in_process();
+    let names = Names::new("dms1").unwrap();
+    let devices = bus.kv("dmd_dms1_devices", 1).await.unwrap();
+    let owners = bus
+        .kv(&names.bucket("device_owners").unwrap(), 1)
+        .await
+        .unwrap();
+    let key = MasterKey::random();
+    let fleet = Fleet::new();
+    let fleet_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fleet_url = format!("http://{}", fleet_listener.local_addr().unwrap());
+    let serving = fleet.clone();
+    tokio::spawn(async move { serving.serve(fleet_listener, std::future::pending()).await });
+
+    let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front_url = format!("http://{}/dm", front.local_addr().unwrap());
+    let channel: Arc<dyn Package0Channel> = Arc::new(HttpPushChannel::new(&fleet_url));
+    let (a, mut outcomes) = Provisioning::new(Config::new(D1, front_url.clone()), channel);
+    let a = a
+        .with_bus_key(key.bus_key())
+        .with_device_store(devices.clone(), key.clone())
+        .with_forwarding(bus.clone(), names.clone())
+        .await
+        .unwrap();
+    // Armed: the next device message first sees the lease go to another replica.
+    let take_over = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    type Front = (Provisioning, dm_bus::Kv, Arc<std::sync::atomic::AtomicBool>);
+    async fn through_front(
+        State((a, owners, take_over)): State<Front>,
+        headers: axum::http::HeaderMap,
+        body: Bytes,
+    ) -> axum::response::Response {
+        if take_over.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            let k = dm_bus::subjects::encode_key(DEV);
+            let lease = owners.get(&k).await.unwrap().expect("A holds the lease");
+            owners
+                .update(&k, Bytes::from_static(b"another-replica"), lease.revision)
+                .await
+                .unwrap();
+        }
+        let content_type = headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let answer = a.route_device(content_type, body).await;
+        (
+            axum::http::StatusCode::from_u16(answer.status).unwrap(),
+            [("content-type", answer.content_type)],
+            answer.body,
+        )
+            .into_response()
+    }
+    let app = axum::Router::new()
+        .route("/dm", axum::routing::post(through_front))
+        .with_state((a.clone(), owners.clone(), take_over.clone()));
+    tokio::spawn(async move { axum::serve(front, app).await });
+
+    let account = DefaultAccount {
+        server_id: D1.into(),
+        addr: front_url,
+        server_secret: "s".into(),
+        server_nonce_b64: auth::encode_nonce(b"sn"),
+        client_name: DEV.into(),
+        client_secret: "c".into(),
+        client_nonce_b64: auth::encode_nonce(b"cn"),
+    };
+    fleet.insert(Device::with_default_tree(DEV, &account).unwrap());
+    a.seed_device(
+        DEV,
+        DeviceCredentials {
+            server_secret: "s".into(),
+            server_nonce_b64: account.server_nonce_b64.clone(),
+            client_name: DEV.into(),
+            client_secret: "c".into(),
+            client_nonce_b64: account.client_nonce_b64.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let lang = || {
+        fleet
+            .with_device(DEV, |d| {
+                d.tree()
+                    .value(&"./DevInfo/Lang".parse().unwrap())
+                    .unwrap()
+                    .to_string()
+            })
+            .unwrap()
+    };
+    let before = lang();
+    let set_lang = |value: &str| {
+        Job::Commands(vec![Command::Replace(ItemCommand::new(
+            "0",
+            vec![Item::target("./DevInfo/Lang").with_data(value)],
+        ))])
+    };
+
+    let id = a.enqueue(DEV, set_lang("xx")).await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), outcomes.recv())
+        .await
+        .expect("the job's outcome in time")
+        .unwrap();
+    assert_eq!(outcome.job_id, id);
+    assert!(outcome.is_superseded(), "{outcome:?}");
+    let sessions = fleet
+        .wait_for_sessions(DEV, 1, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(sessions[0].changes.is_empty(), "{sessions:?}");
+    assert_eq!(
+        lang(),
+        before,
+        "a command went to the device after the lease was lost"
+    );
+
+    // The replica named by the lease never answers: A's next job takes the lease back and runs.
+    let id = a.enqueue(DEV, set_lang("yy")).await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(30), outcomes.recv())
+        .await
+        .expect("the job's outcome in time")
+        .unwrap();
+    assert_eq!(outcome.job_id, id);
+    assert!(
+        matches!(outcome.result, Ok(JobSuccess::Commands { .. })),
+        "{outcome:?}"
+    );
+    assert_eq!(lang(), "yy");
+}
