@@ -1163,6 +1163,7 @@ impl Provisioning {
         // them). A store that fails is not fatal: the device's challenge and the zero-nonce resync (B.1)
         // recover a lost nonce.
         let creds_after = p.credentials(&dev_id);
+        let mut broken_off = None;
         if creds_after != creds_before
             && let Err(e) = p.store_device(&dev_id).await
         {
@@ -1176,19 +1177,23 @@ impl Provisioning {
                 })
             };
             if pending(&creds_after) != pending(&creds_before) {
-                // A new secret goes to the device only once it is stored: the session breaks off
-                // here and its job fails after the timeout.
-                return DeviceAnswer::text(StatusCode::SERVICE_UNAVAILABLE, "try again later");
+                // A new secret goes to the device only once it is stored: the session breaks off here.
+                broken_off = Some("a device's new secret could not be stored");
             }
         }
-        if let Err(e) = p.persist(created).await {
-            // The plan is not sent: the device's session breaks off and the job fails after the timeout.
+        if broken_off.is_none()
+            && let Err(e) = p.persist(created).await
+        {
             tracing::warn!(error = %e, "a snapshot could not be stored; the plan is held back");
-            return DeviceAnswer::text(StatusCode::SERVICE_UNAVAILABLE, "try again later");
+            broken_off = Some("a snapshot could not be stored");
         }
+        // What the device reported is true whether or not this answer reaches it.
         for outcome in handled.outcomes {
             let _ = p.outcomes.send(outcome);
         }
+        // Also when the answer is broken off (the device gets none and leaves its session): the job in
+        // progress must still end, by the watchdog armed here (this message moved the device's activity
+        // past the one armed before), and work queued behind a job that just ended gets its package #0.
         match handled.wake_again {
             Some(dev_id) => {
                 let p = p.clone();
@@ -1199,6 +1204,10 @@ impl Provisioning {
                 // The session ended with nothing more to do: another replica may talk to the device.
                 p.release_if_idle(&dev_id).await;
             }
+        }
+        if let Some(reason) = broken_off {
+            tracing::debug!(dev_id, reason, "the device's session is broken off");
+            return DeviceAnswer::text(StatusCode::SERVICE_UNAVAILABLE, "try again later");
         }
         let encoded = syncml::encode(&handled.answer);
         tracing::debug!(

@@ -1,0 +1,167 @@
+//! A store that fails in the middle of a device session (NATS away): the plan is held back and the
+//! device's session broken off, and the job still ends (issue 10: nothing stuck). It used to wait for an
+//! outcome forever: the message had moved the device's activity past the watchdog armed before it, and
+//! no other was armed, so the command's lane on the bus (and every restore queued behind it) never moved.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::response::IntoResponse as _;
+use bytes::Bytes;
+use dm_bus::Bus;
+use dm_bus::testing::NatsServer;
+use dm_client::{DefaultAccount, Device, Fleet};
+use dm_notification::{HttpPushChannel, Package0Channel};
+use dm_protocol::auth;
+use dm_protocol::delegation::{self, DelType};
+use dm_protocol::dmacc::{DmAccount, Secret};
+use dm_provisioning::{Config, DeviceCredentials, Job, PlanRequest, Provisioning};
+
+const D1: &str = "dms1.operator.example";
+const D2: &str = "dms2.enterprise.example";
+const DEV: &str = "IMEI:490154203237518";
+
+/// Passes device messages to the provisioning service; before the second one (which brings the reads
+/// the plan's snapshot is taken from) it kills the nats-server the snapshot store lives on.
+#[derive(Clone)]
+struct Front {
+    prov: Provisioning,
+    nats: Arc<std::sync::Mutex<NatsServer>>,
+    seen: Arc<AtomicUsize>,
+}
+
+async fn through_front(
+    State(front): State<Front>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> axum::response::Response {
+    if front.seen.fetch_add(1, Ordering::SeqCst) == 1 {
+        front.nats.lock().unwrap().kill();
+    }
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let answer = front.prov.answer_device(content_type, body).await;
+    (
+        axum::http::StatusCode::from_u16(answer.status).unwrap(),
+        [("content-type", answer.content_type)],
+        answer.body,
+    )
+        .into_response()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_held_back_by_a_store_outage_still_ends_its_job() {
+    let nats = NatsServer::start().unwrap();
+    let bus = Bus::connect(nats.url()).await.unwrap();
+    let snapshots = bus.kv("dmd_dms1_snapshots", 1).await.unwrap();
+    let nats = Arc::new(std::sync::Mutex::new(nats));
+
+    let fleet = Fleet::new();
+    let fleet_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fleet_url = format!("http://{}", fleet_listener.local_addr().unwrap());
+    let serving = fleet.clone();
+    tokio::spawn(async move { serving.serve(fleet_listener, std::future::pending()).await });
+
+    let front_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front_url = format!("http://{}/dm", front_listener.local_addr().unwrap());
+    let channel: Arc<dyn Package0Channel> = Arc::new(HttpPushChannel::new(&fleet_url));
+    let mut config = Config::new(D1, front_url.clone());
+    config.session_timeout = Duration::from_secs(2);
+    let (prov, mut outcomes) = Provisioning::new(config, channel);
+    let prov = prov.with_snapshot_store(snapshots);
+    let front = Front {
+        prov: prov.clone(),
+        nats: nats.clone(),
+        seen: Arc::default(),
+    };
+    let app = axum::Router::new()
+        .route("/dm", axum::routing::post(through_front))
+        .with_state(front.clone());
+    tokio::spawn(async move { axum::serve(front_listener, app).await });
+
+    let account = DefaultAccount {
+        server_id: D1.into(),
+        addr: front_url,
+        server_secret: "dms1-server-secret".into(),
+        server_nonce_b64: auth::encode_nonce(b"dms1-server-nonce"),
+        client_name: DEV.into(),
+        client_secret: "device-secret-for-dms1".into(),
+        client_nonce_b64: auth::encode_nonce(b"dms1-client-nonce"),
+    };
+    assert!(fleet.insert(Device::with_default_tree(DEV, &account).unwrap()));
+    prov.register_device(
+        DEV,
+        DeviceCredentials {
+            server_secret: account.server_secret.clone(),
+            server_nonce_b64: account.server_nonce_b64.clone(),
+            client_name: account.client_name.clone(),
+            client_secret: account.client_secret.clone(),
+            client_nonce_b64: account.client_nonce_b64.clone(),
+            ..Default::default()
+        },
+    );
+    let before = fleet.export(DEV).unwrap();
+
+    // DMS-2's DM Account as DELEGATION_START carries it (examples/start.xml).
+    let xml = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/start.xml"
+    ))
+    .unwrap();
+    let delegation::Body::Start(start) = delegation::decode(&xml).unwrap().body else {
+        panic!("examples/start.xml is a DELEGATION_START");
+    };
+    let request = PlanRequest {
+        account_key: "dms2".into(),
+        account: DmAccount::from_tnds(&start.dm_acc).unwrap(),
+        delegating: D1.into(),
+        delegated: D2.into(),
+        del_type: DelType::Partial,
+        scope: vec!["./Vendor/Acme/Apps".parse().unwrap()],
+        not_after: None,
+        temp_key_b64: Secret::new("dGVtcC1kZWxlZ2F0aW9uLWtleQ=="),
+    };
+    let id = prov
+        .enqueue(
+            DEV,
+            Job::Apply {
+                plan_id: "held-back".into(),
+                request: Box::new(request),
+            },
+        )
+        .await
+        .unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(40), outcomes.recv())
+        .await
+        .expect("the job ends although its plan was held back")
+        .unwrap();
+    assert_eq!(outcome.job_id, id);
+    let failure = outcome.result.expect_err("the plan was not sent");
+    assert_eq!(failure.status, 408, "{failure:?}");
+    assert!(front.seen.load(Ordering::SeqCst) >= 2);
+    // Nothing of the plan reached the device (only the session's nonces moved).
+    let after = fleet.export(DEV).unwrap();
+    let child = |tree: &dm_protocol::tnds::MgmtTree, name: &str| {
+        tree.nodes[0]
+            .children()
+            .iter()
+            .find(|n| n.name == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(child(&after, "Vendor"), child(&before, "Vendor"));
+    let accounts = |tree| -> Vec<String> {
+        child(tree, "DMAcc")
+            .children()
+            .iter()
+            .map(|n| n.name.clone())
+            .collect()
+    };
+    assert_eq!(accounts(&after), vec![D1.to_string()]);
+}
