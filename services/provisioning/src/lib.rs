@@ -218,6 +218,11 @@ fn seal_answer(key: &dm_seal::BusKey, envelope: &str, body: &Bytes) -> Bytes {
     }
 }
 
+/// The key, in the snapshots bucket, saying that a restore of the plan was queued.
+fn undone_key(plan_id: &str) -> String {
+    dm_bus::subjects::encode_key(&format!("{plan_id}/undone"))
+}
+
 /// How long a replica waits for the owner of a device to answer a forwarded message.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 /// A forwarded request with this header only asks whether the replica is alive.
@@ -344,6 +349,74 @@ impl Provisioning {
             .entry(plan_id.to_string())
             .or_insert(snapshot);
         Ok(())
+    }
+
+    /// Records, before a restore of `plan_id` is queued, that the plan is being undone: an apply of it
+    /// that comes later (its command delivered again after a NATS outage or a replica's death, once the
+    /// saga had already ordered the restore) must not put the plan back on the device after the restore.
+    async fn mark_undone(&self, plan_id: &str) -> Result<(), String> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        put(store, &undone_key(plan_id), Bytes::from_static(b"undone"))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Whether a restore of `plan_id` was queued (see [`Provisioning::mark_undone`]); `None` when the
+    /// store cannot be read.
+    async fn undone(&self, plan_id: &str) -> Option<bool> {
+        let store = self.store.as_ref()?;
+        match store.get(&undone_key(plan_id)).await {
+            Ok(entry) => Some(entry.is_some()),
+            Err(e) => {
+                tracing::warn!(plan_id, error = %e, "the snapshot store cannot be read");
+                None
+            }
+        }
+    }
+
+    /// Gives up the applies at the head of the device's queue whose plan is being undone (their
+    /// commands are stale: the saga has moved on, so no outcome is published for them). Called by the
+    /// replica that holds the device's lease, right before it wakes the device: a restore is queued
+    /// only after its mark is written, so an apply checked here either runs before that restore
+    /// (which then undoes it) or not at all.
+    async fn drop_undone_applies(&self, dev_id: &str) {
+        loop {
+            let head = self
+                .lock()
+                .devices
+                .get(dev_id)
+                .filter(|d| d.session.is_none())
+                .and_then(|d| match d.queue.front() {
+                    Some((id, Job::Apply { plan_id, .. })) => Some((*id, plan_id.clone())),
+                    _ => None,
+                });
+            let Some((job_id, plan_id)) = head else {
+                return;
+            };
+            if self.undone(&plan_id).await != Some(true) {
+                return;
+            }
+            let popped = {
+                let mut inner = self.lock();
+                inner.devices.get_mut(dev_id).and_then(|d| {
+                    (d.session.is_none() && d.queue.front().is_some_and(|(id, _)| *id == job_id))
+                        .then(|| d.queue.pop_front())
+                        .flatten()
+                })
+            };
+            if popped.is_none() {
+                return;
+            }
+            tracing::warn!(
+                dev_id,
+                job_id,
+                plan_id,
+                "an apply of a plan already being undone is given up (its command came again)"
+            );
+            let _ = self.outcomes.send(JobOutcome::superseded(job_id, dev_id));
+        }
     }
 
     /// Writes the snapshots `handle` just took; on failure forgets them (their plans were not sent yet).
@@ -813,6 +886,11 @@ impl Provisioning {
                 .await
                 .map_err(EnqueueError::SnapshotStore)?;
         }
+        if let Job::Restore { plan_id } = &job {
+            self.mark_undone(plan_id)
+                .await
+                .map_err(EnqueueError::SnapshotStore)?;
+        }
         // A first session's device was registered (and stored) by the caller just now: a read of the
         // store may not see that write yet (a cluster electing leaders), and must not forget it.
         if !matches!(job, Job::FirstSession(_)) {
@@ -852,6 +930,16 @@ impl Provisioning {
         }
         // Another replica may have run the device's last session: take the nonces in force from the store.
         self.refresh_device(dev_id).await;
+        self.drop_undone_applies(dev_id).await;
+        if self
+            .lock()
+            .devices
+            .get(dev_id)
+            .is_some_and(|d| d.session.is_none() && d.queue.is_empty())
+        {
+            self.release_if_idle(dev_id).await;
+            return;
+        }
         // Whether the pending server secret was tried (swapped with the current one) in this wake.
         let mut swapped = false;
         loop {

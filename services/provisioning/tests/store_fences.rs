@@ -1,7 +1,11 @@
-//! A store that fails in the middle of a device session (NATS away): the plan is held back and the
-//! device's session broken off, and the job still ends (issue 10: nothing stuck). It used to wait for an
-//! outcome forever: the message had moved the device's activity past the watchdog armed before it, and
-//! no other was armed, so the command's lane on the bus (and every restore queued behind it) never moved.
+//! What the provisioning service's store keeps safe (issue 10: nothing stuck, no device half-done), with
+//! the store on a real nats-server:
+//! - a store that fails in the middle of a device session (NATS away): the plan is held back and the
+//!   device's session broken off, and the job still ends. It used to wait for an outcome forever: the
+//!   message had moved the device's activity past the watchdog armed before it, and no other was armed,
+//!   so the command's lane on the bus (and every restore queued behind it) never moved;
+//! - an apply whose command comes again after the saga ordered its plan's restore (a redelivery after a
+//!   NATS outage) is given up: run after the restore, it left the plan on a device both sides had failed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -25,13 +29,14 @@ const D1: &str = "dms1.operator.example";
 const D2: &str = "dms2.enterprise.example";
 const DEV: &str = "IMEI:490154203237518";
 
-/// Passes device messages to the provisioning service; before the second one (which brings the reads
-/// the plan's snapshot is taken from) it kills the nats-server the snapshot store lives on.
+/// Passes device messages to the provisioning service; before message number `kill_at` (counted from
+/// 0) it kills the nats-server the snapshot store lives on.
 #[derive(Clone)]
 struct Front {
     prov: Provisioning,
     nats: Arc<std::sync::Mutex<NatsServer>>,
     seen: Arc<AtomicUsize>,
+    kill_at: Option<usize>,
 }
 
 async fn through_front(
@@ -39,7 +44,7 @@ async fn through_front(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> axum::response::Response {
-    if front.seen.fetch_add(1, Ordering::SeqCst) == 1 {
+    if Some(front.seen.fetch_add(1, Ordering::SeqCst)) == front.kill_at {
         front.nats.lock().unwrap().kill();
     }
     let content_type = headers
@@ -55,8 +60,16 @@ async fn through_front(
         .into_response()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_plan_held_back_by_a_store_outage_still_ends_its_job() {
+struct World {
+    prov: Provisioning,
+    outcomes: tokio::sync::mpsc::UnboundedReceiver<dm_provisioning::JobOutcome>,
+    fleet: Fleet,
+    front: Front,
+    before: dm_protocol::tnds::MgmtTree,
+}
+
+/// DMS-1's provisioning with its snapshots on a fresh nats-server, one device behind the front.
+async fn world(kill_at: Option<usize>) -> World {
     let nats = NatsServer::start().unwrap();
     let bus = Bus::connect(nats.url()).await.unwrap();
     let snapshots = bus.kv("dmd_dms1_snapshots", 1).await.unwrap();
@@ -73,12 +86,13 @@ async fn a_plan_held_back_by_a_store_outage_still_ends_its_job() {
     let channel: Arc<dyn Package0Channel> = Arc::new(HttpPushChannel::new(&fleet_url));
     let mut config = Config::new(D1, front_url.clone());
     config.session_timeout = Duration::from_secs(2);
-    let (prov, mut outcomes) = Provisioning::new(config, channel);
+    let (prov, outcomes) = Provisioning::new(config, channel);
     let prov = prov.with_snapshot_store(snapshots);
     let front = Front {
         prov: prov.clone(),
         nats: nats.clone(),
         seen: Arc::default(),
+        kill_at,
     };
     let app = axum::Router::new()
         .route("/dm", axum::routing::post(through_front))
@@ -108,6 +122,17 @@ async fn a_plan_held_back_by_a_store_outage_still_ends_its_job() {
     );
     let before = fleet.export(DEV).unwrap();
 
+    World {
+        prov,
+        outcomes,
+        fleet,
+        front,
+        before,
+    }
+}
+
+/// An apply of DMS-2's account (examples/start.xml) with `./Vendor/Acme/Apps` delegated.
+fn apply(plan_id: &str) -> Job {
     // DMS-2's DM Account as DELEGATION_START carries it (examples/start.xml).
     let xml = std::fs::read(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -127,26 +152,15 @@ async fn a_plan_held_back_by_a_store_outage_still_ends_its_job() {
         not_after: None,
         temp_key_b64: Secret::new("dGVtcC1kZWxlZ2F0aW9uLWtleQ=="),
     };
-    let id = prov
-        .enqueue(
-            DEV,
-            Job::Apply {
-                plan_id: "held-back".into(),
-                request: Box::new(request),
-            },
-        )
-        .await
-        .unwrap();
-    let outcome = tokio::time::timeout(Duration::from_secs(40), outcomes.recv())
-        .await
-        .expect("the job ends although its plan was held back")
-        .unwrap();
-    assert_eq!(outcome.job_id, id);
-    let failure = outcome.result.expect_err("the plan was not sent");
-    assert_eq!(failure.status, 408, "{failure:?}");
-    assert!(front.seen.load(Ordering::SeqCst) >= 2);
-    // Nothing of the plan reached the device (only the session's nonces moved).
-    let after = fleet.export(DEV).unwrap();
+    Job::Apply {
+        plan_id: plan_id.into(),
+        request: Box::new(request),
+    }
+}
+
+/// Nothing of the plan is on the device (only the sessions' nonces moved).
+fn unchanged(w: &World) {
+    let after = w.fleet.export(DEV).unwrap();
     let child = |tree: &dm_protocol::tnds::MgmtTree, name: &str| {
         tree.nodes[0]
             .children()
@@ -155,7 +169,7 @@ async fn a_plan_held_back_by_a_store_outage_still_ends_its_job() {
             .cloned()
             .unwrap()
     };
-    assert_eq!(child(&after, "Vendor"), child(&before, "Vendor"));
+    assert_eq!(child(&after, "Vendor"), child(&w.before, "Vendor"));
     let accounts = |tree| -> Vec<String> {
         child(tree, "DMAcc")
             .children()
@@ -164,4 +178,59 @@ async fn a_plan_held_back_by_a_store_outage_still_ends_its_job() {
             .collect()
     };
     assert_eq!(accounts(&after), vec![D1.to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_held_back_by_a_store_outage_still_ends_its_job() {
+    // Message 1 brings the reads the plan's snapshot is taken from.
+    let mut w = world(Some(1)).await;
+    let id = w.prov.enqueue(DEV, apply("held-back")).await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(40), w.outcomes.recv())
+        .await
+        .expect("the job ends although its plan was held back")
+        .unwrap();
+    assert_eq!(outcome.job_id, id);
+    let failure = outcome.result.expect_err("the plan was not sent");
+    assert_eq!(failure.status, 408, "{failure:?}");
+    assert!(w.front.seen.load(Ordering::SeqCst) >= 2);
+    unchanged(&w);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_whose_plan_is_being_undone_is_given_up() {
+    let mut w = world(None).await;
+    // The saga failed the delegation before its plan reached the device: the restore has nothing to do.
+    let restore = w
+        .prov
+        .enqueue(
+            DEV,
+            Job::Restore {
+                plan_id: "undone".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), w.outcomes.recv())
+        .await
+        .expect("the restore's outcome in time")
+        .unwrap();
+    assert_eq!(outcome.job_id, restore);
+    assert!(outcome.result.is_ok(), "{outcome:?}");
+    // The apply's command comes again: it is given up, and the device is left as the restore left it.
+    let id = w.prov.enqueue(DEV, apply("undone")).await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), w.outcomes.recv())
+        .await
+        .expect("the apply's outcome in time")
+        .unwrap();
+    assert_eq!(outcome.job_id, id);
+    assert!(outcome.is_superseded(), "{outcome:?}");
+    unchanged(&w);
+    // Another plan of the same device still applies.
+    let id = w.prov.enqueue(DEV, apply("another")).await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), w.outcomes.recv())
+        .await
+        .expect("the apply's outcome in time")
+        .unwrap();
+    assert_eq!(outcome.job_id, id);
+    assert!(outcome.result.is_ok(), "{outcome:?}");
 }
