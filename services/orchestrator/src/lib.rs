@@ -1,5 +1,6 @@
 //! The orchestrator: the delegation saga over the bus. For every event it loads the delegation's state
-//! from the key-value bucket, calls the pure decider (`dm-saga`), stores the new state **and** the commands
+//! from the key-value bucket (or takes the one this replica stored last, which the compare-and-set below
+//! proves current or refuses), calls the pure decider (`dm-saga`), stores the new state **and** the commands
 //! in one compare-and-set write (the outbox), then publishes the commands with the msg-id
 //! `<delegation>:<revision>:<index>`. The outbox is not cleared by a second write while the delegation is
 //! in progress: the next decision's write replaces it, and a replica that finds an outbox it did not see
@@ -97,14 +98,18 @@ struct Inner {
     shards: Vec<Mutex<()>>,
     /// Every state this replica stored, for watchers.
     changes: tokio::sync::broadcast::Sender<DelegationState>,
-    /// The revision whose outbox this replica published in full, per delegation in progress: such an
-    /// outbox is left for the next decision to replace (a second write per decision was 12 of a
-    /// delegation's ~80 JetStream writes). A hint only: a missing entry means publishing again.
-    published: std::sync::Mutex<HashMap<String, u64>>,
+    /// Per delegation in progress, the state this replica stored last, at its revision, whose outbox it
+    /// published in full: such an outbox is left for the next decision to replace (a second write per
+    /// decision was 12 of a delegation's ~80 JetStream writes), and the next decision here starts from
+    /// this state instead of reading it back (12 reads per delegation). A hint only: the decision's
+    /// compare-and-set on the revision refuses a stale one (another replica moved the delegation), and
+    /// the state is read then; a missing entry means reading and publishing again.
+    published: std::sync::Mutex<HashMap<String, (u64, DelegationState)>>,
 }
 
-/// Entries of [`Inner::published`] before it is emptied (each costs one republish at most).
-const PUBLISHED_MAX: usize = 65_536;
+/// Entries of [`Inner::published`] before it is emptied (each costs one read and one republish at most;
+/// delegations at rest leave it, so it holds about the delegations in flight).
+const PUBLISHED_MAX: usize = 16_384;
 
 /// A delegation at rest waits for no work of its own: its outbox is cleared once published, so that a
 /// late decision or a restart does not publish it again.
@@ -642,8 +647,21 @@ impl Orchestrator {
         claimed: &mut Option<NewClaim>,
     ) -> Result<Applied, OrchestratorError> {
         let key = key.to_string();
+        let mut from_cache = true;
         for _ in 0..16 {
-            let loaded = self.load(&key).await?;
+            // The state this replica stored last, if it is still the one in force; else read it.
+            let cached = if from_cache { self.cached(&key) } else { None };
+            from_cache = cached.is_some();
+            let loaded = match cached {
+                Some((revision, state)) => Some((
+                    StoredDelegation {
+                        state: Some(state),
+                        outbox: Vec::new(),
+                    },
+                    revision,
+                )),
+                None => self.load(&key).await?,
+            };
             // A decision committed earlier whose commands were not all published (a failed publish, a
             // crash between write and publish): publish them now, with their ids, before anything else
             // overwrites the outbox (ARCHITECTURE rule 2).
@@ -692,6 +710,13 @@ impl Orchestrator {
                 }
             }
             let decision = self.inner.decider.decide(state.clone(), event, now);
+            if from_cache && (decision.answer != Answer::Accepted || decision.state.is_none()) {
+                // Refused or ignored on the state this replica stored last: another replica may have
+                // moved the delegation since. Decided again on the stored state (nothing written
+                // proves a cached state current).
+                from_cache = false;
+                continue;
+            }
             if decision.answer != Answer::Accepted {
                 return Ok(Applied {
                     answer: decision.answer,
@@ -748,7 +773,11 @@ impl Orchestrator {
             };
             let revision = match written {
                 Ok(rev) => rev,
-                Err(BusError::Conflict(_)) => continue,
+                Err(BusError::Conflict(_)) => {
+                    // Moved by another replica: decided again on the stored state.
+                    from_cache = false;
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             };
             self.inner
@@ -817,7 +846,17 @@ impl Orchestrator {
             .published
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        published.get(key) == Some(&revision)
+        published.get(key).is_some_and(|(r, _)| *r == revision)
+    }
+
+    /// The state this replica stored last for a delegation in progress, with its revision.
+    fn cached(&self, key: &str) -> Option<(u64, DelegationState)> {
+        let published = self
+            .inner
+            .published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        published.get(key).cloned()
     }
 
     /// After a flush: a delegation at rest gets its outbox cleared (if the state is unchanged) and is
@@ -840,7 +879,7 @@ impl Orchestrator {
                 if published.len() >= PUBLISHED_MAX {
                     published.clear();
                 }
-                published.insert(key.to_string(), revision);
+                published.insert(key.to_string(), (revision, state.clone()));
                 return Ok(());
             }
         }
