@@ -800,22 +800,25 @@ impl Provisioning {
         let key = dm_bus::subjects::encode_key(dev_id);
         let f = f.clone();
         let dev_id = dev_id.to_string();
-        // In the background, and again until it is written: a lease left behind while this replica
-        // lives would keep every other replica from the device (a bus away is waited out).
+        // In the background, and again until it is written, however long the bus is away: a lease left
+        // behind while this replica lives would keep every other replica from the device for good (it
+        // answers their pings).
         tokio::spawn(async move {
             let mut pause = Duration::from_millis(50);
-            for _ in 0..60 {
+            for attempt in 1u32.. {
                 // At the revision this replica wrote: a conflict means the lease was taken again since
                 // (by this replica or another), which is what letting go allows.
                 match f.owners.update(&key, Bytes::new(), revision).await {
                     Ok(_) | Err(dm_bus::BusError::Conflict(_)) => return,
-                    Err(_) => {
+                    Err(e) => {
+                        if attempt == 60 {
+                            tracing::warn!(dev_id, error = %e, "the device's lease cannot be let go yet; trying on");
+                        }
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(Duration::from_secs(2));
                     }
                 }
             }
-            tracing::warn!(dev_id, "the device's lease could not be let go");
         });
     }
 
