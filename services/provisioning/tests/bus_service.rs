@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dm_bus::{Area, Bus, ConsumerConfig, Headers, Names};
-use dm_client::{DefaultAccount, Device, Fleet};
 use dm_notification::{HttpPushChannel, Package0Channel};
 use dm_proto::bus::v1::{CommandEnvelope, DelegationRef, EventEnvelope, Fetch, FetchAnswer, fetch};
-use dm_protocol::auth;
-use dm_provisioning::{Config, DeviceCredentials, Provisioning};
+use dm_provisioning::{Config, Provisioning};
 use dm_saga::pb::{self, Command, DelType, Role, Work, command, event};
 use prost::Message as _;
+
+mod support;
 
 const D1: &str = "dms1.operator.example";
 const D2: &str = "dms2.enterprise.example";
@@ -101,38 +101,13 @@ async fn apply_and_restore_over_the_bus() {
     let names = Names::new("dms1").unwrap();
     work_queues_and_auth(&bus, &names).await;
     // The device and DMS-1's provisioning.
-    let fleet = Fleet::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let fleet_url = format!("http://{}", listener.local_addr().unwrap());
-    let serving = fleet.clone();
-    tokio::spawn(async move { serving.serve(listener, std::future::pending()).await });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/dm", listener.local_addr().unwrap());
-    let channel: Arc<dyn Package0Channel> = Arc::new(HttpPushChannel::new(&fleet_url));
-    let (p1, outcomes) = Provisioning::new(Config::new(D1, url.clone()), channel);
+    let (fleet, fleet_url) = support::serve_fleet().await;
+    let (listener, url) = support::dm_listener().await;
+    let (p1, outcomes) = Provisioning::new(Config::new(D1, url.clone()), support::push(&fleet_url));
     let p1 = p1.with_bus_key(bus_key());
     tokio::spawn(p1.clone().serve(listener, std::future::pending()));
-    let account = DefaultAccount {
-        server_id: D1.into(),
-        addr: url,
-        server_secret: "s".into(),
-        server_nonce_b64: auth::encode_nonce(b"sn"),
-        client_name: DEV.into(),
-        client_secret: "c".into(),
-        client_nonce_b64: auth::encode_nonce(b"cn"),
-    };
-    fleet.insert(Device::with_default_tree(DEV, &account).unwrap());
-    p1.register_device(
-        DEV,
-        DeviceCredentials {
-            server_secret: "s".into(),
-            server_nonce_b64: account.server_nonce_b64.clone(),
-            client_name: DEV.into(),
-            client_secret: "c".into(),
-            client_nonce_b64: account.client_nonce_b64.clone(),
-            ..Default::default()
-        },
-    );
+    let creds = support::add_device(&fleet, DEV, D1, &url);
+    p1.register_device(DEV, creds);
     tokio::spawn(dm_provisioning::service::run(
         p1,
         outcomes,
@@ -218,45 +193,21 @@ async fn a_restarted_service_restores_from_the_stored_snapshot() {
     use dm_provisioning::{Job, JobSuccess, PlanRequest};
     let bus = Bus::in_process();
     let store = bus.kv("dmd_dms1_snapshots", 1).await.unwrap();
-    let fleet = Fleet::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let fleet_url = format!("http://{}", listener.local_addr().unwrap());
-    let serving = fleet.clone();
-    tokio::spawn(async move { serving.serve(listener, std::future::pending()).await });
+    let (fleet, fleet_url) = support::serve_fleet().await;
     let start = |store: dm_bus::Kv| {
         let fleet_url = fleet_url.clone();
         async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let url = format!("http://{}/dm", listener.local_addr().unwrap());
-            let channel: Arc<dyn Package0Channel> = Arc::new(HttpPushChannel::new(&fleet_url));
-            let (p, outcomes) = Provisioning::new(Config::new(D1, url.clone()), channel);
+            let (listener, url) = support::dm_listener().await;
+            let (p, outcomes) =
+                Provisioning::new(Config::new(D1, url.clone()), support::push(&fleet_url));
             let p = p.with_snapshot_store(store).with_bus_key(bus_key());
             tokio::spawn(p.clone().serve(listener, std::future::pending()));
             (p, outcomes, url)
         }
     };
     let (p1, mut outcomes1, url1) = start(store.clone()).await;
-    let account = DefaultAccount {
-        server_id: D1.into(),
-        addr: url1,
-        server_secret: "s".into(),
-        server_nonce_b64: auth::encode_nonce(b"sn"),
-        client_name: DEV.into(),
-        client_secret: "c".into(),
-        client_nonce_b64: auth::encode_nonce(b"cn"),
-    };
-    fleet.insert(Device::with_default_tree(DEV, &account).unwrap());
-    p1.register_device(
-        DEV,
-        DeviceCredentials {
-            server_secret: "s".into(),
-            server_nonce_b64: account.server_nonce_b64.clone(),
-            client_name: DEV.into(),
-            client_secret: "c".into(),
-            client_nonce_b64: account.client_nonce_b64.clone(),
-            ..Default::default()
-        },
-    );
+    let creds = support::add_device(&fleet, DEV, D1, &url1);
+    p1.register_device(DEV, creds);
     let before = fleet.export(DEV).unwrap();
     let tnds = start_xml_account_tnds();
     let request = PlanRequest {
@@ -302,7 +253,7 @@ async fn a_restarted_service_restores_from_the_stored_snapshot() {
     // credentials come from where the server keeps them; here, from the first instance).
     let (p2, mut outcomes2, url2) = start(store.clone()).await;
     p2.register_device(DEV, p1.credentials(DEV).unwrap());
-    let key = account.account_key();
+    let key = support::account(DEV, D1, &url2).account_key();
     fleet
         .with_device_mut(DEV, |d| {
             let addr = format!("./DMAcc/{key}/AppAddr/1/Addr").parse().unwrap();
@@ -358,31 +309,9 @@ async fn a_command_left_by_a_stopped_replica_is_carried_out_by_the_next() {
     let bus = Bus::in_process();
     let names = Names::new("dms1").unwrap();
     work_queues_and_auth(&bus, &names).await;
-    let fleet = Fleet::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let fleet_url = format!("http://{}", listener.local_addr().unwrap());
-    let serving = fleet.clone();
-    tokio::spawn(async move { serving.serve(listener, std::future::pending()).await });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/dm", listener.local_addr().unwrap());
-    let account = DefaultAccount {
-        server_id: D1.into(),
-        addr: url.clone(),
-        server_secret: "s".into(),
-        server_nonce_b64: auth::encode_nonce(b"sn"),
-        client_name: DEV.into(),
-        client_secret: "c".into(),
-        client_nonce_b64: auth::encode_nonce(b"cn"),
-    };
-    fleet.insert(Device::with_default_tree(DEV, &account).unwrap());
-    let creds = DeviceCredentials {
-        server_secret: "s".into(),
-        server_nonce_b64: account.server_nonce_b64.clone(),
-        client_name: DEV.into(),
-        client_secret: "c".into(),
-        client_nonce_b64: account.client_nonce_b64.clone(),
-        ..Default::default()
-    };
+    let (fleet, fleet_url) = support::serve_fleet().await;
+    let (listener, url) = support::dm_listener().await;
+    let creds = support::add_device(&fleet, DEV, D1, &url);
     let config = || {
         let mut c = Config::new(D1, url.clone());
         c.command_ack_wait = Duration::from_secs(1);

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dm_bus::{Bus, Names};
-use dm_client::{DefaultAccount, Device, Fleet};
-use dm_notification::{HttpPushChannel, Package0Channel};
 use dm_protocol::auth;
 use dm_protocol::syncml::{Command, Item, ItemCommand};
-use dm_provisioning::{Config, DeviceCredentials, Job, JobSuccess, Provisioning};
+use dm_provisioning::{Config, Job, JobSuccess, Provisioning};
 use dm_seal::MasterKey;
+
+mod support;
 
 const D1: &str = "dms1.operator.example";
 const DEV: &str = "IMEI:490154203237518";
@@ -24,16 +24,11 @@ async fn a_device_reaching_another_replica_is_served_by_the_one_with_its_job() {
     let names = Names::new("dms1").unwrap();
     let devices = bus.kv("dmd_dms1_devices", 1).await.unwrap();
     let key = MasterKey::random();
-    let fleet = Fleet::new();
-    let fleet_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let fleet_url = format!("http://{}", fleet_listener.local_addr().unwrap());
-    let serving = fleet.clone();
-    tokio::spawn(async move { serving.serve(fleet_listener, std::future::pending()).await });
+    let (fleet, fleet_url) = support::serve_fleet().await;
     let replica = || async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/dm", listener.local_addr().unwrap());
-        let channel: Arc<dyn Package0Channel> = Arc::new(HttpPushChannel::new(&fleet_url));
-        let (p, outcomes) = Provisioning::new(Config::new(D1, url.clone()), channel);
+        let (listener, url) = support::dm_listener().await;
+        let (p, outcomes) =
+            Provisioning::new(Config::new(D1, url.clone()), support::push(&fleet_url));
         let p = p
             .with_bus_key(key.bus_key())
             .with_device_store(devices.clone(), key.clone())
@@ -45,24 +40,7 @@ async fn a_device_reaching_another_replica_is_served_by_the_one_with_its_job() {
     };
     let (a, mut a_outcomes, _) = replica().await;
     let (b, mut b_outcomes, b_url) = replica().await;
-    let account = DefaultAccount {
-        server_id: D1.into(),
-        addr: b_url,
-        server_secret: "s".into(),
-        server_nonce_b64: auth::encode_nonce(b"sn"),
-        client_name: DEV.into(),
-        client_secret: "c".into(),
-        client_nonce_b64: auth::encode_nonce(b"cn"),
-    };
-    fleet.insert(Device::with_default_tree(DEV, &account).unwrap());
-    let creds = DeviceCredentials {
-        server_secret: "s".into(),
-        server_nonce_b64: account.server_nonce_b64.clone(),
-        client_name: DEV.into(),
-        client_secret: "c".into(),
-        client_nonce_b64: account.client_nonce_b64.clone(),
-        ..Default::default()
-    };
+    let creds = support::add_device(&fleet, DEV, D1, &b_url);
     a.seed_device(DEV, creds.clone()).await.unwrap();
     b.seed_device(DEV, creds).await.unwrap();
 
@@ -180,16 +158,11 @@ async fn forwarded_device_messages_cross_the_bus_sealed() {
     let names = Names::new("dms1").unwrap();
     let devices = bus.kv("dmd_dms1_devices", 1).await.unwrap();
     let key = MasterKey::random();
-    let fleet = Fleet::new();
-    let fleet_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let fleet_url = format!("http://{}", fleet_listener.local_addr().unwrap());
-    let serving = fleet.clone();
-    tokio::spawn(async move { serving.serve(fleet_listener, std::future::pending()).await });
+    let (fleet, fleet_url) = support::serve_fleet().await;
     let replica = || async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/dm", listener.local_addr().unwrap());
-        let channel: Arc<dyn Package0Channel> = Arc::new(HttpPushChannel::new(&fleet_url));
-        let (p, outcomes) = Provisioning::new(Config::new(D1, url.clone()), channel);
+        let (listener, url) = support::dm_listener().await;
+        let (p, outcomes) =
+            Provisioning::new(Config::new(D1, url.clone()), support::push(&fleet_url));
         let p = p
             .with_bus_key(key.bus_key())
             .with_device_store(devices.clone(), key.clone())
@@ -202,24 +175,7 @@ async fn forwarded_device_messages_cross_the_bus_sealed() {
     let (a, mut a_outcomes, _) = replica().await;
     let (b, _b_outcomes, b_url) = replica().await;
     // The device reaches replica B; the job is A's.
-    let account = DefaultAccount {
-        server_id: D1.into(),
-        addr: b_url,
-        server_secret: "s".into(),
-        server_nonce_b64: auth::encode_nonce(b"sn"),
-        client_name: DEV.into(),
-        client_secret: "c".into(),
-        client_nonce_b64: auth::encode_nonce(b"cn"),
-    };
-    fleet.insert(Device::with_default_tree(DEV, &account).unwrap());
-    let creds = DeviceCredentials {
-        server_secret: "s".into(),
-        server_nonce_b64: account.server_nonce_b64.clone(),
-        client_name: DEV.into(),
-        client_secret: "c".into(),
-        client_nonce_b64: account.client_nonce_b64.clone(),
-        ..Default::default()
-    };
+    let creds = support::add_device(&fleet, DEV, D1, &b_url);
     a.seed_device(DEV, creds.clone()).await.unwrap();
     b.seed_device(DEV, creds).await.unwrap();
     let id = a
@@ -279,10 +235,6 @@ async fn forwarded_device_messages_cross_the_bus_sealed() {
 /// another replica just before the device's first message reaches A.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_lost_the_device_lease_sends_the_device_nothing_more() {
-    use axum::extract::State;
-    use axum::response::IntoResponse as _;
-    use bytes::Bytes;
-
     let bus = Bus::in_process();
     let names = Names::new("dms1").unwrap();
     let devices = bus.kv("dmd_dms1_devices", 1).await.unwrap();
@@ -291,78 +243,33 @@ async fn a_replica_that_lost_the_device_lease_sends_the_device_nothing_more() {
         .await
         .unwrap();
     let key = MasterKey::random();
-    let fleet = Fleet::new();
-    let fleet_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let fleet_url = format!("http://{}", fleet_listener.local_addr().unwrap());
-    let serving = fleet.clone();
-    tokio::spawn(async move { serving.serve(fleet_listener, std::future::pending()).await });
-
-    let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let front_url = format!("http://{}/dm", front.local_addr().unwrap());
-    let channel: Arc<dyn Package0Channel> = Arc::new(HttpPushChannel::new(&fleet_url));
-    let (a, mut outcomes) = Provisioning::new(Config::new(D1, front_url.clone()), channel);
+    let (fleet, fleet_url) = support::serve_fleet().await;
+    let (front, front_url) = support::dm_listener().await;
+    let (a, mut outcomes) = Provisioning::new(
+        Config::new(D1, front_url.clone()),
+        support::push(&fleet_url),
+    );
     let a = a
         .with_bus_key(key.bus_key())
         .with_device_store(devices.clone(), key.clone())
         .with_forwarding(bus.clone(), names.clone())
         .await
         .unwrap();
-    // Armed: the next device message first sees the lease go to another replica.
-    let take_over = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    type Front = (Provisioning, dm_bus::Kv, Arc<std::sync::atomic::AtomicBool>);
-    async fn through_front(
-        State((a, owners, take_over)): State<Front>,
-        headers: axum::http::HeaderMap,
-        body: Bytes,
-    ) -> axum::response::Response {
-        if take_over.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            let k = dm_bus::subjects::encode_key(DEV);
-            let lease = owners.get(&k).await.unwrap().expect("A holds the lease");
-            owners
-                .update(&k, Bytes::from_static(b"another-replica"), lease.revision)
-                .await
-                .unwrap();
+    support::serve_front(front, a.clone(), move |n| {
+        let owners = owners.clone();
+        async move {
+            if n == 0 {
+                let k = dm_bus::subjects::encode_key(DEV);
+                let lease = owners.get(&k).await.unwrap().expect("A holds the lease");
+                owners
+                    .update(&k, "another-replica".into(), lease.revision)
+                    .await
+                    .unwrap();
+            }
         }
-        let content_type = headers
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
-        let answer = a.route_device(content_type, body).await;
-        (
-            axum::http::StatusCode::from_u16(answer.status).unwrap(),
-            [("content-type", answer.content_type)],
-            answer.body,
-        )
-            .into_response()
-    }
-    let app = axum::Router::new()
-        .route("/dm", axum::routing::post(through_front))
-        .with_state((a.clone(), owners.clone(), take_over.clone()));
-    tokio::spawn(async move { axum::serve(front, app).await });
-
-    let account = DefaultAccount {
-        server_id: D1.into(),
-        addr: front_url,
-        server_secret: "s".into(),
-        server_nonce_b64: auth::encode_nonce(b"sn"),
-        client_name: DEV.into(),
-        client_secret: "c".into(),
-        client_nonce_b64: auth::encode_nonce(b"cn"),
-    };
-    fleet.insert(Device::with_default_tree(DEV, &account).unwrap());
-    a.seed_device(
-        DEV,
-        DeviceCredentials {
-            server_secret: "s".into(),
-            server_nonce_b64: account.server_nonce_b64.clone(),
-            client_name: DEV.into(),
-            client_secret: "c".into(),
-            client_nonce_b64: account.client_nonce_b64.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    });
+    let creds = support::add_device(&fleet, DEV, D1, &front_url);
+    a.seed_device(DEV, creds).await.unwrap();
     let lang = || {
         fleet
             .with_device(DEV, |d| {
@@ -374,12 +281,6 @@ async fn a_replica_that_lost_the_device_lease_sends_the_device_nothing_more() {
             .unwrap()
     };
     let before = lang();
-    let set_lang = |value: &str| {
-        Job::Commands(vec![Command::Replace(ItemCommand::new(
-            "0",
-            vec![Item::target("./DevInfo/Lang").with_data(value)],
-        ))])
-    };
 
     let id = a.enqueue(DEV, set_lang("xx")).await.unwrap();
     let outcome = tokio::time::timeout(Duration::from_secs(20), outcomes.recv())
@@ -411,4 +312,11 @@ async fn a_replica_that_lost_the_device_lease_sends_the_device_nothing_more() {
         "{outcome:?}"
     );
     assert_eq!(lang(), "yy");
+}
+
+fn set_lang(value: &str) -> Job {
+    Job::Commands(vec![Command::Replace(ItemCommand::new(
+        "0",
+        vec![Item::target("./DevInfo/Lang").with_data(value)],
+    ))])
 }

@@ -13,120 +13,55 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::response::IntoResponse as _;
-use bytes::Bytes;
 use dm_bus::Bus;
 use dm_bus::testing::NatsServer;
-use dm_client::{DefaultAccount, Device, Fleet};
-use dm_notification::{HttpPushChannel, Package0Channel};
-use dm_protocol::auth;
+use dm_client::Fleet;
 use dm_protocol::delegation::{self, DelType};
 use dm_protocol::dmacc::{DmAccount, Secret};
-use dm_provisioning::{Config, DeviceCredentials, Job, PlanRequest, Provisioning};
+use dm_provisioning::{Config, Job, PlanRequest, Provisioning};
+
+mod support;
 
 const D1: &str = "dms1.operator.example";
 const D2: &str = "dms2.enterprise.example";
 const DEV: &str = "IMEI:490154203237518";
 
-/// Passes device messages to the provisioning service; before message number `kill_at` (counted from
-/// 0) it kills the nats-server the snapshot store lives on.
-#[derive(Clone)]
-struct Front {
-    prov: Provisioning,
-    nats: Arc<std::sync::Mutex<NatsServer>>,
-    seen: Arc<AtomicUsize>,
-    kill_at: Option<usize>,
-}
-
-async fn through_front(
-    State(front): State<Front>,
-    headers: axum::http::HeaderMap,
-    body: Bytes,
-) -> axum::response::Response {
-    if Some(front.seen.fetch_add(1, Ordering::SeqCst)) == front.kill_at {
-        front.nats.lock().unwrap().kill();
-    }
-    let content_type = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    let answer = front.prov.answer_device(content_type, body).await;
-    (
-        axum::http::StatusCode::from_u16(answer.status).unwrap(),
-        [("content-type", answer.content_type)],
-        answer.body,
-    )
-        .into_response()
-}
-
 struct World {
     prov: Provisioning,
     outcomes: tokio::sync::mpsc::UnboundedReceiver<dm_provisioning::JobOutcome>,
     fleet: Fleet,
-    front: Front,
+    /// Device messages passed on to the service so far.
+    seen: Arc<AtomicUsize>,
     before: dm_protocol::tnds::MgmtTree,
 }
 
-/// DMS-1's provisioning with its snapshots on a fresh nats-server, one device behind the front.
+/// DMS-1's provisioning with its snapshots on a fresh nats-server, one device behind a front that kills
+/// the nats-server just before the device's message number `kill_at` (from 0) reaches the service.
 async fn world(kill_at: Option<usize>) -> World {
     let nats = NatsServer::start().unwrap();
     let bus = Bus::connect(nats.url()).await.unwrap();
     let snapshots = bus.kv("dmd_dms1_snapshots", 1).await.unwrap();
     let nats = Arc::new(std::sync::Mutex::new(nats));
-
-    let fleet = Fleet::new();
-    let fleet_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let fleet_url = format!("http://{}", fleet_listener.local_addr().unwrap());
-    let serving = fleet.clone();
-    tokio::spawn(async move { serving.serve(fleet_listener, std::future::pending()).await });
-
-    let front_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let front_url = format!("http://{}/dm", front_listener.local_addr().unwrap());
-    let channel: Arc<dyn Package0Channel> = Arc::new(HttpPushChannel::new(&fleet_url));
+    let (fleet, fleet_url) = support::serve_fleet().await;
+    let (front, front_url) = support::dm_listener().await;
     let mut config = Config::new(D1, front_url.clone());
     config.session_timeout = Duration::from_secs(2);
-    let (prov, outcomes) = Provisioning::new(config, channel);
+    let (prov, outcomes) = Provisioning::new(config, support::push(&fleet_url));
     let prov = prov.with_snapshot_store(snapshots);
-    let front = Front {
-        prov: prov.clone(),
-        nats: nats.clone(),
-        seen: Arc::default(),
-        kill_at,
-    };
-    let app = axum::Router::new()
-        .route("/dm", axum::routing::post(through_front))
-        .with_state(front.clone());
-    tokio::spawn(async move { axum::serve(front_listener, app).await });
-
-    let account = DefaultAccount {
-        server_id: D1.into(),
-        addr: front_url,
-        server_secret: "dms1-server-secret".into(),
-        server_nonce_b64: auth::encode_nonce(b"dms1-server-nonce"),
-        client_name: DEV.into(),
-        client_secret: "device-secret-for-dms1".into(),
-        client_nonce_b64: auth::encode_nonce(b"dms1-client-nonce"),
-    };
-    assert!(fleet.insert(Device::with_default_tree(DEV, &account).unwrap()));
-    prov.register_device(
-        DEV,
-        DeviceCredentials {
-            server_secret: account.server_secret.clone(),
-            server_nonce_b64: account.server_nonce_b64.clone(),
-            client_name: account.client_name.clone(),
-            client_secret: account.client_secret.clone(),
-            client_nonce_b64: account.client_nonce_b64.clone(),
-            ..Default::default()
-        },
-    );
+    let seen = support::serve_front(front, prov.clone(), move |n| {
+        if Some(n) == kill_at {
+            nats.lock().unwrap().kill();
+        }
+        async {}
+    });
+    let creds = support::add_device(&fleet, DEV, D1, &front_url);
+    prov.register_device(DEV, creds);
     let before = fleet.export(DEV).unwrap();
-
     World {
         prov,
         outcomes,
         fleet,
-        front,
+        seen,
         before,
     }
 }
@@ -192,7 +127,7 @@ async fn a_plan_held_back_by_a_store_outage_still_ends_its_job() {
     assert_eq!(outcome.job_id, id);
     let failure = outcome.result.expect_err("the plan was not sent");
     assert_eq!(failure.status, 408, "{failure:?}");
-    assert!(w.front.seen.load(Ordering::SeqCst) >= 2);
+    assert!(w.seen.load(Ordering::SeqCst) >= 2);
     unchanged(&w);
 }
 
