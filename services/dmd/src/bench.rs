@@ -116,7 +116,10 @@ pub struct Report {
     pub p90: Duration,
     pub p99: Duration,
     pub max: Duration,
+    /// The services' CPU in this process (the simulated devices' taken out).
     pub cpu_self_s: f64,
+    /// The simulated devices' CPU (their own runtime's threads), not counted per delegation.
+    pub cpu_fleet_s: f64,
     pub cpu_nats_s: Option<f64>,
     pub stored_keys: usize,
     pub stored_bytes: u64,
@@ -331,9 +334,15 @@ impl Report {
             }
         }
         let wall = self.wall.as_secs_f64().max(1e-9);
+        let fleet = format!(
+            "; the simulated devices took {:.2} s more ({:.2} ms per delegation, {:.0}% of a core), not counted",
+            self.cpu_fleet_s,
+            per(self.cpu_fleet_s * 1000.0, self.ok),
+            self.cpu_fleet_s / wall * 100.0
+        );
         out.push(match self.cpu_nats_s {
             Some(nats) => format!(
-                "CPU: {:.2} s dmd + {:.2} s nats-server = {:.2} ms per delegation ({:.0}% + {:.0}% of a core over the run)",
+                "CPU: {:.2} s dmd services + {:.2} s nats-server = {:.2} ms per delegation ({:.0}% + {:.0}% of a core over the run){fleet}",
                 self.cpu_self_s,
                 nats,
                 self.cpu_ms_per_delegation(),
@@ -341,7 +350,7 @@ impl Report {
                 nats / wall * 100.0
             ),
             None => format!(
-                "CPU: {:.2} s dmd = {:.2} ms per delegation ({:.0}% of a core over the run){}",
+                "CPU: {:.2} s dmd services = {:.2} ms per delegation ({:.0}% of a core over the run){}{fleet}",
                 self.cpu_self_s,
                 self.cpu_ms_per_delegation(),
                 self.cpu_self_s / wall * 100.0,
@@ -413,6 +422,7 @@ impl Report {
             },
             "cpu": {
                 "dmd_s": self.cpu_self_s,
+                "fleet_s": self.cpu_fleet_s,
                 "nats_server_s": self.cpu_nats_s,
                 "ms_per_delegation": self.cpu_ms_per_delegation(),
             },
@@ -593,6 +603,38 @@ async fn floors(bus: &Bus) -> anyhow::Result<(Duration, Duration, Duration)> {
     drop(client);
     server.abort();
     Ok((request, cas, p50(samples)))
+}
+
+/// A runtime shut down without waiting when dropped (a runtime dropped inside another one's task would
+/// block it).
+struct Background(Option<tokio::runtime::Runtime>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The name of the simulated fleet's threads (`/proc/self/task/*/comm` keeps 15 bytes).
+const FLEET_THREAD: &str = "dm-fleet";
+
+/// utime + stime of this process's threads named `name`, in seconds.
+fn threads_cpu_seconds(name: &str) -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for task in std::fs::read_dir("/proc/self/task").context("reading /proc/self/task")? {
+        let path = task?.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        // A thread that ended meanwhile has no stat any more: its time is in the process's.
+        if let Some(tid) = path.file_name().and_then(|t| t.to_str()) {
+            total += cpu_seconds(&format!("self/task/{tid}")).unwrap_or(0.0);
+        }
+    }
+    Ok(total)
 }
 
 /// utime + stime of a process, in seconds.
@@ -871,7 +913,26 @@ async fn run_in(dir: &Path, options: &BenchOptions) -> anyhow::Result<Report> {
         "bench: starting both deployments and {} devices",
         options.delegations
     );
-    let world = Arc::new(World::start(dir, setup.bus.clone(), options.delegations).await?);
+    // The simulated devices on a runtime of their own, so that their CPU is told apart from the services'
+    // (they stand for the devices out in the field, not for the system under test).
+    let fleet_runtime = Background(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(FLEET_THREAD)
+            .enable_all()
+            .build()
+            .context("the fleet's runtime")?,
+    ));
+    let world = Arc::new(
+        World::start_with_fleet_on(
+            dir,
+            setup.bus.clone(),
+            options.delegations,
+            dm_client::SessionConfig::default(),
+            fleet_runtime.0.as_ref().map(|r| r.handle().clone()),
+        )
+        .await?,
+    );
 
     let tracker: Tracker = Arc::default();
     let lags = Arc::new(AtomicU64::new(0));
@@ -892,6 +953,7 @@ async fn run_in(dir: &Path, options: &BenchOptions) -> anyhow::Result<Report> {
     let rss_before = resident_bytes("self")?;
     let nats_rss_before = nats_pid.as_deref().map(resident_bytes).transpose()?;
     let cpu_before = cpu_seconds("self")?;
+    let fleet_cpu_before = threads_cpu_seconds(FLEET_THREAD)?;
     let nats_cpu_before = nats_pid.as_deref().map(cpu_seconds).transpose()?;
     eprintln!(
         "bench: {} delegations, {} in flight",
@@ -944,7 +1006,8 @@ async fn run_in(dir: &Path, options: &BenchOptions) -> anyhow::Result<Report> {
     }
     progress.abort();
 
-    let cpu_self_s = cpu_seconds("self")? - cpu_before;
+    let cpu_fleet_s = threads_cpu_seconds(FLEET_THREAD)? - fleet_cpu_before;
+    let cpu_self_s = cpu_seconds("self")? - cpu_before - cpu_fleet_s;
     let cpu_nats_s = match (&nats_pid, nats_cpu_before) {
         (Some(pid), Some(before)) => Some(cpu_seconds(pid)? - before),
         _ => None,
@@ -1033,6 +1096,7 @@ async fn run_in(dir: &Path, options: &BenchOptions) -> anyhow::Result<Report> {
         p99: percentile(&latencies, 99.0),
         max: latencies.last().copied().unwrap_or_default(),
         cpu_self_s,
+        cpu_fleet_s,
         cpu_nats_s,
         stored_keys,
         stored_bytes: stored_by_side.iter().sum(),

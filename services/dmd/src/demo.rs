@@ -232,13 +232,43 @@ impl World {
         devices: usize,
         fleet: SessionConfig,
     ) -> anyhow::Result<World> {
+        Self::start_with_fleet_on(dir, bus, devices, fleet, None).await
+    }
+
+    /// As [`World::start_with_fleet`], the simulated devices served (and their sessions run) on
+    /// `fleet_runtime` when given: `dmd bench` keeps their CPU apart from the services'.
+    pub async fn start_with_fleet_on(
+        dir: &Path,
+        bus: Bus,
+        devices: usize,
+        fleet: SessionConfig,
+        fleet_runtime: Option<tokio::runtime::Handle>,
+    ) -> anyhow::Result<World> {
         dm_gateway::install_crypto_provider();
         let pki = pki::generate(dir, &[D1, D2])?;
         let fleet = Fleet::with_config(fleet);
         let fleet_listener = bind().await?;
         let push_url = format!("http://{}", fleet_listener.local_addr()?);
         let serving = fleet.clone();
-        tokio::spawn(async move { serving.serve(fleet_listener, std::future::pending()).await });
+        match fleet_runtime {
+            Some(runtime) => {
+                // Registered again with the other runtime's reactor, from within it.
+                let listener = fleet_listener.into_std()?;
+                runtime.spawn(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => {
+                            let _ = serving.serve(listener, std::future::pending()).await;
+                        }
+                        Err(e) => tracing::error!(error = %e, "the fleet's listener"),
+                    }
+                });
+            }
+            None => {
+                tokio::spawn(
+                    async move { serving.serve(fleet_listener, std::future::pending()).await },
+                );
+            }
+        }
         let gw1 = bind().await?;
         let gw2 = bind().await?;
         let endpoint = |l: &TcpListener| -> anyhow::Result<String> {
