@@ -1213,6 +1213,18 @@ impl Provisioning {
             .and_then(|id| inner.snapshots.get(id).map(|s| (id.clone(), s.clone())))
             .into_iter()
             .collect();
+        // A plan whose apply or restore ended needs its snapshot in memory no more: it is in the store,
+        // and a later job of the plan reads it from there (memory stays bounded by the jobs in hand).
+        if let (Some(_), Some(plan_id)) = (&self.store, &handled.plan_done) {
+            let queued = inner.devices.values().any(|d| {
+                d.queue.iter().any(|(_, job)| {
+                    matches!(job, Job::Apply { plan_id: p, .. } | Job::Restore { plan_id: p } if p == plan_id)
+                })
+            });
+            if !queued {
+                inner.snapshots.remove(plan_id);
+            }
+        }
         Ok((handled, created))
     }
 }

@@ -90,6 +90,8 @@ pub struct Handled {
     /// The plan whose snapshot this message's answer is built on, taken just now: stored before the
     /// answer goes out.
     pub snapshot_taken: Option<String>,
+    /// The plan of the apply or restore that ended with this message.
+    pub plan_done: Option<String>,
 }
 
 /// A message refused outright, without a SyncML answer.
@@ -1347,6 +1349,7 @@ pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result
             outcomes,
             wake_again: None,
             snapshot_taken: None,
+            plan_done: None,
         });
     }
 
@@ -1408,6 +1411,7 @@ pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result
                     outcomes,
                     wake_again: (!entry.queue.is_empty()).then(|| dev_id.clone()),
                     snapshot_taken: None,
+                    plan_done: None,
                 });
             }
             Some(session) => session.rechallenges = 0,
@@ -1429,6 +1433,7 @@ pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result
             outcomes,
             wake_again: None,
             snapshot_taken: None,
+            plan_done: None,
         });
     }
 
@@ -1515,9 +1520,14 @@ pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result
             entry.creds.pending_client_secret = Some(secret.expose().to_string());
         }
     }
+    let mut plan_done = None;
     if commands.is_empty() {
         if entry.session.take().is_some() {
-            entry.queue.pop_front();
+            if let Some((_, Job::Apply { plan_id, .. } | Job::Restore { plan_id })) =
+                entry.queue.pop_front()
+            {
+                plan_done = Some(plan_id);
+            }
             if !entry.queue.is_empty() {
                 wake_again = Some(dev_id.clone());
             }
@@ -1544,6 +1554,7 @@ pub(crate) fn handle(config: &Config, inner: &mut Inner, msg: &SyncMl) -> Result
         outcomes,
         wake_again,
         snapshot_taken,
+        plan_done,
     })
 }
 
@@ -1633,6 +1644,7 @@ pub(crate) fn undecodable(
         }],
         wake_again: (!entry.queue.is_empty()).then(|| guess.source.clone()),
         snapshot_taken: None,
+        plan_done: None,
     })
 }
 

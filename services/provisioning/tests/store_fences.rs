@@ -5,7 +5,8 @@
 //!   message had moved the device's activity past the watchdog armed before it, and no other was armed,
 //!   so the command's lane on the bus (and every restore queued behind it) never moved;
 //! - an apply whose command comes again after the saga ordered its plan's restore (a redelivery after a
-//!   NATS outage) is given up: run after the restore, it left the plan on a device both sides had failed.
+//!   NATS outage) is given up: run after the restore, it left the plan on a device both sides had failed;
+//! - a finished plan's snapshot leaves memory and its restore reads it from the store.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -168,4 +169,36 @@ async fn an_apply_whose_plan_is_being_undone_is_given_up() {
         .unwrap();
     assert_eq!(outcome.job_id, id);
     assert!(outcome.result.is_ok(), "{outcome:?}");
+}
+
+/// A plan whose apply ended leaves the service's memory (memory stays bounded by the jobs in hand): its
+/// restore reads the snapshot back from the store and puts the device back exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_plan_leaves_memory_and_is_restored_from_the_store() {
+    let mut w = world(None).await;
+    let id = w.prov.enqueue(DEV, apply("kept")).await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), w.outcomes.recv())
+        .await
+        .expect("the apply's outcome in time")
+        .unwrap();
+    assert_eq!(outcome.job_id, id);
+    assert!(outcome.result.is_ok(), "{outcome:?}");
+    assert!(w.prov.snapshot("kept").is_none(), "still in memory");
+    let id = w
+        .prov
+        .enqueue(
+            DEV,
+            Job::Restore {
+                plan_id: "kept".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), w.outcomes.recv())
+        .await
+        .expect("the restore's outcome in time")
+        .unwrap();
+    assert_eq!(outcome.job_id, id);
+    assert!(outcome.result.is_ok(), "{outcome:?}");
+    unchanged(&w);
 }
