@@ -177,6 +177,7 @@ impl Gateway {
         .with_bus_key(bus_key.clone());
         let outbound = Outbound {
             sent: bus.kv(&names.bucket("sent")?, 1).await?,
+            sent_here: Default::default(),
             fetch_subject: names.subject(Area::Req, "auth.fetch")?,
             bus_key,
             bus,

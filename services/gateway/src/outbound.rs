@@ -60,6 +60,10 @@ pub(crate) struct Outbound {
     /// by every gateway replica: the order of a delegation's messages does not depend on which one holds
     /// which message).
     pub sent: dm_bus::Kv,
+    /// What this replica wrote to `sent` last, per delegation: (`seq`, revision). A hint that saves the
+    /// reads before and after a send while one replica carries a delegation's messages; the value only
+    /// grows, and a write from a stale revision is refused by compare-and-set and read again.
+    pub sent_here: std::sync::Mutex<HashMap<String, (u64, u64)>>,
     pub names: Names,
     pub server_id: String,
     pub peers: HashMap<String, PeerTarget>,
@@ -127,6 +131,9 @@ pub(crate) fn backoff(n: u32, min: Duration, max: Duration) -> Duration {
         rand::random_range(0..=jitter_ms)
     })
 }
+
+/// Entries of [`Outbound::sent_here`] before it is emptied (each costs one read at most).
+const SENT_HERE_MAX: usize = 16_384;
 
 /// The `seq` a record of the `sent` bucket holds (the last message of its delegation that is done).
 /// The pause before the next attempt: the back-off, or longer when a 503's `Retry-After` asks for it
@@ -322,6 +329,12 @@ impl Outbound {
         if seq == 0 {
             return true;
         }
+        if self
+            .sent_here(&key)
+            .is_some_and(|(done, _)| done + 1 >= seq)
+        {
+            return true;
+        }
         match self.sent.get(&key).await {
             Ok(Some(e)) => done_seq(&e.value).is_some_and(|done| done + 1 >= seq),
             Ok(None) => false,
@@ -340,19 +353,28 @@ impl Outbound {
         // leader being elected) is waited out, up to the send deadline.
         let give_up_at = tokio::time::Instant::now() + self.timeouts.send_deadline;
         let mut attempt = 0u32;
+        // First from what this replica wrote last (no read); then from what the store holds.
+        let mut known = self.sent_here(&key);
         loop {
-            let written = match self.sent.get(&key).await {
-                Ok(Some(e)) => {
-                    if done_seq(&e.value).is_some_and(|d| d >= seq) {
-                        return;
+            let written = match known.take() {
+                Some((done, _)) if done >= seq => return,
+                Some((_, revision)) => self.sent.update(&key, value.clone(), revision).await,
+                None => match self.sent.get(&key).await {
+                    Ok(Some(e)) => {
+                        if done_seq(&e.value).is_some_and(|d| d >= seq) {
+                            return;
+                        }
+                        self.sent.update(&key, value.clone(), e.revision).await
                     }
-                    self.sent.update(&key, value.clone(), e.revision).await
-                }
-                Ok(None) => self.sent.create(&key, value.clone()).await,
-                Err(e) => Err(e),
+                    Ok(None) => self.sent.create(&key, value.clone()).await,
+                    Err(e) => Err(e),
+                },
             };
             let e = match written {
-                Ok(_) => return,
+                Ok(revision) => {
+                    self.remember_sent(&key, seq, revision);
+                    return;
+                }
                 Err(BusError::Conflict(_)) => continue,
                 Err(e) => e,
             };
@@ -364,6 +386,23 @@ impl Outbound {
             tokio::time::sleep(pause).await;
             attempt += 1;
         }
+    }
+
+    fn sent_here(&self, key: &str) -> Option<(u64, u64)> {
+        self.sent_here
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .copied()
+    }
+
+    fn remember_sent(&self, key: &str, seq: u64, revision: u64) {
+        let mut known = self.sent_here.lock().unwrap_or_else(|e| e.into_inner());
+        // A hint only: emptied when large rather than kept per delegation forever.
+        if known.len() >= SENT_HERE_MAX {
+            known.clear();
+        }
+        known.insert(key.to_string(), (seq, revision));
     }
 
     /// Holds a message (reporting it in progress) until the one before it is done, then carries it out.
