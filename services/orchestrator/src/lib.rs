@@ -732,6 +732,12 @@ impl Orchestrator {
             // The message's secret goes to auth now that the message is accepted, before the decision
             // is stored: a refused message put nothing on the bus, and the commands of this decision
             // find the secret kept.
+            if lodge.is_some() && from_cache {
+                // A secret is handed to auth only on a decision taken on the stored state (a stale
+                // one could lodge the secret of a message the real state refuses).
+                from_cache = false;
+                continue;
+            }
             if let Some(lodge) = lodge
                 && let Err(reason) = self.lodge(lodge, traceparent).await
             {

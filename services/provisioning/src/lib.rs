@@ -769,6 +769,21 @@ impl Provisioning {
         }
     }
 
+    /// Whether this replica held the device's lease and another one holds it now (false when it cannot
+    /// be read: the caller goes on as it would without replicas).
+    async fn lease_lost(&self, dev_id: &str) -> bool {
+        let Some(f) = &self.forward else {
+            return false;
+        };
+        if !self.lock().devices.get(dev_id).is_some_and(|d| d.leased) {
+            return false;
+        }
+        matches!(
+            f.owners.get(&dm_bus::subjects::encode_key(dev_id)).await,
+            Ok(lease) if lease.as_ref().is_none_or(|e| e.value != f.me.as_bytes())
+        )
+    }
+
     /// The device's lease went to another replica: its session here ends and its jobs are settled as
     /// superseded (no outcome: the replica that took the device has the command again, or the step's
     /// deadline fails the delegation; running it here again could apply a plan after its restore).
@@ -950,6 +965,23 @@ impl Provisioning {
         // Another replica may have run the device's last session: take the nonces in force from the store.
         self.refresh_device(dev_id).await;
         self.drop_undone_applies(dev_id).await;
+        // The head job's snapshot, if it left memory meanwhile (a plan that ended while a restore of it
+        // was being queued): a restore must never start without it.
+        let head_plan = self
+            .lock()
+            .devices
+            .get(dev_id)
+            .and_then(|d| match d.queue.front() {
+                Some((_, Job::Apply { plan_id, .. } | Job::Restore { plan_id })) => {
+                    Some(plan_id.clone())
+                }
+                _ => None,
+            });
+        if let Some(plan_id) = head_plan
+            && let Err(e) = self.fetch_snapshot(&plan_id).await
+        {
+            tracing::warn!(dev_id, plan_id, error = %e, "a plan's snapshot cannot be read");
+        }
         if self
             .lock()
             .devices
@@ -1132,6 +1164,12 @@ impl Provisioning {
                 _ => return,
             }
         }
+        // A replica that lost the device's lease (cut off from NATS while another took the command over)
+        // reports nothing: its 408 could reach the saga before the other replica's outcome.
+        if self.lease_lost(dev_id).await {
+            self.give_up_device(dev_id);
+            return;
+        }
         if self.start_resync(dev_id) {
             tracing::info!(
                 dev_id,
@@ -1216,7 +1254,8 @@ impl Provisioning {
         // A plan whose apply or restore ended needs its snapshot in memory no more: it is in the store,
         // and a later job of the plan reads it from there (memory stays bounded by the jobs in hand).
         if let (Some(_), Some(plan_id)) = (&self.store, &handled.plan_done) {
-            let queued = inner.devices.values().any(|d| {
+            // A plan belongs to one device: only that device's queue may still need it.
+            let queued = inner.devices.get(&msg.hdr.source.loc_uri).is_some_and(|d| {
                 d.queue.iter().any(|(_, job)| {
                     matches!(job, Job::Apply { plan_id: p, .. } | Job::Restore { plan_id: p } if p == plan_id)
                 })
@@ -1264,7 +1303,7 @@ impl Provisioning {
         }
         let msg = match syncml::decode(&body).and_then(check_versions) {
             Ok(m) => m,
-            Err(e) => return p.undecodable(&body, &e, answer_type),
+            Err(e) => return p.undecodable(&body, &e, answer_type).await,
         };
         tracing::debug!(
             dev_id = %msg.hdr.source.loc_uri, session_id = %msg.hdr.session_id, size = body.len(),
@@ -1508,13 +1547,18 @@ impl Provisioning {
     /// A device message that does not decode: refused with the reason. When its header names a session
     /// in progress, that session's job fails now (not at its deadline) and the device is told, in DM
     /// terms, that the session is over; otherwise the answer is HTTP 400.
-    fn undecodable(
+    async fn undecodable(
         &self,
         body: &[u8],
         error: &dm_protocol::DecodeError,
         answer_type: &'static str,
     ) -> DeviceAnswer {
         let guess = session::guess_header(body);
+        if let Some(g) = &guess
+            && let Err(answer) = self.fence(&g.source).await
+        {
+            return answer;
+        }
         let handled = guess.as_ref().and_then(|g| {
             let mut inner = self.lock();
             session::undecodable(&self.config, &mut inner, g, error)
@@ -1532,9 +1576,17 @@ impl Provisioning {
         for outcome in handled.outcomes {
             let _ = self.outcomes.send(outcome);
         }
-        if let Some(dev_id) = handled.wake_again {
-            let p = self.clone();
-            tokio::spawn(async move { p.wake(&dev_id).await });
+        if let Some(g) = &guess {
+            // The session ended here: what it moved is stored, and the device's lease let go (or its
+            // next job woken) as at any session's end.
+            self.store_unsaved_nonces(&g.source).await;
+            match handled.wake_again {
+                Some(dev_id) => {
+                    let p = self.clone();
+                    tokio::spawn(async move { p.wake(&dev_id).await });
+                }
+                None => self.release_if_idle(&g.source).await,
+            }
         }
         DeviceAnswer {
             status: 200,

@@ -57,9 +57,10 @@ pub struct JobOutcome {
     pub result: JobResult,
 }
 
-/// Not a DM status: the job was given up because another replica took its device over. No outcome is
-/// published for it (see `Provisioning::fence`).
-pub const SUPERSEDED: u32 = 0;
+/// Not a DM status (those fit in 16 bits; a status a device left out is read as 0): the job was given up
+/// because another replica took its device over. No outcome is published for it (see
+/// `Provisioning::fence`).
+pub const SUPERSEDED: u32 = u32::MAX;
 
 impl JobOutcome {
     pub(crate) fn superseded(job_id: u64, dev_id: &str) -> Self {
@@ -1657,6 +1658,20 @@ mod tests {
     use dm_protocol::tree::DmTree;
 
     const D1: &str = "dms1";
+
+    #[test]
+    fn only_a_job_given_up_to_another_replica_is_superseded() {
+        assert!(JobOutcome::superseded(1, "dev").is_superseded());
+        // A status the device left out reads as 0; any DM status fits in 16 bits: real failures.
+        for status in [0, 400, 408, 500, u32::from(u16::MAX)] {
+            let failed = JobOutcome {
+                job_id: 1,
+                dev_id: "dev".into(),
+                result: Err(failure(status, "", "failed")),
+            };
+            assert!(!failed.is_superseded(), "{status}");
+        }
+    }
 
     fn uri(s: &str) -> DmUri {
         s.parse().unwrap()

@@ -320,3 +320,47 @@ fn set_lang(value: &str) -> Job {
         vec![Item::target("./DevInfo/Lang").with_data(value)],
     ))])
 }
+
+/// The same while the device has not come yet: the watchdog of the replica that lost the lease reports
+/// no 408 (it could reach the saga before the outcome of the replica that took the device over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_the_device_lease_reports_no_timeout() {
+    let bus = Bus::in_process();
+    let names = Names::new("dms1").unwrap();
+    let owners = bus
+        .kv(&names.bucket("device_owners").unwrap(), 1)
+        .await
+        .unwrap();
+    let key = MasterKey::random();
+    let (fleet, fleet_url) = support::serve_fleet().await;
+    let (front, front_url) = support::dm_listener().await;
+    let mut config = Config::new(D1, front_url.clone());
+    config.session_timeout = Duration::from_secs(2);
+    let (a, mut outcomes) = Provisioning::new(config, support::push(&fleet_url));
+    let a = a
+        .with_bus_key(key.bus_key())
+        .with_forwarding(bus.clone(), names.clone())
+        .await
+        .unwrap();
+    // The device's first message never arrives: another replica takes the lease meanwhile.
+    support::serve_front(front, a.clone(), move |_| {
+        let owners = owners.clone();
+        async move {
+            let k = dm_bus::subjects::encode_key(DEV);
+            let lease = owners.get(&k).await.unwrap().expect("A holds the lease");
+            owners
+                .update(&k, "another-replica".into(), lease.revision)
+                .await
+                .unwrap();
+            std::future::pending::<()>().await;
+        }
+    });
+    a.register_device(DEV, support::add_device(&fleet, DEV, D1, &front_url));
+    let id = a.enqueue(DEV, set_lang("xx")).await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), outcomes.recv())
+        .await
+        .expect("the job's outcome in time")
+        .unwrap();
+    assert_eq!(outcome.job_id, id);
+    assert!(outcome.is_superseded(), "{outcome:?}");
+}
