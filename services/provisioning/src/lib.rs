@@ -154,6 +154,10 @@ struct DeviceEntry {
     lease_revision: u64,
     /// Nonces moved during the DM session in progress and not stored yet (written when it ends).
     nonces_unsaved: bool,
+    /// The watchdog armed last: when it fires and the `activity` it was armed at. One task per device
+    /// waits for it (re-armed watchdogs move its deadline instead of each waiting in a task of its own:
+    /// a task per device message, alive for the whole session timeout, held ~6 KB each).
+    watchdog: Option<(tokio::time::Instant, u64)>,
 }
 
 #[derive(Debug, Default)]
@@ -1131,7 +1135,10 @@ impl Provisioning {
     /// Arms the watchdog of a device with work: unless the device does something within the session
     /// timeout, the job at the head of its queue fails with 408 and the next one goes on.
     fn arm(&self, dev_id: &str) {
-        let token = {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let waiting = {
             let mut inner = self.lock();
             let Some(entry) = inner.devices.get_mut(dev_id) else {
                 return;
@@ -1140,16 +1147,39 @@ impl Provisioning {
                 return;
             }
             entry.activity += 1;
-            entry.activity
+            let deadline = tokio::time::Instant::now() + self.config.session_timeout;
+            entry.watchdog.replace((deadline, entry.activity)).is_some()
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        if waiting {
             return;
-        };
+        }
         let p = self.clone();
         let dev_id = dev_id.to_string();
         runtime.spawn(async move {
-            tokio::time::sleep(p.config.session_timeout).await;
-            p.expire(&dev_id, token).await;
+            loop {
+                let armed = p.lock().devices.get(&dev_id).and_then(|d| d.watchdog);
+                let Some((deadline, token)) = armed else {
+                    return;
+                };
+                tokio::time::sleep_until(deadline).await;
+                let due = {
+                    let mut inner = p.lock();
+                    match inner.devices.get_mut(&dev_id) {
+                        Some(d) if d.watchdog == Some((deadline, token)) => {
+                            d.watchdog = None;
+                            true
+                        }
+                        // Armed again meanwhile: wait for the new deadline.
+                        Some(d) if d.watchdog.is_some() => false,
+                        _ => return,
+                    }
+                };
+                if due {
+                    // Boxed: the waiting task stays small; the expiry's state exists only once due.
+                    Box::pin(p.expire(&dev_id, token)).await;
+                    return;
+                }
+            }
         });
     }
 
