@@ -152,10 +152,8 @@ struct DeviceEntry {
     /// The revision of the lease record this replica wrote last: letting go is a compare-and-set on it,
     /// so that it never clears a lease taken again since.
     lease_revision: u64,
-    /// The watchdog armed last: when it fires and the `activity` it was armed at. One task per device
-    /// waits for it (re-armed watchdogs move its deadline instead of each waiting in a task of its own:
-    /// a task per device message, alive for the whole session timeout, held ~6 KB each).
-    watchdog: Option<(tokio::time::Instant, u64)>,
+    /// Nonces moved during the DM session in progress and not stored yet (written when it ends).
+    nonces_unsaved: bool,
 }
 
 #[derive(Debug, Default)]
@@ -675,6 +673,18 @@ impl Provisioning {
         Ok(self)
     }
 
+    /// Stores the nonces a session that ended without its last message (cut off by the watchdog) moved.
+    async fn store_unsaved_nonces(&self, dev_id: &str) {
+        let unsaved = self
+            .lock()
+            .devices
+            .get_mut(dev_id)
+            .is_some_and(|d| d.session.is_none() && std::mem::take(&mut d.nonces_unsaved));
+        if unsaved && let Err(e) = self.store_device(dev_id).await {
+            tracing::warn!(dev_id, error = %e, "a device's new nonces could not be stored");
+        }
+    }
+
     /// Whether this replica talks to the device now (a session, or the device's lease).
     fn holds(&self, dev_id: &str) -> bool {
         self.lock()
@@ -786,6 +796,8 @@ impl Provisioning {
             d.leased = false;
             d.session = None;
             d.exchange = None;
+            // The new holder reads the device's credentials from the store; nothing here is written.
+            d.nonces_unsaved = false;
             d.zero_nonce_sent = false;
             // Disarms the watchdog: nothing is left to time out here.
             d.activity += 1;
@@ -1119,10 +1131,7 @@ impl Provisioning {
     /// Arms the watchdog of a device with work: unless the device does something within the session
     /// timeout, the job at the head of its queue fails with 408 and the next one goes on.
     fn arm(&self, dev_id: &str) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let waiting = {
+        let token = {
             let mut inner = self.lock();
             let Some(entry) = inner.devices.get_mut(dev_id) else {
                 return;
@@ -1131,39 +1140,16 @@ impl Provisioning {
                 return;
             }
             entry.activity += 1;
-            let deadline = tokio::time::Instant::now() + self.config.session_timeout;
-            entry.watchdog.replace((deadline, entry.activity)).is_some()
+            entry.activity
         };
-        if waiting {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
-        }
+        };
         let p = self.clone();
         let dev_id = dev_id.to_string();
         runtime.spawn(async move {
-            loop {
-                let armed = p.lock().devices.get(&dev_id).and_then(|d| d.watchdog);
-                let Some((deadline, token)) = armed else {
-                    return;
-                };
-                tokio::time::sleep_until(deadline).await;
-                let due = {
-                    let mut inner = p.lock();
-                    match inner.devices.get_mut(&dev_id) {
-                        Some(d) if d.watchdog == Some((deadline, token)) => {
-                            d.watchdog = None;
-                            true
-                        }
-                        // Armed again meanwhile: wait for the new deadline.
-                        Some(d) if d.watchdog.is_some() => false,
-                        _ => return,
-                    }
-                };
-                if due {
-                    // Boxed: the waiting task stays small; the expiry's state exists only once due.
-                    Box::pin(p.expire(&dev_id, token)).await;
-                    return;
-                }
-            }
+            tokio::time::sleep(p.config.session_timeout).await;
+            p.expire(&dev_id, token).await;
         });
     }
 
@@ -1225,6 +1211,7 @@ impl Provisioning {
             )
         };
         let _ = self.outcomes.send(failed);
+        self.store_unsaved_nonces(dev_id).await;
         if more {
             self.wake(dev_id).await;
         } else {
@@ -1336,7 +1323,36 @@ impl Provisioning {
         // recover a lost nonce.
         let creds_after = p.credentials(&dev_id);
         let mut broken_off = None;
-        let store_now = creds_after != creds_before;
+        // Nonces alone that move in the middle of a session are stored when it ends: one write per
+        // session instead of one per message (a replica that dies mid-session loses them, which the
+        // device's challenge and the zero-nonce resynchronisation recover, as for a failed store).
+        let only_nonces =
+            creds_after
+                .as_ref()
+                .zip(creds_before.as_ref())
+                .is_some_and(|(after, before)| {
+                    after.server_secret == before.server_secret
+                        && after.client_secret == before.client_secret
+                        && after.pending_server_secret == before.pending_server_secret
+                        && after.pending_client_secret == before.pending_client_secret
+                });
+        let changed = creds_after != creds_before;
+        let store_now = {
+            let mut inner = p.lock();
+            match inner.devices.get_mut(&dev_id) {
+                Some(d) if d.session.is_some() && changed && only_nonces => {
+                    d.nonces_unsaved = true;
+                    false
+                }
+                // Stored whole: nonces held back so far go with it.
+                Some(d) if changed => {
+                    d.nonces_unsaved = false;
+                    true
+                }
+                Some(d) if d.session.is_none() => std::mem::take(&mut d.nonces_unsaved),
+                _ => false,
+            }
+        };
         if store_now && let Err(e) = p.store_device(&dev_id).await {
             tracing::warn!(dev_id, error = %e, "a device's new credentials could not be stored");
             let pending = |c: &Option<DeviceCredentials>| {
@@ -1561,8 +1577,9 @@ impl Provisioning {
             let _ = self.outcomes.send(outcome);
         }
         if let Some(g) = &guess {
-            // The session ended here: the device's lease let go (or its next job woken) as at any
-            // session's end.
+            // The session ended here: what it moved is stored, and the device's lease let go (or its
+            // next job woken) as at any session's end.
+            self.store_unsaved_nonces(&g.source).await;
             match handled.wake_again {
                 Some(dev_id) => {
                     let p = self.clone();
