@@ -282,12 +282,14 @@ async fn a_replica_that_lost_the_device_lease_sends_the_device_nothing_more() {
     };
     let before = lang();
 
-    let id = a.enqueue(DEV, set_lang("xx")).await.unwrap();
-    let outcome = tokio::time::timeout(Duration::from_secs(20), outcomes.recv())
-        .await
-        .expect("the job's outcome in time")
-        .unwrap();
-    assert_eq!(outcome.job_id, id);
+    let outcome = support::run_job(
+        &a,
+        &mut outcomes,
+        DEV,
+        set_lang("xx"),
+        Duration::from_secs(20),
+    )
+    .await;
     assert!(outcome.is_superseded(), "{outcome:?}");
     let sessions = fleet
         .wait_for_sessions(DEV, 1, Duration::from_secs(20))
@@ -301,12 +303,14 @@ async fn a_replica_that_lost_the_device_lease_sends_the_device_nothing_more() {
     );
 
     // The replica named by the lease never answers: A's next job takes the lease back and runs.
-    let id = a.enqueue(DEV, set_lang("yy")).await.unwrap();
-    let outcome = tokio::time::timeout(Duration::from_secs(30), outcomes.recv())
-        .await
-        .expect("the job's outcome in time")
-        .unwrap();
-    assert_eq!(outcome.job_id, id);
+    let outcome = support::run_job(
+        &a,
+        &mut outcomes,
+        DEV,
+        set_lang("yy"),
+        Duration::from_secs(30),
+    )
+    .await;
     assert!(
         matches!(outcome.result, Ok(JobSuccess::Commands { .. })),
         "{outcome:?}"
@@ -356,11 +360,13 @@ async fn a_replica_that_lost_the_device_lease_reports_no_timeout() {
         }
     });
     a.register_device(DEV, support::add_device(&fleet, DEV, D1, &front_url));
-    let id = a.enqueue(DEV, set_lang("xx")).await.unwrap();
-    let outcome = tokio::time::timeout(Duration::from_secs(20), outcomes.recv())
-        .await
-        .expect("the job's outcome in time")
-        .unwrap();
-    assert_eq!(outcome.job_id, id);
+    let outcome = support::run_job(
+        &a,
+        &mut outcomes,
+        DEV,
+        set_lang("xx"),
+        Duration::from_secs(20),
+    )
+    .await;
     assert!(outcome.is_superseded(), "{outcome:?}");
 }

@@ -120,12 +120,14 @@ fn unchanged(w: &World) {
 async fn a_plan_held_back_by_a_store_outage_still_ends_its_job() {
     // Message 1 brings the reads the plan's snapshot is taken from.
     let mut w = world(Some(1)).await;
-    let id = w.prov.enqueue(DEV, apply("held-back")).await.unwrap();
-    let outcome = tokio::time::timeout(Duration::from_secs(40), w.outcomes.recv())
-        .await
-        .expect("the job ends although its plan was held back")
-        .unwrap();
-    assert_eq!(outcome.job_id, id);
+    let outcome = support::run_job(
+        &w.prov,
+        &mut w.outcomes,
+        DEV,
+        apply("held-back"),
+        Duration::from_secs(40),
+    )
+    .await;
     let failure = outcome.result.expect_err("the plan was not sent");
     assert_eq!(failure.status, 408, "{failure:?}");
     assert!(w.seen.load(Ordering::SeqCst) >= 2);
@@ -136,38 +138,37 @@ async fn a_plan_held_back_by_a_store_outage_still_ends_its_job() {
 async fn an_apply_whose_plan_is_being_undone_is_given_up() {
     let mut w = world(None).await;
     // The saga failed the delegation before its plan reached the device: the restore has nothing to do.
-    let restore = w
-        .prov
-        .enqueue(
-            DEV,
-            Job::Restore {
-                plan_id: "undone".into(),
-            },
-        )
-        .await
-        .unwrap();
-    let outcome = tokio::time::timeout(Duration::from_secs(20), w.outcomes.recv())
-        .await
-        .expect("the restore's outcome in time")
-        .unwrap();
-    assert_eq!(outcome.job_id, restore);
+    let outcome = support::run_job(
+        &w.prov,
+        &mut w.outcomes,
+        DEV,
+        Job::Restore {
+            plan_id: "undone".into(),
+        },
+        Duration::from_secs(20),
+    )
+    .await;
     assert!(outcome.result.is_ok(), "{outcome:?}");
     // The apply's command comes again: it is given up, and the device is left as the restore left it.
-    let id = w.prov.enqueue(DEV, apply("undone")).await.unwrap();
-    let outcome = tokio::time::timeout(Duration::from_secs(20), w.outcomes.recv())
-        .await
-        .expect("the apply's outcome in time")
-        .unwrap();
-    assert_eq!(outcome.job_id, id);
+    let outcome = support::run_job(
+        &w.prov,
+        &mut w.outcomes,
+        DEV,
+        apply("undone"),
+        Duration::from_secs(20),
+    )
+    .await;
     assert!(outcome.is_superseded(), "{outcome:?}");
     unchanged(&w);
     // Another plan of the same device still applies.
-    let id = w.prov.enqueue(DEV, apply("another")).await.unwrap();
-    let outcome = tokio::time::timeout(Duration::from_secs(20), w.outcomes.recv())
-        .await
-        .expect("the apply's outcome in time")
-        .unwrap();
-    assert_eq!(outcome.job_id, id);
+    let outcome = support::run_job(
+        &w.prov,
+        &mut w.outcomes,
+        DEV,
+        apply("another"),
+        Duration::from_secs(20),
+    )
+    .await;
     assert!(outcome.result.is_ok(), "{outcome:?}");
 }
 
@@ -176,29 +177,26 @@ async fn an_apply_whose_plan_is_being_undone_is_given_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finished_plan_leaves_memory_and_is_restored_from_the_store() {
     let mut w = world(None).await;
-    let id = w.prov.enqueue(DEV, apply("kept")).await.unwrap();
-    let outcome = tokio::time::timeout(Duration::from_secs(20), w.outcomes.recv())
-        .await
-        .expect("the apply's outcome in time")
-        .unwrap();
-    assert_eq!(outcome.job_id, id);
+    let outcome = support::run_job(
+        &w.prov,
+        &mut w.outcomes,
+        DEV,
+        apply("kept"),
+        Duration::from_secs(20),
+    )
+    .await;
     assert!(outcome.result.is_ok(), "{outcome:?}");
     assert!(w.prov.snapshot("kept").is_none(), "still in memory");
-    let id = w
-        .prov
-        .enqueue(
-            DEV,
-            Job::Restore {
-                plan_id: "kept".into(),
-            },
-        )
-        .await
-        .unwrap();
-    let outcome = tokio::time::timeout(Duration::from_secs(20), w.outcomes.recv())
-        .await
-        .expect("the restore's outcome in time")
-        .unwrap();
-    assert_eq!(outcome.job_id, id);
+    let outcome = support::run_job(
+        &w.prov,
+        &mut w.outcomes,
+        DEV,
+        Job::Restore {
+            plan_id: "kept".into(),
+        },
+        Duration::from_secs(20),
+    )
+    .await;
     assert!(outcome.result.is_ok(), "{outcome:?}");
     unchanged(&w);
 }

@@ -109,3 +109,20 @@ where
     tokio::spawn(async move { axum::serve(listener, app).await });
     seen
 }
+
+/// Queues `job` for `dev_id` and returns its outcome, which must come within `within`.
+pub async fn run_job(
+    prov: &Provisioning,
+    outcomes: &mut tokio::sync::mpsc::UnboundedReceiver<dm_provisioning::JobOutcome>,
+    dev_id: &str,
+    job: dm_provisioning::Job,
+    within: std::time::Duration,
+) -> dm_provisioning::JobOutcome {
+    let id = prov.enqueue(dev_id, job).await.unwrap();
+    let outcome = tokio::time::timeout(within, outcomes.recv())
+        .await
+        .expect("the job's outcome in time")
+        .unwrap();
+    assert_eq!(outcome.job_id, id);
+    outcome
+}
