@@ -743,16 +743,9 @@ impl Provisioning {
     /// device's session and jobs up: two sessions at once could complete a plan after its restore.
     /// A lease that cannot be read is not answered on (503): nothing goes to the device unfenced.
     async fn fence(&self, dev_id: &str) -> Result<(), DeviceAnswer> {
-        let Some(f) = &self.forward else {
-            return Ok(());
-        };
-        let leased = self.lock().devices.get(dev_id).is_some_and(|d| d.leased);
-        if !leased {
-            return Ok(());
-        }
-        match f.owners.get(&dm_bus::subjects::encode_key(dev_id)).await {
-            Ok(Some(e)) if e.value == f.me.as_bytes() => Ok(()),
-            Ok(_) => {
+        match self.lease_lost(dev_id).await {
+            Ok(false) => Ok(()),
+            Ok(true) => {
                 self.give_up_device(dev_id);
                 Err(DeviceAnswer::text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -769,19 +762,17 @@ impl Provisioning {
         }
     }
 
-    /// Whether this replica held the device's lease and another one holds it now (false when it cannot
-    /// be read: the caller goes on as it would without replicas).
-    async fn lease_lost(&self, dev_id: &str) -> bool {
+    /// Whether this replica held the device's lease and another one holds it now (never, without
+    /// replicas or when this replica holds no lease of the device).
+    async fn lease_lost(&self, dev_id: &str) -> Result<bool, dm_bus::BusError> {
         let Some(f) = &self.forward else {
-            return false;
+            return Ok(false);
         };
         if !self.lock().devices.get(dev_id).is_some_and(|d| d.leased) {
-            return false;
+            return Ok(false);
         }
-        matches!(
-            f.owners.get(&dm_bus::subjects::encode_key(dev_id)).await,
-            Ok(lease) if lease.as_ref().is_none_or(|e| e.value != f.me.as_bytes())
-        )
+        let lease = f.owners.get(&dm_bus::subjects::encode_key(dev_id)).await?;
+        Ok(lease.is_none_or(|e| e.value != f.me.as_bytes()))
     }
 
     /// The device's lease went to another replica: its session here ends and its jobs are settled as
@@ -1168,7 +1159,8 @@ impl Provisioning {
         }
         // A replica that lost the device's lease (cut off from NATS while another took the command over)
         // reports nothing: its 408 could reach the saga before the other replica's outcome.
-        if self.lease_lost(dev_id).await {
+        // A lease that cannot be read: the watchdog goes on as it would without replicas.
+        if self.lease_lost(dev_id).await.unwrap_or(false) {
             self.give_up_device(dev_id);
             return;
         }
