@@ -180,6 +180,19 @@ pub struct Provisioning {
     forward: Option<Arc<Forwarding>>,
     /// Opens the secrets auth hands out for plans and first sessions (the deployment's bus key).
     bus_key: Option<dm_seal::BusKey>,
+    /// The session watchdog's armed deadlines.
+    watchdog: Arc<Mutex<Watchdog>>,
+}
+
+/// The deadlines the session watchdog was armed with, in arming order. Every arm waits the same session
+/// timeout, so arming order is deadline order: one task serves the queue front to back, instead of a
+/// task per device message asleep for the whole timeout (which held a copy of the service each, and
+/// under load numbered rate × messages × timeout). Each entry still fires on its own, as each task did.
+#[derive(Default)]
+struct Watchdog {
+    armed: VecDeque<(tokio::time::Instant, u64, Box<str>)>,
+    /// A task is serving the queue (it ends when the queue is empty; the next arm starts another).
+    serving: bool,
 }
 
 /// How replicas of the service share the device channel: a device posts to whichever replica its
@@ -320,6 +333,7 @@ impl Provisioning {
                 devices: None,
                 forward: None,
                 bus_key: None,
+                watchdog: Arc::default(),
             },
             rx,
         )
@@ -1136,14 +1150,70 @@ impl Provisioning {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let p = self.clone();
-        let dev_id = dev_id.to_string();
-        runtime.spawn(async move {
-            tokio::time::sleep(p.config.session_timeout).await;
-            // Boxed: a task is armed per device message and sleeps for the whole session timeout; with
-            // the expiry's future inline each held 5,920 bytes meanwhile, now about a tenth of that.
-            Box::pin(p.expire(&dev_id, token)).await;
-        });
+        let deadline = tokio::time::Instant::now() + self.config.session_timeout;
+        let start = {
+            let mut watchdog = self.watchdog.lock().unwrap_or_else(|e| e.into_inner());
+            watchdog.armed.push_back((deadline, token, dev_id.into()));
+            !std::mem::replace(&mut watchdog.serving, true)
+        };
+        if start {
+            let p = self.clone();
+            runtime.spawn(async move { p.serve_watchdog().await });
+        }
+    }
+
+    /// Fires the armed deadlines as they fall due, until none is left. An entry whose device moved on
+    /// since (the usual case) costs a look at its token; a current one is expired on a task of its own.
+    async fn serve_watchdog(&self) {
+        // A task dropped with its runtime leaves the queue to the next arm's task.
+        struct Serving(Option<Arc<Mutex<Watchdog>>>);
+        impl Drop for Serving {
+            fn drop(&mut self) {
+                if let Some(w) = self.0.take() {
+                    w.lock().unwrap_or_else(|e| e.into_inner()).serving = false;
+                }
+            }
+        }
+        let mut serving = Serving(Some(self.watchdog.clone()));
+        loop {
+            let next = {
+                let mut watchdog = self.watchdog.lock().unwrap_or_else(|e| e.into_inner());
+                match watchdog.armed.front() {
+                    Some((at, _, _)) => *at,
+                    None => {
+                        watchdog.serving = false;
+                        // Let go under the lock: a new arm may start a task as soon as it is released.
+                        serving.0 = None;
+                        return;
+                    }
+                }
+            };
+            tokio::time::sleep_until(next).await;
+            let now = tokio::time::Instant::now();
+            let due: Vec<(u64, Box<str>)> = {
+                let mut watchdog = self.watchdog.lock().unwrap_or_else(|e| e.into_inner());
+                let mut due = Vec::new();
+                while watchdog.armed.front().is_some_and(|(at, _, _)| *at <= now) {
+                    if let Some((_, token, dev_id)) = watchdog.armed.pop_front() {
+                        due.push((token, dev_id));
+                    }
+                }
+                due
+            };
+            for (token, dev_id) in due {
+                let current = {
+                    let inner = self.lock();
+                    inner
+                        .devices
+                        .get(&*dev_id)
+                        .is_some_and(|entry| entry.activity == token)
+                };
+                if current {
+                    let p = self.clone();
+                    tokio::spawn(async move { p.expire(&dev_id, token).await });
+                }
+            }
+        }
     }
 
     /// The watchdog armed at `token` fired: if nothing happened since, a package #0 that got no session
@@ -1587,5 +1657,79 @@ impl Provisioning {
             content_type: answer_type.to_string(),
             body: Bytes::from(syncml::encode(&handled.answer)),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    struct Unreachable;
+
+    impl Package0Channel for Unreachable {
+        fn deliver<'a>(
+            &'a self,
+            _dev_id: &'a str,
+            _package0: Vec<u8>,
+        ) -> std::pin::Pin<
+            Box<dyn Future<Output = Result<(), dm_notification::ChannelError>> + Send + 'a>,
+        > {
+            Box::pin(async { Err(dm_notification::ChannelError::Unreachable("test".into())) })
+        }
+    }
+
+    /// The watchdog keeps a queue of deadlines served by one task, not a task per device message; each
+    /// arm still fires on its own, so the head job fails with 408 once the device fell silent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_thousand_arms_take_one_task_and_the_last_one_fails_the_head_job() {
+        let mut config = Config::new("DMS-1", "http://127.0.0.1:1/dm");
+        config.session_timeout = Duration::from_millis(300);
+        let (p, mut outcomes) = Provisioning::new(config, Arc::new(Unreachable));
+        {
+            let mut inner = p.lock();
+            let entry = inner.devices.entry("IMEI:1".into()).or_default();
+            entry.queue.push_back((
+                7,
+                Job::Restore {
+                    plan_id: "p".into(),
+                },
+            ));
+            // The package #0 was sent again already: the next expiry fails the job.
+            entry.zero_nonce_sent = true;
+        }
+        let tasks_before = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        for _ in 0..1000 {
+            p.arm("IMEI:1");
+        }
+        let tasks = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        assert_eq!(
+            tasks,
+            tasks_before + 1,
+            "one task serves every armed deadline"
+        );
+        assert_eq!(p.watchdog.lock().unwrap().armed.len(), 1000);
+
+        let outcome = tokio::time::timeout(Duration::from_secs(10), outcomes.recv())
+            .await
+            .expect("the head job fails within the deadline")
+            .expect("an outcome");
+        assert_eq!(outcome.job_id, 7);
+        assert_eq!(outcome.result.as_ref().map_err(|f| f.status), Err(408));
+        // Only the deadline armed last was current: the 999 before it fired into nothing.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while p.watchdog.lock().unwrap().serving {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the watchdog never let go"
+            );
+            tokio::task::yield_now().await;
+        }
+        assert!(p.watchdog.lock().unwrap().armed.is_empty());
+        assert!(outcomes.try_recv().is_err(), "one outcome only");
     }
 }
