@@ -20,6 +20,7 @@ pub mod testing;
 pub mod trace;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -278,7 +279,7 @@ impl Bus {
     pub async fn kv(&self, bucket: &str, history: i64) -> Result<Kv, BusError> {
         match self {
             Bus::Memory(b) => b.kv(bucket).map(Kv::Memory),
-            Bus::Nats(b) => b.kv(bucket, history).await.map(|k| Kv::Nats(Box::new(k))),
+            Bus::Nats(b) => b.kv(bucket, history).await.map(|k| Kv::Nats(Arc::new(k))),
         }
     }
 
@@ -437,11 +438,11 @@ impl KvWatch {
     }
 }
 
-/// A key-value bucket.
+/// A key-value bucket. Cheap to clone (services clone it into tasks and per request).
 #[derive(Debug, Clone)]
 pub enum Kv {
     Memory(memory::MemoryKv),
-    Nats(Box<nats::NatsKv>),
+    Nats(Arc<nats::NatsKv>),
 }
 
 impl Kv {
