@@ -19,6 +19,7 @@
 //! trail.
 
 pub mod admin;
+pub mod audit;
 mod claims;
 mod metrics;
 mod route;
@@ -105,6 +106,8 @@ struct Inner {
     /// compare-and-set on the revision refuses a stale one (another replica moved the delegation), and
     /// the state is read then; a missing entry means reading and publishing again.
     published: std::sync::Mutex<HashMap<String, (u64, DelegationState)>>,
+    /// Writes the audit records of stored changes, several per JetStream write under load.
+    audit: audit::AuditWriter,
 }
 
 /// Entries of [`Inner::published`] before it is emptied (each costs one read and one republish at most;
@@ -340,6 +343,10 @@ impl Orchestrator {
             kv.clone(),
         );
         let decider = Decider::new(config.saga.clone());
+        let audit = audit::AuditWriter::start(
+            bus.clone(),
+            config.names.subject(Area::Audit, "delegation")?,
+        );
         let o = Self {
             inner: Arc::new(Inner {
                 config,
@@ -351,6 +358,7 @@ impl Orchestrator {
                 shards: (0..SHARDS).map(|_| Mutex::new(())).collect(),
                 changes: tokio::sync::broadcast::channel(1024).0,
                 published: std::sync::Mutex::new(HashMap::new()),
+                audit,
             }),
         };
         o.recover().await?;
@@ -398,6 +406,7 @@ impl Orchestrator {
             }),
             at_ms: now_ms(),
             revision: 0,
+            outbox_id: String::new(),
         };
         let id = format!("op:{}:{}", now_ms(), rand::random::<u64>());
         self.inner
@@ -926,20 +935,17 @@ impl Orchestrator {
             let outbox_id = format!("{key}:{revision}:{index}");
             match &cmd.kind {
                 Some(command::Kind::Audit(record)) => {
-                    let audit = AuditEvent {
-                        delegation: Some(delegation.clone()),
-                        record: Some(record.clone()),
-                        at_ms: now_ms(),
-                        revision,
-                    };
+                    // Batched with the records of other decisions ready at the same moment; no trace
+                    // header (a batch spans delegations).
                     self.inner
-                        .bus
-                        .publish(
-                            &names.subject(Area::Audit, "delegation")?,
-                            headers("dmd.bus.v1.AuditEvent"),
-                            Bytes::from(audit.encode_to_vec()),
-                            &outbox_id,
-                        )
+                        .audit
+                        .write(AuditEvent {
+                            delegation: Some(delegation.clone()),
+                            record: Some(record.clone()),
+                            at_ms: now_ms(),
+                            revision,
+                            outbox_id,
+                        })
                         .await?;
                 }
                 // Timers are in the state; the index was refreshed when it was stored.

@@ -8,12 +8,11 @@ use std::time::{Duration, Instant};
 
 use dm_bus::testing::NatsServer;
 use dm_bus::{Area, Bus, ConsumerConfig, Names};
-use dm_orchestrator::{Config, Orchestrator, admin};
+use dm_orchestrator::{Config, Orchestrator, admin, audit};
 use dm_proto::admin::v1::admin_client::AdminClient;
 use dm_proto::admin::v1::{DelegationId, ListDelegationsRequest, StartDelegationRequest};
 use dm_proto::bus::v1::AuditEvent;
 use dm_saga::pb::{self, DelType, Device, Event, Phase, Role, event};
-use prost::Message;
 use tonic::transport::Channel;
 
 const TOKEN: &str = "operator-token-for-the-audit-test";
@@ -72,10 +71,17 @@ async fn read_audit(
         if let Ok(Ok(Some(delivery))) = next {
             let text = String::from_utf8_lossy(&delivery.message.payload).to_string();
             assert!(!text.contains(TOKEN), "the token is in the audit trail");
-            let event = AuditEvent::decode(delivery.message.payload.clone()).unwrap();
-            let record = event.record.clone().unwrap();
+            let type_name = delivery
+                .message
+                .headers
+                .get(dm_orchestrator::TYPE_HEADER)
+                .unwrap_or_default()
+                .to_string();
+            for event in audit::records_of(&type_name, &delivery.message.payload).unwrap() {
+                let record = event.record.clone().unwrap();
+                seen.push((event, record));
+            }
             delivery.ack().await.unwrap();
-            seen.push((event, record));
         }
     }
 }
@@ -205,4 +211,85 @@ async fn admin_calls_and_stored_changes_are_audited_with_caller_method_target_an
     for (_, r) in &records {
         assert!(!format!("{r:?}").contains(TOKEN));
     }
+}
+
+/// Records ready together go in one write, and each is in the stream once, whole (group commit).
+#[tokio::test(flavor = "current_thread")]
+async fn records_ready_together_share_one_write_and_none_is_lost() {
+    let nats =
+        NatsServer::start().expect("a nats-server for the tests (scripts/test installs one)");
+    let bus = Bus::connect(nats.url()).await.unwrap();
+    let names = Names::new("dms1").unwrap();
+    // The orchestrator creates the audit stream.
+    let config = Config {
+        names: names.clone(),
+        server_id: "dms1.example".into(),
+        saga: dm_saga::Config::default(),
+        ack_wait: Duration::from_secs(5),
+    };
+    let _orchestrator = Orchestrator::new(config, bus.clone()).await.unwrap();
+    let writer = audit::AuditWriter::start(
+        bus.clone(),
+        names.subject(Area::Audit, "delegation").unwrap(),
+    );
+    // On one thread, all forty are queued before the writer runs again.
+    let mut writes = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let writer = writer.clone();
+        writes.spawn(async move {
+            writer
+                .write(AuditEvent {
+                    record: Some(pb::AuditRecord {
+                        what: "stored".into(),
+                        ..Default::default()
+                    }),
+                    revision: i,
+                    outbox_id: format!("k{i}:{i}:0"),
+                    ..Default::default()
+                })
+                .await
+        });
+    }
+    while let Some(done) = writes.join_next().await {
+        done.unwrap().unwrap();
+    }
+
+    let mut consumer = bus
+        .consumer(&ConsumerConfig {
+            stream: names.stream(Area::Audit),
+            durable: "batch-test".into(),
+            filter: names.subject(Area::Audit, "delegation").unwrap(),
+            ack_wait: Duration::from_secs(30),
+        })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut messages, mut ids) = (0, Vec::new());
+    while ids.len() < 40 {
+        assert!(Instant::now() < deadline, "records missing: {ids:?}");
+        let Ok(Ok(Some(delivery))) =
+            tokio::time::timeout(Duration::from_secs(1), consumer.next()).await
+        else {
+            continue;
+        };
+        let type_name = delivery
+            .message
+            .headers
+            .get(dm_orchestrator::TYPE_HEADER)
+            .unwrap_or_default()
+            .to_string();
+        for event in audit::records_of(&type_name, &delivery.message.payload).unwrap() {
+            ids.push(event.outbox_id);
+        }
+        messages += 1;
+        delivery.ack().await.unwrap();
+    }
+    ids.sort();
+    let mut expected: Vec<String> = (0..40).map(|i| format!("k{i}:{i}:0")).collect();
+    expected.sort();
+    assert_eq!(ids, expected, "every record once");
+    assert!(
+        messages < 40,
+        "{messages} writes for 40 records: nothing was batched"
+    );
 }
