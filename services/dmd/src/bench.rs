@@ -134,6 +134,9 @@ pub struct Report {
     /// Stored states per Active delegation seen on each side's broadcast (a lower bound when it lagged).
     pub decisions: [f64; 2],
     pub lags: u64,
+    /// Bus operations the services made during the run (their `dmd_bus_operation_duration_seconds`
+    /// counts: publish with its acknowledgement, request/reply, key-value get/create/update/delete).
+    pub bus_ops: BTreeMap<String, u64>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -383,6 +386,16 @@ impl Report {
             "stored states per delegation (seen on the broadcast): DMS-1 {:.1}, DMS-2 {:.1}; broadcast lagged {} time(s)",
             self.decisions[0], self.decisions[1], self.lags
         ));
+        if !self.bus_ops.is_empty() {
+            out.push(format!(
+                "bus operations per delegation (both deployments, the services' own count): {}",
+                self.bus_ops
+                    .iter()
+                    .map(|(op, n)| format!("{op} {:.1}", per(*n as f64, self.ok)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
         let missed = self.missed_targets();
         if missed.is_empty() {
             out.push("targets (issue 9: ≥ 1000/s, p99 ≤ 250 ms, 0 failures, last tenth ≥ 80% of first): met".into());
@@ -455,6 +468,11 @@ impl Report {
             "p50_over_floor_sum": self.p50_over_floors(),
             "stored_states_per_delegation": { "dms1": self.decisions[0], "dms2": self.decisions[1] },
             "broadcast_lags": self.lags,
+            "bus_operations_per_delegation": self
+                .bus_ops
+                .iter()
+                .map(|(op, n)| (op.clone(), serde_json::json!(per(*n as f64, self.ok))))
+                .collect::<serde_json::Map<_, _>>(),
             "targets_missed": self.missed_targets(),
             "other_targets": self.other_targets(),
         })
@@ -507,6 +525,30 @@ async fn setup(choice: &BusChoice) -> anyhow::Result<Setup> {
             }
         }
     })
+}
+
+/// The services' bus operations so far, by operation, read from the metrics they keep.
+fn bus_op_counts() -> BTreeMap<String, u64> {
+    const PREFIX: &str = "dmd_bus_operation_duration_seconds_count{op=\"";
+    dm_metrics::encode()
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(PREFIX)?;
+            let (op, count) = rest.split_once("\"}")?;
+            Some((op.to_string(), count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn bus_ops_since(before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    bus_op_counts()
+        .into_iter()
+        .map(|(op, n)| {
+            let was = before.get(&op).copied().unwrap_or(0);
+            (op, n.saturating_sub(was))
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -950,6 +992,7 @@ async fn run_in(dir: &Path, options: &BenchOptions) -> anyhow::Result<Report> {
         )));
     }
 
+    let bus_ops_before = bus_op_counts();
     let rss_before = resident_bytes("self")?;
     let nats_rss_before = nats_pid.as_deref().map(resident_bytes).transpose()?;
     let cpu_before = cpu_seconds("self")?;
@@ -1017,6 +1060,8 @@ async fn run_in(dir: &Path, options: &BenchOptions) -> anyhow::Result<Report> {
         (Some(pid), Some(before)) => Some((before, resident_bytes(pid)?)),
         _ => None,
     };
+    // Before the bench's own reads of the buckets below.
+    let bus_ops = bus_ops_since(&bus_ops_before);
     let (stored_keys, stored_by_side) = stored(&setup.bus).await?;
 
     let mut completions =
@@ -1109,6 +1154,7 @@ async fn run_in(dir: &Path, options: &BenchOptions) -> anyhow::Result<Report> {
         floor_tcp,
         decisions: [per(states[0] as f64, ok), per(states[1] as f64, ok)],
         lags: lags.load(Ordering::Relaxed),
+        bus_ops,
     };
     match Arc::try_unwrap(world) {
         Ok(world) => {
@@ -1140,5 +1186,23 @@ mod tests {
     fn own_cpu_and_memory_are_readable() {
         assert!(cpu_seconds("self").unwrap() >= 0.0);
         assert!(resident_bytes("self").unwrap() > 0);
+    }
+
+    #[test]
+    fn bus_operations_are_counted_from_the_services_metrics() {
+        let before = bus_op_counts();
+        for _ in 0..3 {
+            dm_metrics::global().bus_op(
+                dm_metrics::BusOp::KvDelete,
+                Duration::from_micros(5),
+                false,
+            );
+        }
+        // At least: other tests of this binary may use a bus meanwhile.
+        let counted = bus_ops_since(&before)
+            .get("kv_delete")
+            .copied()
+            .unwrap_or(0);
+        assert!(counted >= 3, "{counted}");
     }
 }
