@@ -154,6 +154,9 @@ struct DeviceEntry {
     lease_revision: u64,
     /// Nonces moved during the DM session in progress and not stored yet (written when it ends).
     nonces_unsaved: bool,
+    /// The revision of the device's record in the device store as this replica last read or wrote it
+    /// (0: not known): storing the credentials is then one compare-and-set, without a read before it.
+    stored_revision: u64,
 }
 
 #[derive(Debug, Default)]
@@ -280,15 +283,16 @@ impl IntoResponse for DeviceAnswer {
 
 /// Writes `value` under `key` whatever revision it is at (retried on a concurrent write); nothing is
 /// written when the key holds that value already.
-async fn put(kv: &dm_bus::Kv, key: &str, value: Bytes) -> Result<(), dm_bus::BusError> {
+/// Writes `value` under `key` whatever is there; returns the revision that holds it.
+async fn put(kv: &dm_bus::Kv, key: &str, value: Bytes) -> Result<u64, dm_bus::BusError> {
     for _ in 0..8 {
         let written = match kv.get(key).await? {
-            Some(entry) if entry.value == value => return Ok(()),
+            Some(entry) if entry.value == value => return Ok(entry.revision),
             Some(entry) => kv.update(key, value.clone(), entry.revision).await,
             None => kv.create(key, value.clone()).await,
         };
         match written {
-            Ok(_) => return Ok(()),
+            Ok(revision) => return Ok(revision),
             Err(dm_bus::BusError::Conflict(_)) => continue,
             Err(e) => return Err(e),
         }
@@ -376,6 +380,7 @@ impl Provisioning {
         };
         put(store, &undone_key(plan_id), Bytes::from_static(b"undone"))
             .await
+            .map(|_| ())
             .map_err(|e| e.to_string())
     }
 
@@ -443,10 +448,12 @@ impl Provisioning {
         for (plan_id, snapshot) in created {
             let key = dm_bus::subjects::encode_key(&plan_id);
             let bytes = serde_json::to_vec(&snapshot).map_err(|e| e.to_string())?;
-            let written = match store.get(&key).await {
-                Ok(Some(entry)) => store.update(&key, bytes.into(), entry.revision).await,
-                Ok(None) => store.create(&key, bytes.into()).await,
-                Err(e) => Err(e),
+            // A plan's snapshot is taken once: created without a read first (one there already, from a
+            // replica that took it before a restart, is written over).
+            let bytes = Bytes::from(bytes);
+            let written = match store.create(&key, bytes.clone()).await {
+                Err(dm_bus::BusError::Conflict(_)) => put(store, &key, bytes).await,
+                other => other,
             };
             if let Err(e) = written {
                 self.lock().snapshots.remove(&plan_id);
@@ -522,6 +529,7 @@ impl Provisioning {
             && d.session.is_none()
         {
             d.creds = creds;
+            d.stored_revision = entry.revision;
         }
     }
 
@@ -542,11 +550,10 @@ impl Provisioning {
                 match store.open(dev_id, &entry.value) {
                     Some(creds) => {
                         tracing::info!(dev_id, "device added to the inventory; loaded");
-                        self.lock()
-                            .devices
-                            .entry(dev_id.to_string())
-                            .or_default()
-                            .creds = creds;
+                        let mut inner = self.lock();
+                        let d = inner.devices.entry(dev_id.to_string()).or_default();
+                        d.creds = creds;
+                        d.stored_revision = entry.revision;
                     }
                     None => tracing::warn!(
                         dev_id,
@@ -600,7 +607,25 @@ impl Provisioning {
             return Ok(());
         };
         let sealed = store.seal(dev_id, &creds)?;
-        put(&store.kv, &dm_bus::subjects::encode_key(dev_id), sealed).await
+        let key = dm_bus::subjects::encode_key(dev_id);
+        let known = self
+            .lock()
+            .devices
+            .get(dev_id)
+            .map_or(0, |d| d.stored_revision);
+        let revision = match known {
+            0 => put(&store.kv, &key, sealed).await?,
+            known => match store.kv.update(&key, sealed.clone(), known).await {
+                Ok(revision) => revision,
+                // Written elsewhere since (the inventory, another replica): read, then written over.
+                Err(dm_bus::BusError::Conflict(_)) => put(&store.kv, &key, sealed).await?,
+                Err(e) => return Err(e),
+            },
+        };
+        if let Some(d) = self.lock().devices.get_mut(dev_id) {
+            d.stored_revision = revision;
+        }
+        Ok(())
     }
 
     /// Shares the device channel with the other replicas on `bus`: answers the device messages they
