@@ -6,6 +6,7 @@
 //! along sealed for auth: the orchestrator lodges it with auth only once its decision accepted the message
 //! and before it commits, so a refused message (404, 409) leaves no secret on the bus or in the store.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,6 +25,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prost::Message as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -48,7 +50,19 @@ pub(crate) struct Inbound {
     pub guard: Guard,
     /// Seals the secret of a START or a PREPARED for auth.
     pub bus_key: Option<dm_seal::BusKey>,
+    /// Auth's recent yes to an identity check (the check's bytes: certificate and DMServerID), with when
+    /// it was given. Auth's answer depends on nothing else (its trust registry is its configuration), and a
+    /// peer sends every message of a delegation with the same certificate and DMServerID: asked once per
+    /// [`IDENTITY_REUSE`], not for each message. A refusal is never kept.
+    allowed: std::sync::Mutex<HashMap<Vec<u8>, std::time::Instant>>,
 }
+
+/// How long auth's yes to an identity check is reused: a peer removed from auth's registry (by a restart
+/// of auth with a new configuration) is refused by every gateway within this time.
+pub(crate) const IDENTITY_REUSE: Duration = Duration::from_secs(10);
+
+/// Identity answers kept at most (one per certificate and DMServerID seen in the last [`IDENTITY_REUSE`]).
+const IDENTITY_KEPT: usize = 4096;
 
 impl Inbound {
     pub(crate) fn new(
@@ -71,7 +85,27 @@ impl Inbound {
             deployment: names.deployment().to_string(),
             guard: Guard::off(),
             bus_key: None,
+            allowed: std::sync::Mutex::default(),
         })
+    }
+
+    /// Whether auth allowed this identity check within [`IDENTITY_REUSE`].
+    fn recently_allowed(&self, check: &[u8]) -> bool {
+        let allowed = self.allowed.lock().unwrap_or_else(|e| e.into_inner());
+        allowed
+            .get(check)
+            .is_some_and(|at| at.elapsed() < IDENTITY_REUSE)
+    }
+
+    fn remember_allowed(&self, check: Vec<u8>) {
+        let mut allowed = self.allowed.lock().unwrap_or_else(|e| e.into_inner());
+        if allowed.len() >= IDENTITY_KEPT {
+            allowed.retain(|_, at| at.elapsed() < IDENTITY_REUSE);
+            if allowed.len() >= IDENTITY_KEPT {
+                allowed.clear();
+            }
+        }
+        allowed.insert(check, std::time::Instant::now());
     }
 
     /// The same endpoint, sealing the secrets of inbound messages with `key` (without one, a START or a
@@ -337,19 +371,32 @@ impl Inbound {
             issuer_ca: peer.issuer_ca.clone(),
             dm_server_id: message.dm_server_id.clone(),
         };
-        let identity: IdentityAnswer = match ask(
-            &self.bus,
-            &self.identity_subject,
-            &check,
-            "dmd.bus.v1.IdentityCheck",
-            "IdentityAnswer",
-            trace,
-            self.timeouts.auth,
-        )
-        .await
-        {
-            Ok(a) => a,
-            Err(e) => return bus_trouble("auth (identity)", &e),
+        let check_bytes = check.encode_to_vec();
+        let identity: IdentityAnswer = if self.recently_allowed(&check_bytes) {
+            IdentityAnswer {
+                allowed: true,
+                reason: String::new(),
+            }
+        } else {
+            match ask::<IdentityAnswer>(
+                &self.bus,
+                &self.identity_subject,
+                &check,
+                "dmd.bus.v1.IdentityCheck",
+                "IdentityAnswer",
+                trace,
+                self.timeouts.auth,
+            )
+            .await
+            {
+                Ok(a) => {
+                    if a.allowed {
+                        self.remember_allowed(check_bytes);
+                    }
+                    a
+                }
+                Err(e) => return bus_trouble("auth (identity)", &e),
+            }
         };
         if !identity.allowed {
             tracing::warn!(

@@ -1135,3 +1135,41 @@ async fn bind_refuses_bad_files_before_listening() {
     let e = Gateway::bind(config, bus).await.unwrap_err();
     assert!(e.to_string().contains("trust.ca[0].pem"), "{e}");
 }
+
+/// Auth's yes for a certificate and DMServerID is reused for the next messages (a delegation's messages
+/// all come with the same pair); a no is asked again each time, and another pair is asked on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_auth_allowed_is_not_asked_again_for_each_message_and_a_refusal_is() {
+    let r = receiver(Bus::in_process(), true, true).await;
+    let addr = r.gateway.addr;
+    let dms1 = Client::new(&r.pki, Some(&r.pki.dms1));
+    let dms3 = Client::new(&r.pki, Some(&r.pki.dms3));
+    for n in 0..3 {
+        let a = dms1
+            .post(addr, notif(&msg_id(n), &session(n), "dms1.example"))
+            .await
+            .unwrap();
+        assert_eq!(a.0, 202, "{}", String::from_utf8_lossy(&a.1));
+    }
+    assert_eq!(
+        r.auth.lock().unwrap().checks.len(),
+        1,
+        "asked once for three"
+    );
+    for n in 3..5 {
+        // dms3's certificate speaking as dms1: refused each time, asked each time.
+        let a = dms3
+            .post(addr, notif(&msg_id(n), &session(n), "dms1.example"))
+            .await
+            .unwrap();
+        assert_error(&a, 403, "dms1.example");
+    }
+    assert_eq!(r.auth.lock().unwrap().checks.len(), 3);
+    let a = dms3
+        .post(addr, notif(&msg_id(5), &session(5), "dms3.example"))
+        .await
+        .unwrap();
+    assert_eq!(a.0, 202, "{}", String::from_utf8_lossy(&a.1));
+    assert_eq!(r.auth.lock().unwrap().checks.len(), 4);
+    assert_eq!(r.orchestrator.lock().unwrap().messages.len(), 4);
+}

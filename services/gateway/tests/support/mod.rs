@@ -710,6 +710,11 @@ pub async fn wait_until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> 
 
 pub const SESSION: &str = "9d2f0f7e-2b8a-4d6e-8a51-2a7e6b0c4d11";
 
+/// The `n`th of a series of sessions (SESSION's form).
+pub fn session(n: u64) -> String {
+    format!("9d2f0f7e-2b8a-4d6e-8a51-{n:012x}")
+}
+
 pub fn msg_id(n: u64) -> String {
     dm_saga::message_id(SESSION, pb::Role::Delegating, n)
 }
