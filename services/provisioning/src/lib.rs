@@ -719,12 +719,38 @@ impl Provisioning {
             .devices
             .get_mut(dev_id)
             .is_some_and(|d| d.session.is_none() && std::mem::take(&mut d.nonces_unsaved));
+        if unsaved && !self.may_write_credentials(dev_id).await {
+            tracing::info!(
+                dev_id,
+                "another replica holds the device: its nonces are not stored here"
+            );
+            return;
+        }
         if unsaved && let Err(e) = self.store_device(dev_id).await {
             tracing::warn!(dev_id, error = %e, "a device's new nonces could not be stored");
         }
     }
 
-    /// Whether this replica talks to the device now (a session, or the device's lease).
+    /// Whether this replica may write what a session moved of the device's credentials: yes when it
+    /// holds the device's lease, or nobody does. A replica answers a device whose lease another holds
+    /// when that one does not answer the forwarded message (gone, or cut off); what it knows of the
+    /// device may then be older than what the holder stored, and writing it would undo a secret the
+    /// device already has. A lease that cannot be read: no (a lost nonce is recovered, B.1).
+    async fn may_write_credentials(&self, dev_id: &str) -> bool {
+        let Some(f) = &self.forward else {
+            return true;
+        };
+        if self.lock().devices.get(dev_id).is_some_and(|d| d.leased) {
+            return true;
+        }
+        match f.owners.get(&dm_bus::subjects::encode_key(dev_id)).await {
+            Ok(lease) => lease.is_none_or(|e| e.value.is_empty() || e.value == f.me.as_bytes()),
+            Err(_) => false,
+        }
+    }
+
+    /// Whether this replica talks to the device now (a session, or the device's lease). A replica may
+    /// also answer a device it holds no lease of, when the holder does not answer the forwarded message.
     fn holds(&self, dev_id: &str) -> bool {
         self.lock()
             .devices
@@ -1442,17 +1468,26 @@ impl Provisioning {
                 _ => false,
             }
         };
-        if store_now && let Err(e) = p.store_device(&dev_id).await {
+        let new_secret = |c: &Option<DeviceCredentials>| {
+            c.as_ref().map(|c| {
+                (
+                    c.pending_server_secret.clone(),
+                    c.pending_client_secret.clone(),
+                )
+            })
+        };
+        if store_now && !p.may_write_credentials(&dev_id).await {
+            // Another replica holds the device: nothing is stored, and no new secret goes out.
+            tracing::info!(
+                dev_id,
+                "another replica holds the device: its credentials are not stored here"
+            );
+            if new_secret(&creds_after) != new_secret(&creds_before) {
+                broken_off = Some("a new secret goes out only from the replica holding the device");
+            }
+        } else if store_now && let Err(e) = p.store_device(&dev_id).await {
             tracing::warn!(dev_id, error = %e, "a device's new credentials could not be stored");
-            let pending = |c: &Option<DeviceCredentials>| {
-                c.as_ref().map(|c| {
-                    (
-                        c.pending_server_secret.clone(),
-                        c.pending_client_secret.clone(),
-                    )
-                })
-            };
-            if pending(&creds_after) != pending(&creds_before) {
+            if new_secret(&creds_after) != new_secret(&creds_before) {
                 // A new secret goes to the device only once it is stored: the session breaks off here.
                 broken_off = Some("a device's new secret could not be stored");
             }

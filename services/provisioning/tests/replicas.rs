@@ -370,3 +370,70 @@ async fn a_replica_that_lost_the_device_lease_reports_no_timeout() {
     .await;
     assert!(outcome.is_superseded(), "{outcome:?}");
 }
+
+/// A replica answering a device whose lease another replica holds (the holder does not answer the
+/// forwarded messages) stores nothing of the device's credentials: what it knows may be older than
+/// what the holder stored (a chaos run lost a new server secret that way, and the device refused every
+/// package #0 after). With the lease free, the same session's nonces are stored as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_the_device_lease_writes_none_of_its_credentials() {
+    let bus = Bus::in_process();
+    let names = Names::new("dms1").unwrap();
+    let devices = bus.kv("dmd_dms1_devices", 1).await.unwrap();
+    let owners = bus
+        .kv(&names.bucket("device_owners").unwrap(), 1)
+        .await
+        .unwrap();
+    let key = MasterKey::random();
+    let (fleet, fleet_url) = support::serve_fleet().await;
+    let (listener, url) = support::dm_listener().await;
+    let (a, _outcomes) = Provisioning::new(Config::new(D1, url.clone()), support::push(&fleet_url));
+    let a = a
+        .with_bus_key(key.bus_key())
+        .with_device_store(devices.clone(), key.clone())
+        .with_forwarding(bus.clone(), names.clone())
+        .await
+        .unwrap();
+    tokio::spawn(a.clone().serve(listener, std::future::pending()));
+    let creds = support::add_device(&fleet, DEV, D1, &url);
+    a.seed_device(DEV, creds).await.unwrap();
+    let k = dm_bus::subjects::encode_key(DEV);
+    let stored = devices.get(&k).await.unwrap().unwrap().revision;
+    owners
+        .create(&k, "a-replica-that-is-gone".into())
+        .await
+        .unwrap();
+
+    // The device calls in; A answers it (the holder is not there), and its nonces move.
+    fleet.connect(DEV, D1).unwrap();
+    let sessions = fleet
+        .wait_for_sessions(DEV, 1, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(
+        matches!(sessions[0].outcome, dm_client::Outcome::Completed),
+        "{sessions:?}"
+    );
+    assert_eq!(
+        devices.get(&k).await.unwrap().unwrap().revision,
+        stored,
+        "a replica without the lease wrote the device's credentials"
+    );
+
+    // The lease let go (empty): the next session's nonces are stored.
+    let lease = owners.get(&k).await.unwrap().unwrap();
+    owners.update(&k, "".into(), lease.revision).await.unwrap();
+    fleet.connect(DEV, D1).unwrap();
+    fleet
+        .wait_for_sessions(DEV, 2, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while devices.get(&k).await.unwrap().unwrap().revision == stored {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the nonces of a session on a free device were not stored"
+        );
+        tokio::task::yield_now().await;
+    }
+}
