@@ -9,6 +9,8 @@
 //! Purge leaves a tombstone: no data key, no secrets, `purged` set, so that a late retry of a peer message
 //! cannot lodge secrets again for a delegation that ended.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -213,7 +215,16 @@ pub(crate) struct Vault {
     kv: Kv,
     master: MasterKey,
     temp_key_ttl_ms: i64,
+    /// Per delegation, the record this replica wrote last, at its revision: the next change made here
+    /// starts from it instead of reading it back (the compare-and-set on the revision refuses it when
+    /// another replica wrote since, and the record is read then). A decision to write nothing is taken
+    /// again on the stored record. Only changes use it, never a fetch.
+    written: Arc<Mutex<HashMap<String, (u64, Record)>>>,
 }
+
+/// Records kept in [`Vault::written`] before it is emptied: a delegation's changes come within its
+/// setup, so this covers the delegations in progress; a miss costs one read.
+const WRITTEN_KEPT: usize = 1024;
 
 fn result(work: Work, ok: bool, status_code: u32, reason: impl Into<String>) -> WorkResult {
     let mut r = WorkResult {
@@ -249,7 +260,28 @@ impl Vault {
             kv,
             master,
             temp_key_ttl_ms: i64::try_from(temp_key_ttl.as_millis()).unwrap_or(i64::MAX),
+            written: Arc::default(),
         }
+    }
+
+    fn written_last(&self, key: &str) -> Option<(u64, Record)> {
+        self.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    fn remember_written(&self, key: &str, revision: u64, record: Record) {
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        if record.purged {
+            written.remove(key);
+            return;
+        }
+        if written.len() >= WRITTEN_KEPT {
+            written.clear();
+        }
+        written.insert(key.to_string(), (revision, record));
     }
 
     fn expired(&self, r: &Record, now_ms: i64) -> bool {
@@ -257,24 +289,36 @@ impl Vault {
     }
 
     /// Reads the record (if any), lets `f` decide, writes with compare-and-set; retries on a lost race.
+    /// With `from_written`, the first attempt starts from the record this replica wrote last, if any.
     async fn modify<T>(
         &self,
         key: &str,
+        from_written: bool,
         mut f: impl FnMut(Option<Record>) -> Result<Step<T>, VaultError>,
     ) -> Result<T, VaultError> {
+        let mut cached = if from_written {
+            self.written_last(key)
+        } else {
+            None
+        };
         for _ in 0..CAS_ATTEMPTS {
-            let entry = self.kv.get(key).await?;
-            let (record, revision) = match entry {
-                Some(e) => (
-                    Some(
-                        Record::decode(e.value)
-                            .map_err(|_| VaultError::Corrupt(key.to_string()))?,
+            let from_cache = cached.is_some();
+            let (record, revision) = match cached.take() {
+                Some((revision, record)) => (Some(record), Some(revision)),
+                None => match self.kv.get(key).await? {
+                    Some(e) => (
+                        Some(
+                            Record::decode(e.value)
+                                .map_err(|_| VaultError::Corrupt(key.to_string()))?,
+                        ),
+                        Some(e.revision),
                     ),
-                    Some(e.revision),
-                ),
-                None => (None, None),
+                    None => (None, None),
+                },
             };
             let (record, out) = match f(record)? {
+                // Nothing written proves a remembered record current: decided again on the stored one.
+                Step::Keep(_) if from_cache => continue,
                 Step::Keep(out) => return Ok(out),
                 Step::Write(record, out) => (record, out),
             };
@@ -284,7 +328,10 @@ impl Vault {
                 None => self.kv.create(key, bytes).await,
             };
             match written {
-                Ok(_) => return Ok(out),
+                Ok(revision) => {
+                    self.remember_written(key, revision, record);
+                    return Ok(out);
+                }
                 Err(BusError::Conflict(_)) => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -339,7 +386,7 @@ impl Vault {
         secret: &[u8],
         now_ms: i64,
     ) -> Result<Lodged, VaultError> {
-        self.modify(key, |record| {
+        self.modify(key, true, |record| {
             let mut r = record.unwrap_or_default();
             if r.purged {
                 return Ok(Step::Keep(Lodged::NotKept(
@@ -380,7 +427,7 @@ impl Vault {
         now_ms: i64,
         make_own: Option<&(dyn Fn() -> Zeroizing<Vec<u8>> + Sync)>,
     ) -> Result<Fetched, VaultError> {
-        self.modify(key, |record| {
+        self.modify(key, false, |record| {
             let Some(mut r) = record else {
                 if let (Kind::OwnAccount, Some(make)) = (kind, make_own) {
                     let mut r = Record::default();
@@ -429,7 +476,7 @@ impl Vault {
         outbox_id: &str,
         now_ms: i64,
     ) -> Result<WorkResult, VaultError> {
-        self.modify(key, |record| {
+        self.modify(key, true, |record| {
             let mut r = record.unwrap_or_default();
             if let Some(done) = r.done(outbox_id) {
                 return Ok(Step::Keep(done.result.clone().unwrap_or_default()));
@@ -464,7 +511,7 @@ impl Vault {
         verdict: WorkResult,
         now_ms: i64,
     ) -> Result<WorkResult, VaultError> {
-        self.modify(key, |record| {
+        self.modify(key, true, |record| {
             let mut r = record.unwrap_or_default();
             if let Some(done) = r.done(outbox_id) {
                 return Ok(Step::Keep(done.result.clone().unwrap_or_default()));
@@ -480,7 +527,7 @@ impl Vault {
 
     /// `forget_key`: the TEMP key is deleted (it was used, or the delegation moved on).
     pub(crate) async fn forget_key(&self, key: &str, outbox_id: &str) -> Result<(), VaultError> {
-        self.modify(key, |record| {
+        self.modify(key, true, |record| {
             let mut r = record.unwrap_or_default();
             if r.done(outbox_id).is_some() {
                 return Ok(Step::Keep(()));
@@ -500,7 +547,7 @@ impl Vault {
         outbox_id: &str,
         now_ms: i64,
     ) -> Result<(), VaultError> {
-        self.modify(key, |record| {
+        self.modify(key, true, |record| {
             let r = record.unwrap_or_default();
             if r.done(outbox_id).is_some() || r.purged {
                 return Ok(Step::Keep(()));
@@ -524,7 +571,7 @@ impl Vault {
         let mut removed = 0;
         for key in self.kv.keys().await? {
             let swept = self
-                .modify(&key, |record| match record {
+                .modify(&key, false, |record| match record {
                     Some(mut r) if self.expired(&r, now_ms) => {
                         r.temp_key.clear();
                         r.temp_key_retired = true;
@@ -612,6 +659,41 @@ mod tests {
         assert_eq!(B64.decode(&text).unwrap().len(), 32);
         let stored = kv.get(created).await.unwrap().unwrap().value;
         assert!(!contains(&stored, &text));
+    }
+
+    /// A replica's next change starts from the record it wrote last; another replica's write since is
+    /// never undone (the compare-and-set refuses the remembered record, which is read again), and a
+    /// purge made elsewhere is seen.
+    #[tokio::test]
+    async fn a_change_from_the_record_written_last_never_undoes_another_replicas_write() {
+        let master = MasterKey::random();
+        let (a, kv) = vault(master.clone()).await;
+        let b = Vault::new(kv.clone(), master, TTL);
+        assert!(a.create_key(KEY, "o:1:0", 0).await.unwrap().ok);
+        assert!(a.written_last(KEY).is_some());
+        // B drops the key; A, remembering the record with the key, records a verification.
+        b.forget_key(KEY, "o:2:0").await.unwrap();
+        let verdict = result(Work::VerifyPeer, true, 200, "");
+        a.record_verification(KEY, "o:3:0", verdict, 5)
+            .await
+            .unwrap();
+        let stored = Record::decode(kv.get(KEY).await.unwrap().unwrap().value).unwrap();
+        assert!(
+            stored.temp_key.is_empty() && stored.temp_key_retired,
+            "B's write undone"
+        );
+        assert_eq!(stored.verified_at_ms, 5);
+        assert!(stored.done("o:2:0").is_some() && stored.done("o:3:0").is_some());
+        // B purges; A's remembered record still holds secrets, but A's next change keeps the tombstone.
+        b.purge(KEY, "o:4:0", 0).await.unwrap();
+        assert!(matches!(
+            a.lodge(KEY, Kind::PeerAccount, b"account", 0)
+                .await
+                .unwrap(),
+            Lodged::NotKept(_)
+        ));
+        let stored = Record::decode(kv.get(KEY).await.unwrap().unwrap().value).unwrap();
+        assert!(stored.purged && stored.peer_account.is_empty());
     }
 
     #[tokio::test]
