@@ -38,6 +38,26 @@ fn start(dev_id: &str) -> StartDelegationRequest {
     r
 }
 
+fn config(names: &Names) -> Config {
+    Config {
+        names: names.clone(),
+        server_id: "dms1.example".into(),
+        saga: dm_saga::Config::default(),
+        ack_wait: Duration::from_secs(5),
+    }
+}
+
+/// The records of one message of the audit stream (batched or not, by its type header).
+fn records_of(delivery: &dm_bus::Delivery) -> Vec<AuditEvent> {
+    let type_name = delivery
+        .message
+        .headers
+        .get(dm_orchestrator::TYPE_HEADER)
+        .unwrap_or_default()
+        .to_string();
+    audit::records_of(&type_name, &delivery.message.payload).unwrap()
+}
+
 /// Reads the audit stream until `done` holds for what was read, or fails after 20 s.
 async fn read_audit(
     bus: &Bus,
@@ -71,13 +91,7 @@ async fn read_audit(
         if let Ok(Ok(Some(delivery))) = next {
             let text = String::from_utf8_lossy(&delivery.message.payload).to_string();
             assert!(!text.contains(TOKEN), "the token is in the audit trail");
-            let type_name = delivery
-                .message
-                .headers
-                .get(dm_orchestrator::TYPE_HEADER)
-                .unwrap_or_default()
-                .to_string();
-            for event in audit::records_of(&type_name, &delivery.message.payload).unwrap() {
+            for event in records_of(&delivery) {
                 let record = event.record.clone().unwrap();
                 seen.push((event, record));
             }
@@ -92,13 +106,9 @@ async fn admin_calls_and_stored_changes_are_audited_with_caller_method_target_an
         NatsServer::start().expect("a nats-server for the tests (scripts/test installs one)");
     let bus = Bus::connect(nats.url()).await.unwrap();
     let names = Names::new("dms1").unwrap();
-    let config = Config {
-        names: names.clone(),
-        server_id: "dms1.example".into(),
-        saga: dm_saga::Config::default(),
-        ack_wait: Duration::from_secs(5),
-    };
-    let orchestrator = Orchestrator::new(config, bus.clone()).await.unwrap();
+    let orchestrator = Orchestrator::new(config(&names), bus.clone())
+        .await
+        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let svc = admin::server(orchestrator.clone(), TOKEN.into());
@@ -221,13 +231,9 @@ async fn records_ready_together_share_one_write_and_none_is_lost() {
     let bus = Bus::connect(nats.url()).await.unwrap();
     let names = Names::new("dms1").unwrap();
     // The orchestrator creates the audit stream.
-    let config = Config {
-        names: names.clone(),
-        server_id: "dms1.example".into(),
-        saga: dm_saga::Config::default(),
-        ack_wait: Duration::from_secs(5),
-    };
-    let _orchestrator = Orchestrator::new(config, bus.clone()).await.unwrap();
+    let _orchestrator = Orchestrator::new(config(&names), bus.clone())
+        .await
+        .unwrap();
     let writer = audit::AuditWriter::start(
         bus.clone(),
         names.subject(Area::Audit, "delegation").unwrap(),
@@ -272,13 +278,7 @@ async fn records_ready_together_share_one_write_and_none_is_lost() {
         else {
             continue;
         };
-        let type_name = delivery
-            .message
-            .headers
-            .get(dm_orchestrator::TYPE_HEADER)
-            .unwrap_or_default()
-            .to_string();
-        for event in audit::records_of(&type_name, &delivery.message.payload).unwrap() {
+        for event in records_of(&delivery) {
             ids.push(event.outbox_id);
         }
         messages += 1;

@@ -10,34 +10,86 @@ use std::time::Duration;
 use dm_bus::{Bus, Names};
 use dm_protocol::auth;
 use dm_protocol::syncml::{Command, Item, ItemCommand};
-use dm_provisioning::{Config, Job, JobSuccess, Provisioning};
+use dm_provisioning::{Config, Job, JobOutcome, JobSuccess, Provisioning};
 use dm_seal::MasterKey;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 mod support;
 
 const D1: &str = "dms1.operator.example";
 const DEV: &str = "IMEI:490154203237518";
 
+/// DMS-1's shared state on an in-process bus: the device store and the device leases, with the
+/// deployment's master key.
+struct Shared {
+    bus: Bus,
+    devices: dm_bus::Kv,
+    owners: dm_bus::Kv,
+    key: MasterKey,
+}
+
+async fn shared() -> Shared {
+    let bus = Bus::in_process();
+    let names = Names::new("dms1").unwrap();
+    Shared {
+        devices: bus.kv("dmd_dms1_devices", 1).await.unwrap(),
+        owners: bus
+            .kv(&names.bucket("device_owners").unwrap(), 1)
+            .await
+            .unwrap(),
+        bus,
+        key: MasterKey::random(),
+    }
+}
+
+/// A replica of DMS-1's provisioning on `bus`: the deployment's bus key, the device store (when given),
+/// forwarding to and from the other replicas; package #0s go to the fleet at `fleet_url`.
+async fn replica(
+    config: Config,
+    bus: &Bus,
+    devices: Option<&dm_bus::Kv>,
+    key: &MasterKey,
+    fleet_url: &str,
+) -> (Provisioning, UnboundedReceiver<JobOutcome>) {
+    let (p, outcomes) = Provisioning::new(config, support::push(fleet_url));
+    let mut p = p.with_bus_key(key.bus_key());
+    if let Some(devices) = devices {
+        p = p.with_device_store(devices.clone(), key.clone());
+    }
+    let p = p
+        .with_forwarding(bus.clone(), Names::new("dms1").unwrap())
+        .await
+        .unwrap();
+    (p, outcomes)
+}
+
+/// [`replica`] serving a device endpoint of its own, whose URL it returns too.
+async fn serving_replica(
+    bus: &Bus,
+    devices: &dm_bus::Kv,
+    key: &MasterKey,
+    fleet_url: &str,
+) -> (Provisioning, UnboundedReceiver<JobOutcome>, String) {
+    let (listener, url) = support::dm_listener().await;
+    let (p, outcomes) = replica(
+        Config::new(D1, url.clone()),
+        bus,
+        Some(devices),
+        key,
+        fleet_url,
+    )
+    .await;
+    tokio::spawn(p.clone().serve(listener, std::future::pending()));
+    (p, outcomes, url)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_reaching_another_replica_is_served_by_the_one_with_its_job() {
     let bus = Bus::in_process();
-    let names = Names::new("dms1").unwrap();
     let devices = bus.kv("dmd_dms1_devices", 1).await.unwrap();
     let key = MasterKey::random();
     let (fleet, fleet_url) = support::serve_fleet().await;
-    let replica = || async {
-        let (listener, url) = support::dm_listener().await;
-        let (p, outcomes) =
-            Provisioning::new(Config::new(D1, url.clone()), support::push(&fleet_url));
-        let p = p
-            .with_bus_key(key.bus_key())
-            .with_device_store(devices.clone(), key.clone())
-            .with_forwarding(bus.clone(), names.clone())
-            .await
-            .unwrap();
-        tokio::spawn(p.clone().serve(listener, std::future::pending()));
-        (p, outcomes, url)
-    };
+    let replica = || serving_replica(&bus, &devices, &key, &fleet_url);
     let (a, mut a_outcomes, _) = replica().await;
     let (b, mut b_outcomes, b_url) = replica().await;
     let creds = support::add_device(&fleet, DEV, D1, &b_url);
@@ -155,23 +207,10 @@ async fn forwarded_device_messages_cross_the_bus_sealed() {
         })
     };
     let bus = Bus::connect(server.url()).await.unwrap();
-    let names = Names::new("dms1").unwrap();
     let devices = bus.kv("dmd_dms1_devices", 1).await.unwrap();
     let key = MasterKey::random();
     let (fleet, fleet_url) = support::serve_fleet().await;
-    let replica = || async {
-        let (listener, url) = support::dm_listener().await;
-        let (p, outcomes) =
-            Provisioning::new(Config::new(D1, url.clone()), support::push(&fleet_url));
-        let p = p
-            .with_bus_key(key.bus_key())
-            .with_device_store(devices.clone(), key.clone())
-            .with_forwarding(bus.clone(), names.clone())
-            .await
-            .unwrap();
-        tokio::spawn(p.clone().serve(listener, std::future::pending()));
-        (p, outcomes, url)
-    };
+    let replica = || serving_replica(&bus, &devices, &key, &fleet_url);
     let (a, mut a_outcomes, _) = replica().await;
     let (b, _b_outcomes, b_url) = replica().await;
     // The device reaches replica B; the job is A's.
@@ -235,26 +274,22 @@ async fn forwarded_device_messages_cross_the_bus_sealed() {
 /// another replica just before the device's first message reaches A.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_lost_the_device_lease_sends_the_device_nothing_more() {
-    let bus = Bus::in_process();
-    let names = Names::new("dms1").unwrap();
-    let devices = bus.kv("dmd_dms1_devices", 1).await.unwrap();
-    let owners = bus
-        .kv(&names.bucket("device_owners").unwrap(), 1)
-        .await
-        .unwrap();
-    let key = MasterKey::random();
+    let Shared {
+        bus,
+        devices,
+        owners,
+        key,
+    } = shared().await;
     let (fleet, fleet_url) = support::serve_fleet().await;
     let (front, front_url) = support::dm_listener().await;
-    let (a, mut outcomes) = Provisioning::new(
+    let (a, mut outcomes) = replica(
         Config::new(D1, front_url.clone()),
-        support::push(&fleet_url),
-    );
-    let a = a
-        .with_bus_key(key.bus_key())
-        .with_device_store(devices.clone(), key.clone())
-        .with_forwarding(bus.clone(), names.clone())
-        .await
-        .unwrap();
+        &bus,
+        Some(&devices),
+        &key,
+        &fleet_url,
+    )
+    .await;
     support::serve_front(front, a.clone(), move |n| {
         let owners = owners.clone();
         async move {
@@ -329,23 +364,14 @@ fn set_lang(value: &str) -> Job {
 /// no 408 (it could reach the saga before the outcome of the replica that took the device over).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_lost_the_device_lease_reports_no_timeout() {
-    let bus = Bus::in_process();
-    let names = Names::new("dms1").unwrap();
-    let owners = bus
-        .kv(&names.bucket("device_owners").unwrap(), 1)
-        .await
-        .unwrap();
-    let key = MasterKey::random();
+    let Shared {
+        bus, owners, key, ..
+    } = shared().await;
     let (fleet, fleet_url) = support::serve_fleet().await;
     let (front, front_url) = support::dm_listener().await;
     let mut config = Config::new(D1, front_url.clone());
     config.session_timeout = Duration::from_secs(2);
-    let (a, mut outcomes) = Provisioning::new(config, support::push(&fleet_url));
-    let a = a
-        .with_bus_key(key.bus_key())
-        .with_forwarding(bus.clone(), names.clone())
-        .await
-        .unwrap();
+    let (a, mut outcomes) = replica(config, &bus, None, &key, &fleet_url).await;
     // The device's first message never arrives: another replica takes the lease meanwhile.
     support::serve_front(front, a.clone(), move |_| {
         let owners = owners.clone();
@@ -377,24 +403,14 @@ async fn a_replica_that_lost_the_device_lease_reports_no_timeout() {
 /// package #0 after). With the lease free, the same session's nonces are stored as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_without_the_device_lease_writes_none_of_its_credentials() {
-    let bus = Bus::in_process();
-    let names = Names::new("dms1").unwrap();
-    let devices = bus.kv("dmd_dms1_devices", 1).await.unwrap();
-    let owners = bus
-        .kv(&names.bucket("device_owners").unwrap(), 1)
-        .await
-        .unwrap();
-    let key = MasterKey::random();
+    let Shared {
+        bus,
+        devices,
+        owners,
+        key,
+    } = shared().await;
     let (fleet, fleet_url) = support::serve_fleet().await;
-    let (listener, url) = support::dm_listener().await;
-    let (a, _outcomes) = Provisioning::new(Config::new(D1, url.clone()), support::push(&fleet_url));
-    let a = a
-        .with_bus_key(key.bus_key())
-        .with_device_store(devices.clone(), key.clone())
-        .with_forwarding(bus.clone(), names.clone())
-        .await
-        .unwrap();
-    tokio::spawn(a.clone().serve(listener, std::future::pending()));
+    let (a, _outcomes, url) = serving_replica(&bus, &devices, &key, &fleet_url).await;
     let creds = support::add_device(&fleet, DEV, D1, &url);
     a.seed_device(DEV, creds).await.unwrap();
     let k = dm_bus::subjects::encode_key(DEV);
