@@ -1571,7 +1571,12 @@ pub struct HeaderGuess {
 /// Reads the header of a message the decoder refused (`<SyncHdr>` … `</SyncHdr>`, any prefix). Only
 /// used to end the session that message belongs to; `None` when the header itself cannot be found.
 pub fn guess_header(input: &[u8]) -> Option<HeaderGuess> {
-    let text = String::from_utf8_lossy(input);
+    // The header comes first: the body (tens of KB in a read-back's answer) is not looked at.
+    let end = input
+        .windows(8)
+        .position(|w| w == b"SyncBody")
+        .unwrap_or(input.len());
+    let text = String::from_utf8_lossy(&input[..end]);
     let start = text.find("SyncHdr")?;
     let hdr = &text[start..];
     let hdr = &hdr[..hdr[1..].find("SyncHdr").map_or(hdr.len(), |end| end + 1)];
@@ -1658,6 +1663,35 @@ mod tests {
     use dm_protocol::tree::DmTree;
 
     const D1: &str = "dms1";
+
+    #[test]
+    fn the_header_guess_reads_the_header_and_never_the_body() {
+        let message = |body: &str| {
+            format!(
+                "<SyncML xmlns=\"SYNCML:SYNCML1.2\"><SyncHdr><VerDTD>1.2</VerDTD>\
+                 <VerProto>DM/1.2</VerProto><SessionID> 1A </SessionID><MsgID>3</MsgID>\
+                 <Target><LocURI>http://dms1/dm</LocURI></Target>\
+                 <Source><LocURI>IMEI:1</LocURI></Source></SyncHdr>\
+                 <SyncBody>{body}<Final/></SyncBody></SyncML>"
+            )
+        };
+        let guess = guess_header(
+            message("<Results><Item><Data>SessionID>9</Data></Item></Results>").as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                guess.session_id.as_str(),
+                guess.msg_id.as_str(),
+                guess.source.as_str()
+            ),
+            ("1A", "3", "IMEI:1")
+        );
+        // No header source: no guess, whatever the body says.
+        let no_source = message("<Source><LocURI>IMEI:2</LocURI></Source>")
+            .replace("<Source><LocURI>IMEI:1</LocURI></Source>", "");
+        assert!(guess_header(no_source.as_bytes()).is_none());
+    }
 
     #[test]
     fn only_a_job_given_up_to_another_replica_is_superseded() {
