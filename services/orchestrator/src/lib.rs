@@ -819,9 +819,17 @@ impl Orchestrator {
             self.log_failure(state.as_ref(), &new_state);
             // Watchers (the admin API, the demo) see every stored state.
             let _ = self.inner.changes.send(new_state.clone());
-            self.flush(&key, &new_state, &audited, revision).await?;
-            if !audited.is_empty() {
-                self.settle(&key, &new_state, revision).await?;
+            match self.flush(&key, &new_state, &audited, revision).await {
+                Ok(()) if !audited.is_empty() => self.settle(&key, &new_state, revision).await?,
+                Ok(()) => {}
+                // The decision is stored, its commands with it (the outbox): it stands, and its
+                // commands go out as soon as the bus takes them. Failing the call instead would lose a
+                // peer's message whose sender gives up before a stream is back (a JetStream leader
+                // being elected after a node died took longer than a sender's deadline).
+                Err(e) => {
+                    tracing::warn!(error = %e, "a stored decision's commands are not out yet; publishing them in the background");
+                    self.publish_later(key.clone(), new_state.clone(), audited.clone(), revision);
+                }
             }
             return Ok(Applied {
                 answer: decision.answer,
@@ -912,6 +920,39 @@ impl Orchestrator {
             Ok(_) | Err(BusError::Conflict(_)) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Publishes a stored decision's outbox until the bus takes it, or until a later decision on the
+    /// delegation was stored (which published it before deciding: it was not seen published here).
+    fn publish_later(
+        &self,
+        key: String,
+        state: DelegationState,
+        commands: Vec<pb::Command>,
+        revision: u64,
+    ) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut pause = Duration::from_millis(250);
+            loop {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(10));
+                // In the delegation's order: no decision on it runs meanwhile here.
+                let _guard = this.shard(&key).lock().await;
+                match this.inner.kv.get(&key).await {
+                    Ok(Some(entry)) if entry.revision == revision => {}
+                    Ok(_) => return,
+                    Err(_) => continue,
+                }
+                if this.flush(&key, &state, &commands, revision).await.is_err() {
+                    continue;
+                }
+                if !commands.is_empty() && this.settle(&key, &state, revision).await.is_err() {
+                    continue;
+                }
+                return;
+            }
+        });
     }
 
     /// Publishes the commands of a committed decision (the outbox stays; see [`Self::settle`]).

@@ -293,3 +293,59 @@ async fn records_ready_together_share_one_write_and_none_is_lost() {
         "{messages} writes for 40 records: nothing was batched"
     );
 }
+
+/// A decision whose commands the bus does not take at once (here: the audit stream gone, as while a
+/// JetStream leader is elected after a node died) stands: the call succeeds, and its commands and audit
+/// record go out once the stream is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_decision_stands_while_its_commands_wait_for_the_bus() {
+    let nats =
+        NatsServer::start().expect("a nats-server for the tests (scripts/test installs one)");
+    let bus = Bus::connect(nats.url()).await.unwrap();
+    let names = Names::new("dms1").unwrap();
+    let orchestrator = Orchestrator::new(config(&names), bus.clone())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    js.delete_stream(names.stream(Area::Audit)).await.unwrap();
+
+    let session = "5d6c0f55-5d2e-4c3f-9a55-3c2b1d0e9f11";
+    let mut direct = pb::OperatorStart {
+        session_id: session.into(),
+        peer_server_id: "dms2.example".into(),
+        device: Some(Device {
+            dev_id: "IMEI:3".into(),
+            ..Default::default()
+        }),
+        scope: vec!["./Vendor/Acme/Apps".into()],
+        ..Default::default()
+    };
+    direct.set_role(Role::Delegating);
+    direct.set_del_type(DelType::Partial);
+    let applied = orchestrator
+        .apply(
+            "dms2.example",
+            session,
+            &Event {
+                kind: Some(event::Kind::OperatorStart(direct)),
+            },
+        )
+        .await
+        .expect("the decision stands although its audit record cannot be written yet");
+    assert_eq!(applied.state.unwrap().phase(), Phase::NotifSent);
+
+    // The stream back (as a new leader would be): the record follows by itself.
+    let _again = Orchestrator::new(config(&names), bus.clone())
+        .await
+        .unwrap();
+    let records = read_audit(&bus, &names, |rs| {
+        rs.iter()
+            .any(|r| r.what != "operator call" && r.target.contains("IMEI:3"))
+    })
+    .await;
+    let (event, _) = records
+        .iter()
+        .find(|(_, r)| r.target.contains("IMEI:3"))
+        .unwrap();
+    assert_eq!(event.delegation.as_ref().unwrap().session_id, session);
+}
