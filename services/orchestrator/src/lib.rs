@@ -820,7 +820,13 @@ impl Orchestrator {
             // Watchers (the admin API, the demo) see every stored state.
             let _ = self.inner.changes.send(new_state.clone());
             match self.flush(&key, &new_state, &audited, revision).await {
-                Ok(()) if !audited.is_empty() => self.settle(&key, &new_state, revision).await?,
+                Ok(()) if !audited.is_empty() => {
+                    // Out on the bus; a resting record whose outbox could not be cleared keeps it (a
+                    // restart publishes it again, with the same ids).
+                    if let Err(e) = self.settle(&key, &new_state, revision).await {
+                        tracing::warn!(error = %e, "a published outbox could not be settled");
+                    }
+                }
                 Ok(()) => {}
                 // The decision is stored, its commands with it (the outbox): it stands, and its
                 // commands go out as soon as the bus takes them. Failing the call instead would lose a
@@ -944,11 +950,14 @@ impl Orchestrator {
                     Ok(_) => return,
                     Err(_) => continue,
                 }
-                if this.flush(&key, &state, &commands, revision).await.is_err() {
+                if let Err(e) = this.flush(&key, &state, &commands, revision).await {
+                    tracing::warn!(error = %e, retry_in = ?pause, "a stored decision's commands are still not out");
                     continue;
                 }
-                if !commands.is_empty() && this.settle(&key, &state, revision).await.is_err() {
-                    continue;
+                if !commands.is_empty()
+                    && let Err(e) = this.settle(&key, &state, revision).await
+                {
+                    tracing::warn!(error = %e, "a published outbox could not be settled");
                 }
                 return;
             }

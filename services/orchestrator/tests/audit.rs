@@ -334,10 +334,15 @@ async fn a_stored_decision_stands_while_its_commands_wait_for_the_bus() {
         .expect("the decision stands although its audit record cannot be written yet");
     assert_eq!(applied.state.unwrap().phase(), Phase::NotifSent);
 
-    // The stream back (as a new leader would be): the record follows by itself.
-    let _again = Orchestrator::new(config(&names), bus.clone())
-        .await
-        .unwrap();
+    // The stream back (as a new leader would be), made here: no orchestrator starts (which would publish
+    // stored outboxes itself); the record follows from the one that stored the decision.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: names.stream(Area::Audit),
+        subjects: vec![names.area_wildcard(Area::Audit)],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let records = read_audit(&bus, &names, |rs| {
         rs.iter()
             .any(|r| r.what != "operator call" && r.target.contains("IMEI:3"))
