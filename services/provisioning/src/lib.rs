@@ -283,6 +283,22 @@ impl IntoResponse for DeviceAnswer {
 
 /// Writes `value` under `key` whatever revision it is at (retried on a concurrent write); nothing is
 /// written when the key holds that value already.
+/// Whether `after` holds a pending secret that `before` did not: a new secret about to go to the device.
+fn gives_new_secret(before: Option<&DeviceCredentials>, after: Option<&DeviceCredentials>) -> bool {
+    let Some(after) = after else {
+        return false;
+    };
+    let fresh =
+        |now: &Option<String>, was: Option<&Option<String>>| now.is_some() && was != Some(now);
+    fresh(
+        &after.pending_server_secret,
+        before.map(|b| &b.pending_server_secret),
+    ) || fresh(
+        &after.pending_client_secret,
+        before.map(|b| &b.pending_client_secret),
+    )
+}
+
 /// Writes `value` under `key` whatever is there; returns the revision that holds it.
 async fn put(kv: &dm_bus::Kv, key: &str, value: Bytes) -> Result<u64, dm_bus::BusError> {
     for _ in 0..8 {
@@ -1477,12 +1493,13 @@ impl Provisioning {
             })
         };
         if store_now && !p.may_write_credentials(&dev_id).await {
-            // Another replica holds the device: nothing is stored, and no new secret goes out.
+            // Another replica holds the device: nothing is stored, and no new secret goes out (a pending
+            // one settled, the device having shown it holds it, is no new secret).
             tracing::info!(
                 dev_id,
                 "another replica holds the device: its credentials are not stored here"
             );
-            if new_secret(&creds_after) != new_secret(&creds_before) {
+            if gives_new_secret(creds_before.as_ref(), creds_after.as_ref()) {
                 broken_off = Some("a new secret goes out only from the replica holding the device");
             }
         } else if store_now && let Err(e) = p.store_device(&dev_id).await {
@@ -1737,6 +1754,32 @@ mod tests {
         > {
             Box::pin(async { Err(dm_notification::ChannelError::Unreachable("test".into())) })
         }
+    }
+
+    #[test]
+    fn only_a_pending_secret_not_there_before_is_a_new_one() {
+        let with = |server: Option<&str>, client: Option<&str>| DeviceCredentials {
+            pending_server_secret: server.map(String::from),
+            pending_client_secret: client.map(String::from),
+            ..DeviceCredentials::default()
+        };
+        let none = with(None, None);
+        assert!(gives_new_secret(Some(&none), Some(&with(Some("s"), None))));
+        assert!(gives_new_secret(
+            Some(&with(Some("s"), None)),
+            Some(&with(Some("s"), Some("c")))
+        ));
+        assert!(gives_new_secret(
+            Some(&with(Some("s"), None)),
+            Some(&with(Some("t"), None))
+        ));
+        // Settled (the device showed it holds it) or unchanged: nothing new goes out.
+        assert!(!gives_new_secret(Some(&with(Some("s"), None)), Some(&none)));
+        assert!(!gives_new_secret(
+            Some(&with(Some("s"), Some("c"))),
+            Some(&with(Some("s"), Some("c")))
+        ));
+        assert!(!gives_new_secret(Some(&none), None));
     }
 
     /// The watchdog keeps a queue of deadlines served by one task, not a task per device message; each
