@@ -281,8 +281,17 @@ impl IntoResponse for DeviceAnswer {
     }
 }
 
-/// Writes `value` under `key` whatever revision it is at (retried on a concurrent write); nothing is
-/// written when the key holds that value already.
+/// Who holds a device's lease (its record in `device_owners`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    /// No record, or one let go (empty).
+    Nobody,
+    /// This replica.
+    Me,
+    /// Another replica.
+    Another,
+}
+
 /// Whether `after` holds a pending secret that `before` did not: a new secret about to go to the device.
 fn gives_new_secret(before: Option<&DeviceCredentials>, after: Option<&DeviceCredentials>) -> bool {
     let Some(after) = after else {
@@ -299,7 +308,8 @@ fn gives_new_secret(before: Option<&DeviceCredentials>, after: Option<&DeviceCre
     )
 }
 
-/// Writes `value` under `key` whatever is there; returns the revision that holds it.
+/// Writes `value` under `key` whatever revision it is at (retried on a concurrent write); nothing is
+/// written when the key holds that value already. Returns the revision that holds it.
 async fn put(kv: &dm_bus::Kv, key: &str, value: Bytes) -> Result<u64, dm_bus::BusError> {
     for _ in 0..8 {
         let written = match kv.get(key).await? {
@@ -753,16 +763,28 @@ impl Provisioning {
     /// device may then be older than what the holder stored, and writing it would undo a secret the
     /// device already has. A lease that cannot be read: no (a lost nonce is recovered, B.1).
     async fn may_write_credentials(&self, dev_id: &str) -> bool {
+        if self.forward.is_none() || self.lock().devices.get(dev_id).is_some_and(|d| d.leased) {
+            return true;
+        }
+        matches!(
+            self.lease_holder(dev_id).await,
+            Ok(Holder::Nobody | Holder::Me)
+        )
+    }
+
+    /// Who holds the device's lease, as stored now (no replicas: this one).
+    async fn lease_holder(&self, dev_id: &str) -> Result<Holder, dm_bus::BusError> {
         let Some(f) = &self.forward else {
-            return true;
+            return Ok(Holder::Me);
         };
-        if self.lock().devices.get(dev_id).is_some_and(|d| d.leased) {
-            return true;
-        }
-        match f.owners.get(&dm_bus::subjects::encode_key(dev_id)).await {
-            Ok(lease) => lease.is_none_or(|e| e.value.is_empty() || e.value == f.me.as_bytes()),
-            Err(_) => false,
-        }
+        Ok(
+            match f.owners.get(&dm_bus::subjects::encode_key(dev_id)).await? {
+                None => Holder::Nobody,
+                Some(e) if e.value.is_empty() => Holder::Nobody,
+                Some(e) if e.value == f.me.as_bytes() => Holder::Me,
+                Some(_) => Holder::Another,
+            },
+        )
     }
 
     /// Whether this replica talks to the device now (a session, or the device's lease). A replica may
@@ -846,14 +868,10 @@ impl Provisioning {
     /// Whether this replica held the device's lease and another one holds it now (never, without
     /// replicas or when this replica holds no lease of the device).
     async fn lease_lost(&self, dev_id: &str) -> Result<bool, dm_bus::BusError> {
-        let Some(f) = &self.forward else {
-            return Ok(false);
-        };
-        if !self.lock().devices.get(dev_id).is_some_and(|d| d.leased) {
+        if self.forward.is_none() || !self.lock().devices.get(dev_id).is_some_and(|d| d.leased) {
             return Ok(false);
         }
-        let lease = f.owners.get(&dm_bus::subjects::encode_key(dev_id)).await?;
-        Ok(lease.is_none_or(|e| e.value != f.me.as_bytes()))
+        Ok(self.lease_holder(dev_id).await? != Holder::Me)
     }
 
     /// The device's lease went to another replica: its session here ends and its jobs are settled as
