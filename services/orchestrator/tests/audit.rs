@@ -58,6 +58,35 @@ fn records_of(delivery: &dm_bus::Delivery) -> Vec<AuditEvent> {
     audit::records_of(&type_name, &delivery.message.payload).unwrap()
 }
 
+/// A Partial start of `dev_id` with dms2.example, straight through `Orchestrator::apply` (no admin call).
+async fn start_directly(
+    orchestrator: &Orchestrator,
+    session: &str,
+    dev_id: &str,
+) -> Result<dm_orchestrator::Applied, dm_orchestrator::OrchestratorError> {
+    let mut direct = pb::OperatorStart {
+        session_id: session.into(),
+        peer_server_id: "dms2.example".into(),
+        device: Some(Device {
+            dev_id: dev_id.into(),
+            ..Default::default()
+        }),
+        scope: vec!["./Vendor/Acme/Apps".into()],
+        ..Default::default()
+    };
+    direct.set_role(Role::Delegating);
+    direct.set_del_type(DelType::Partial);
+    orchestrator
+        .apply(
+            "dms2.example",
+            session,
+            &Event {
+                kind: Some(event::Kind::OperatorStart(direct)),
+            },
+        )
+        .await
+}
+
 /// Reads the audit stream until `done` holds for what was read, or fails after 20 s.
 async fn read_audit(
     bus: &Bus,
@@ -145,26 +174,7 @@ async fn admin_calls_and_stored_changes_are_audited_with_caller_method_target_an
         .unwrap_err();
     // A change made through `Orchestrator::apply` directly (no admin call) is audited too.
     let other = "0b6c0f55-5d2e-4c3f-9a55-3c2b1d0e9f10";
-    let mut direct = pb::OperatorStart {
-        session_id: other.into(),
-        peer_server_id: "dms2.example".into(),
-        device: Some(Device {
-            dev_id: "IMEI:2".into(),
-            ..Default::default()
-        }),
-        scope: vec!["./Vendor/Acme/Apps".into()],
-        ..Default::default()
-    };
-    direct.set_role(Role::Delegating);
-    direct.set_del_type(DelType::Partial);
-    orchestrator
-        .apply(
-            "dms2.example",
-            other,
-            &Event {
-                kind: Some(event::Kind::OperatorStart(direct)),
-            },
-        )
+    start_directly(&orchestrator, other, "IMEI:2")
         .await
         .unwrap();
 
@@ -310,26 +320,7 @@ async fn a_stored_decision_stands_while_its_commands_wait_for_the_bus() {
     js.delete_stream(names.stream(Area::Audit)).await.unwrap();
 
     let session = "5d6c0f55-5d2e-4c3f-9a55-3c2b1d0e9f11";
-    let mut direct = pb::OperatorStart {
-        session_id: session.into(),
-        peer_server_id: "dms2.example".into(),
-        device: Some(Device {
-            dev_id: "IMEI:3".into(),
-            ..Default::default()
-        }),
-        scope: vec!["./Vendor/Acme/Apps".into()],
-        ..Default::default()
-    };
-    direct.set_role(Role::Delegating);
-    direct.set_del_type(DelType::Partial);
-    let applied = orchestrator
-        .apply(
-            "dms2.example",
-            session,
-            &Event {
-                kind: Some(event::Kind::OperatorStart(direct)),
-            },
-        )
+    let applied = start_directly(&orchestrator, session, "IMEI:3")
         .await
         .expect("the decision stands although its audit record cannot be written yet");
     assert_eq!(applied.state.unwrap().phase(), Phase::NotifSent);
